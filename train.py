@@ -1,0 +1,311 @@
+"""Train P2L: a backbone reads a prompt, a linear head outputs one coefficient per model
+(Bradley-Terry, or tie-aware Rao-Kupper / grounded RK), trained on pairwise votes. The head
+starts at the averaged (marginal) leaderboard, so training learns how prompts move it.
+
+One file, three launchers:
+    python train.py --model minilm --max-steps 10 --out out/tiny          # CPU, ~1 min
+    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
+    deepspeed train.py --deepspeed ds_config.json --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
+On a CPU, deepspeed needs DS_ACCELERATOR=cpu. --bench prints grouped vs one-forward-per-pair speed.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import common as C
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", default="minilm", help="HF id or local dir of the backbone; 'minilm' and 'smollm2' are real "
+               "pretrained backbones that install from PyPI (no hub needed); minilm won on held-out NLL in our CPU budget (README)")
+p.add_argument("--train", default="data/alpaca_eval/train.jsonl.gz", help="battles JSONL(.gz), DESIGN §3")
+p.add_argument("--val", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles (other prompts) for validation NLL")
+p.add_argument("--out", default="out/train", help="checkpoint dir: weights, config, tokenizer, log, metrics.json")
+p.add_argument("--loss", default="bt", choices=C.LOSSES, help="bt uses soft labels p_a and drops ties; bt-tie counts a "
+               "tie as 1/2; rk / grk (the paper's best) model ties (and grk both-bad) explicitly")
+p.add_argument("--epochs", type=float, default=1, help="passes over the training prompts (the paper trains 1)")
+p.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch per rank; all votes of a prompt share its forward pass")
+p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+p.add_argument("--lr", type=float, default=2e-5, help="backbone learning rate")
+p.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate: the head is new, the backbone is pretrained")
+p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--warmup", type=float, default=0.1, help="fraction of optimizer steps with linear lr warmup, then cosine decay")
+p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+p.add_argument("--max-len", type=int, default=256, help="tokens per prompt; longer prompts lose their START (left truncation)")
+p.add_argument("--pooling", choices=["last", "first", "mean"], help="default: 'last' (appended CLS token) for chat "
+               "decoders, 'first' ([CLS]) for encoders")
+p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPUs that have it, else fp32")
+p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+p.add_argument("--eval-every", type=int, default=0, help="validate every N optimizer steps (0: ~4 times per run)")
+p.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0: only at the end)")
+p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run all epochs)")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--resume", action="store_true", help="continue from the resumable state in --out")
+p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_config.json); its 'auto' values come from these flags")
+p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="override the ZeRO stage in the DeepSpeed config")
+p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+p.add_argument("--bench", type=int, default=0, metavar="N", help="time N micro-batches grouped by prompt vs one forward "
+               "per vote, print pairs/s and the ratio, then exit")
+args = p.parse_args()
+
+# -----------------------------------------------------------------------------
+# distributed setup: deepspeed, torchrun, or a plain single process
+if args.deepspeed and "RANK" not in os.environ:  # plain `python train.py --deepspeed`: one rank, no launcher
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+if args.deepspeed:
+    import deepspeed
+    deepspeed.init_distributed()
+elif world > 1:
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+master = rank == 0
+device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+if device.startswith("cuda"):
+    torch.cuda.set_device(device)
+bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported())
+torch.manual_seed(args.seed)
+random.seed(args.seed)
+log = print if master else (lambda *a, **k: None)
+
+# -----------------------------------------------------------------------------
+# data: votes grouped by prompt, the averaged leaderboard as the baseline and the head's start
+try:
+    train_battles, val_battles = C.read_battles(args.train), C.read_battles(args.val)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+model_list = sorted({m for b in train_battles for m in (b["model_a"], b["model_b"])})
+index = {m: i for i, m in enumerate(model_list)}
+train_prompts, train_pairs, _ = C.group_by_prompt(train_battles, index, args.loss)
+val_prompts, val_pairs, val_skipped = C.group_by_prompt(val_battles, index, args.loss)
+beta0, eta0 = C.fit_marginal(train_pairs, len(model_list), args.loss)
+val_all = C.cat_pairs(val_pairs)
+s, w = C.batch_nll(beta0.expand(len(val_prompts), -1), eta0.expand(len(val_prompts)), val_all, args.loss)
+marginal_nll = (s / w).item()
+log(f"{len(train_battles)} train votes on {len(train_prompts)} prompts, {len(val_battles)} val votes on "
+    f"{len(val_prompts)} prompts ({val_skipped} skipped: unknown model), {len(model_list)} models; marginal val NLL {marginal_nll:.4f}")
+
+# -----------------------------------------------------------------------------
+# model: backbone + head initialised at the marginal leaderboard
+tok, backbone = C.load_backbone(args.model)
+pooling = args.pooling or C.default_pooling(tok)
+cls_id = C.add_cls_token(tok, backbone) if pooling == "last" else None
+if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+p2l = {"model_list": model_list, "loss": args.loss, "pooling": pooling, "max_len": args.max_len,
+       "cls_token": C.CLS_TOKEN if pooling == "last" else None, "backbone": args.model}
+model = C.P2LModel(backbone, p2l)
+model.init_head(beta0, eta0)
+if args.grad_checkpointing:
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+train_ids = C.encode_prompts(tok, train_prompts, args.max_len, pooling, cls_id)
+val_ids = C.encode_prompts(tok, val_prompts, args.max_len, pooling, cls_id)
+
+
+def epoch_batches(epoch):
+    """This rank's micro-batches (lists of prompt indices); every rank gets the same count,
+    because collectives (DDP all-reduce, ZeRO gathers) hang if one rank runs an extra step."""
+    order = list(range(len(train_ids)))
+    random.Random(args.seed + epoch).shuffle(order)
+    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    return batches[rank:len(batches) // world * world:world]
+
+
+micro_per_epoch = len(epoch_batches(0))
+steps_per_epoch = max(1, micro_per_epoch // args.grad_accum)
+total_steps = math.ceil(steps_per_epoch * args.epochs)
+if args.max_steps:
+    total_steps = min(total_steps, args.max_steps)
+warmup = max(1, int(args.warmup * total_steps))
+head_params = list(model.head.parameters())
+head_ids = {id(q) for q in head_params}
+groups = [{"params": [q for q in model.parameters() if id(q) not in head_ids], "lr": args.lr},
+          {"params": head_params, "lr": args.head_lr}]
+opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+
+if args.deepspeed:
+    with open(args.deepspeed) as f:
+        ds_cfg = json.load(f)
+    fill = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
+            "train_batch_size": args.batch_size * args.grad_accum * world, "gradient_clipping": args.clip}
+    ds_cfg.update({k: v for k, v in fill.items() if ds_cfg.get(k, "auto") == "auto"})
+    ds_cfg.setdefault("bf16", {})["enabled"] = bf16 if ds_cfg["bf16"].get("enabled", "auto") == "auto" else ds_cfg["bf16"]["enabled"]
+    if args.zero is not None:
+        ds_cfg.setdefault("zero_optimization", {})["stage"] = args.zero
+    zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    autocast = nullcontext  # DeepSpeed holds bf16 weights itself
+
+    def backward(loss):
+        engine.backward(loss)
+
+    def optimizer_step(boundary):  # DeepSpeed counts micro-steps and steps the optimizer at accumulation boundaries
+        engine.step()
+else:
+    model.to(device)
+    engine = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    def backward(loss):
+        (loss / args.grad_accum).backward()
+
+    def optimizer_step(boundary):
+        if boundary:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def batch_loss(batch, per_pair=False):
+    """Mean weighted NLL of the votes of these prompts. per_pair: the obvious baseline that
+    runs one forward pass per vote (the prompt repeated), for --bench only."""
+    pairs = C.cat_pairs([train_pairs[i] for i in batch])
+    seqs = [train_ids[i] for i in batch]
+    if per_pair:
+        seqs = [seqs[r] for r in pairs["row"].tolist()]
+        pairs["row"] = torch.arange(len(seqs))
+    x, m = C.collate(seqs, tok.pad_token_id)
+    with autocast():
+        beta, eta = engine(x.to(device), m.to(device))
+    s, w = C.batch_nll(beta, eta, {k: v.to(device) for k, v in pairs.items()}, args.loss)
+    return s / w.clamp_min(1e-12), len(pairs["a"])
+
+
+@torch.no_grad()
+def val_nll():
+    """Validation NLL over all val votes; prompts are sharded over ranks, shards padded to one
+    length (padding votes weigh 0) so ZeRO-3 ranks run the same number of forwards."""
+    model.eval()
+    per = math.ceil(len(val_ids) / world)
+    shard = [i * world + rank for i in range(per)]
+    real = [i < len(val_ids) for i in shard]
+    shard = [i if r else 0 for i, r in zip(shard, real)]
+    beta, eta = C.predict(model, [val_ids[i] for i in shard], tok.pad_token_id, 2 * args.batch_size, device,
+                          torch.bfloat16 if bf16 and not args.deepspeed else None)
+    pairs = C.cat_pairs([dict(val_pairs[i], w=val_pairs[i]["w"] * r) for i, r in zip(shard, real)])
+    s, w = C.batch_nll(beta.double(), eta.double() if eta is not None else None, pairs, args.loss)
+    t = torch.stack([s, w]).to(device)
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    model.train()
+    return (t[0] / t[1]).item()
+
+
+# -----------------------------------------------------------------------------
+# --bench: the same training micro-batches, grouped by prompt vs one forward per vote
+if args.bench:
+    model.train()
+    batches = epoch_batches(0)[:args.bench + 1]
+    result = {}
+    for mode in ("grouped", "per_pair"):
+        n_pairs, t0 = 0, None
+        for i, batch in enumerate(batches):
+            if i == 1:  # the first micro-batch warms up allocators and kernels, untimed
+                t0 = time.perf_counter()
+            loss, n = batch_loss(batch, per_pair=mode == "per_pair")
+            backward(loss)
+            optimizer_step(True)
+            n_pairs += n if i >= 1 else 0
+        result[mode] = n_pairs / (time.perf_counter() - t0)
+        log(f"{mode:9s}: {result[mode]:8.2f} training pairs/s over {len(batches) - 1} micro-batches of {args.batch_size} prompts")
+    result["ratio"] = result["grouped"] / result["per_pair"]
+    log(f"grouped / per-pair = {result['ratio']:.1f}x ({args.model}, {device}, {'bf16' if bf16 else 'fp32'})")
+    if master:
+        C.write_json(os.path.join(args.out, "bench.json"), dict(result, model=args.model, device=device, batch_size=args.batch_size))
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# resume, train, validate
+step = 0
+resume_dir = os.path.join(args.out, "resume")
+if args.resume:
+    if args.deepspeed:
+        _, client = engine.load_checkpoint(resume_dir, tag="last")
+        step = (client or {}).get("step", 0)
+    elif os.path.exists(os.path.join(resume_dir, "state.pt")):
+        st = torch.load(os.path.join(resume_dir, "state.pt"), map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step = st["step"]
+    log(f"resumed at step {step}")
+
+
+def save_resume():
+    if args.deepspeed:
+        engine.save_checkpoint(resume_dir, tag="last", client_state={"step": step})
+    elif master:
+        os.makedirs(resume_dir, exist_ok=True)
+        tmp = os.path.join(resume_dir, ".state.pt.tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp)
+        os.replace(tmp, os.path.join(resume_dir, "state.pt"))
+
+
+eval_every = args.eval_every or max(1, total_steps // 4)
+log_path = os.path.join(args.out, "train_log.jsonl")
+if master:
+    os.makedirs(args.out, exist_ok=True)
+log_file = open(log_path, "a") if master else None
+model.train()
+t_start, n_prompts, last_val = time.time(), 0, None
+bar = tqdm(total=total_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+while step < total_steps:
+    epoch, done_in_epoch = divmod(step, steps_per_epoch)
+    batches = epoch_batches(epoch)[done_in_epoch * args.grad_accum:steps_per_epoch * args.grad_accum]
+    for i, batch in enumerate(batches):
+        loss, _ = batch_loss(batch)
+        backward(loss)
+        boundary = (i + 1) % args.grad_accum == 0
+        optimizer_step(boundary)
+        n_prompts += len(batch) * world
+        if not boundary:
+            continue
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+               "prompts_per_s": n_prompts / (time.time() - t_start)}
+        if step % eval_every == 0 or step == total_steps:
+            last_val = row["val_nll"] = val_nll()
+            bar.write(f"step {step}/{total_steps}: val NLL {last_val:.4f}  marginal {marginal_nll:.4f}  "
+                      f"({100 * (last_val / marginal_nll - 1):+.2f}%)")
+        if master:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+        if args.save_every and step % args.save_every == 0:
+            save_resume()
+        if step >= total_steps:
+            break
+bar.close()
+train_seconds = time.time() - t_start
+if last_val is None:  # resumed a finished run
+    last_val = val_nll()
+save_resume()
+
+# -----------------------------------------------------------------------------
+# the checkpoint (DESIGN §3) and metrics, from rank 0; ZeRO-3 gathers the sharded weights first
+if args.deepspeed and zero_stage == 3:
+    state = engine._zero3_consolidated_16bit_state_dict()
+else:
+    state = model.state_dict()
+if master:
+    extra = {"training_args.json": json.dumps({"argv": sys.argv, "args": vars(args), "world_size": world}, indent=2) + "\n"}
+    C.save_checkpoint(args.out, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, tok, extra)
+    metrics = {"p2l": {"nll": last_val}, "marginal": {"nll": marginal_nll}, "val_votes": len(val_battles) - val_skipped,
+               "val_prompts": len(val_prompts), "train_votes": len(train_battles), "train_prompts": len(train_prompts),
+               "models": len(model_list), "steps": step, "train_seconds": round(train_seconds, 1),
+               "prompts_per_s": round(n_prompts / max(train_seconds, 1e-9), 2), "backbone": args.model, "loss": args.loss,
+               "device": device, "world_size": world, "dtype": "bf16" if bf16 else "fp32"}
+    C.write_json(os.path.join(args.out, "metrics.json"), metrics)
+    log(f"val NLL: P2L {last_val:.4f} vs marginal {marginal_nll:.4f} ({100 * (last_val / marginal_nll - 1):+.2f}%); "
+        f"{train_seconds / 60:.1f} min; checkpoint in {args.out}")
+if world > 1:
+    torch.distributed.barrier()
