@@ -247,7 +247,7 @@ def add_cls_token(tok, model):
     """Give a decoder a CLS token to read the prompt summary from; returns its id. The new
     embedding row starts at the mean embedding (transformers' resize) and is trained."""
     if CLS_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [CLS_TOKEN]}, replace_additional_special_tokens=False)
+        tok.add_tokens([CLS_TOKEN], special_tokens=True)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
     return tok.convert_tokens_to_ids(CLS_TOKEN)

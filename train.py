@@ -128,7 +128,7 @@ head_ids = {id(q) for q in head_params}
 groups = [{"params": [q for q in model.parameters() if id(q) not in head_ids], "lr": args.lr},
           {"params": head_params, "lr": args.head_lr}]
 opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))))
 
 if args.deepspeed:
     with open(args.deepspeed) as f:
