@@ -342,6 +342,13 @@ class P2LModel(nn.Module):
                 self.head.eta_head.bias.fill_(float(eta))
 
 
+def encode_for(model, tok, prompts):
+    """Token ids for prompts exactly as this P2L model was trained to read them."""
+    p = model.p2l
+    cls = tok.convert_tokens_to_ids(p["cls_token"]) if p["pooling"] == "last" else None
+    return encode_prompts(tok, prompts, p["max_len"], p["pooling"], cls)
+
+
 @torch.no_grad()
 def predict(model, ids, pad_id, batch_size=16, device="cpu", autocast_dtype=None):
     """Coefficients for each token-id list: batches sorted by length (little padding), results
@@ -433,6 +440,40 @@ def load_checkpoint(path, loss=None, dtype=torch.float32):
     if missing or unexpected:
         raise ValueError(f"{path}/model.safetensors does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(dtype).eval(), tok
+
+
+def save_predictions(out, beta, eta, model_list, rows):
+    """Per-prompt coefficients: predictions.safetensors holds beta [N, M] (and eta [N]) with the
+    model list in its metadata, so names travel with the numbers; predictions.jsonl holds one
+    metadata row per prompt (prompt, id, category, ...), row i describing beta[i]."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"beta": beta.float().contiguous()}
+    if eta is not None:
+        tensors["eta"] = eta.float().contiguous()
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".predictions.")
+    os.close(fd)
+    save_file(tensors, tmp, metadata={"model_list": json.dumps(model_list)})
+    os.chmod(tmp, 0o644)
+    atomic_write(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, out / "predictions.safetensors")
+
+
+def load_predictions(path):
+    """Returns (beta [N, M], eta [N] or None, model_list, rows)."""
+    from safetensors import safe_open
+    path = Path(path)
+    with safe_open(path / "predictions.safetensors", "pt") as f:
+        model_list = json.loads(f.metadata()["model_list"])
+        beta = f.get_tensor("beta")
+        eta = f.get_tensor("eta") if "eta" in f.keys() else None
+    with open(path / "predictions.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    if len(rows) != beta.shape[0] or beta.shape[1] != len(model_list):
+        raise ValueError(f"{path}: predictions.jsonl has {len(rows)} rows, predictions.safetensors {tuple(beta.shape)} "
+                         f"for {len(model_list)} models")
+    return beta, eta, model_list, rows
 
 
 def autodetect_device():

@@ -226,8 +226,7 @@ def reloaded_val_nll(out, val):
     p = model.p2l
     index = {m: i for i, m in enumerate(p["model_list"])}
     prompts, pairs, _ = C.group_by_prompt(C.read_battles(val), index, p["loss"])
-    cls = tok.convert_tokens_to_ids(p["cls_token"]) if p["pooling"] == "last" else None
-    ids = C.encode_prompts(tok, prompts, p["max_len"], p["pooling"], cls)
+    ids = C.encode_for(model, tok, prompts)
     beta, eta = C.predict(model, ids, tok.pad_token_id, batch_size=3)
     s, w = C.batch_nll(beta.double(), eta.double() if eta is not None else None, C.cat_pairs(pairs), p["loss"])
     return (s / w).item()
