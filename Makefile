@@ -13,14 +13,21 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: .venv/.installed
 
-# the main job: train P2L on AlpacaEval 2 (644 train prompts), report held-out NLL vs the marginal leaderboard
+# the main job on the bundled AlpacaEval 2 split: train P2L (644 prompts), evaluate it on the 161 held-out
+# prompts against the averaged leaderboard, aggregate leaderboards (overall, per sub-source), route under budgets
 run: venv
-	$(PY) train.py --out out/train
+	$(PY) train.py --epochs 2 --batch-size 16 --out out/train
+	$(PY) evaluate.py --checkpoint out/train --data data/alpaca_eval/val.jsonl.gz --out out/eval
+	$(PY) aggregate.py --preds out/eval --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
+	$(PY) route.py --preds out/eval --prompts data/alpaca_eval/val.jsonl.gz --budget 10 --sweep --out out/route
 
 test: venv
 	$(PY) -m pytest -q test_p2l.py
 
+# speed: grouped-by-prompt vs per-vote training, exact aggregation vs L-BFGS, hull routing vs LP
 bench: venv
 	$(PY) train.py --bench 3 --batch-size 2 --out out/bench
+	$(PY) aggregate.py --bench
+	$(PY) route.py --bench --out out/bench
 
 .PHONY: venv run test bench

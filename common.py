@@ -31,7 +31,8 @@ def rating(beta):
 # -----------------------------------------------------------------------------
 # battles: one vote per JSONL line (DESIGN §3), also the public Arena column forms
 
-def _open_text(path):
+def open_text(path):
+    """A text file, gunzipped on the fly when its name ends in .gz."""
     return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
 
 
@@ -73,13 +74,13 @@ def _parse_battle(row, where):
         raise ValueError(f"{where}: weight must be a finite number >= 0, got {weight!r}")
     return {"prompt": turns, "model_a": row["model_a"], "model_b": row["model_b"], "outcome": outcome,
             "p_a": None if p_a is None else float(p_a), "weight": float(weight),
-            "category": row.get("category"), "id": row.get("id", where)}
+            "category": row.get("category"), "id": row.get("id", where), "where": where}
 
 
 def read_battles(path):
     """Read a battle JSONL(.gz) file; any bad row raises ValueError naming file:line."""
     battles = []
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -189,24 +190,11 @@ def batch_nll(beta, eta, pairs, loss):
 
 def fit_marginal(pairs, n_models, loss, l2=1e-4):
     """The averaged leaderboard: one coefficient vector (and one eta) for all prompts, by maximum
-    likelihood (float64 L-BFGS; the problem is convex for bt). A small ridge keeps a model that
+    likelihood (float64 Newton to |grad| <= 1e-8 on the counts of each distinct pair: fit_votes in
+    the aggregation section; the problem is convex for bt). A small ridge keeps a model that
     never won (or never lost) finite and fixes the bt/rk shift gauge near sum(beta) = 0."""
-    allp = cat_pairs(pairs)
-    allp["row"] = torch.zeros_like(allp["row"])
-    beta = torch.zeros(1, n_models, dtype=torch.float64, requires_grad=True)
-    eta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    params = [beta] + ([eta] if HEAD_OF_LOSS[loss] != "bt" else [])
-    opt = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        s, w = batch_nll(beta, eta, allp, loss)
-        obj = s / w + l2 * (beta ** 2).sum()
-        obj.backward()
-        return obj
-    opt.step(closure)
-    return beta.detach()[0].float(), eta.detach()[0].float()
+    beta, eta, _ = fit_votes(cat_pairs(pairs), n_models, loss, l2=l2)
+    return beta[0].float(), (eta[0] if eta is not None else torch.zeros((), dtype=torch.float64)).float()
 
 # -----------------------------------------------------------------------------
 # backbones and prompt tokenization
@@ -239,8 +227,9 @@ def load_backbone(name, dtype=torch.float32):
 
 
 def default_pooling(tok):
-    """Decoders (a chat template) read an appended CLS token at the end; encoders the first token."""
-    return "last" if tok.chat_template else "first"
+    """Decoders (a chat template) read an appended CLS token at the end. Encoders average their
+    tokens: on AlpacaEval, MiniLM mean-pooled beat its first ([CLS]) token (README)."""
+    return "last" if tok.chat_template else "mean"
 
 
 def add_cls_token(tok, model):
@@ -478,3 +467,353 @@ def load_predictions(path):
 
 def autodetect_device():
     return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+
+# -----------------------------------------------------------------------------
+# aggregation and leaderboards (DESIGN §2). One Newton solver fits "the coefficients whose pairwise
+# outcome probabilities best match a target": the target is the mean of per-prompt predicted
+# probabilities (aggregating a P2L over a set of prompts) or the vote counts (a leaderboard by
+# maximum likelihood from battles). Both are Σ_pairs Σ_outcomes target · (−log P), so both are
+# cross-entropies and both are solved exactly, for K independent problems at once.
+
+N_OUTCOMES = {"bt": 2, "rk": 3, "grk": 4}  # the outcomes a head can produce: a prefix of (A, B, TIE, BOTHBAD)
+
+
+def all_pairs(n_models):
+    """Every unordered pair i < j, as two index tensors (a, b)."""
+    return tuple(torch.triu_indices(n_models, n_models, 1))
+
+
+def _weight_rows(weights, n):
+    w = torch.full((1, n), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    w = w.reshape(1, n) if w.dim() == 1 else w
+    if w.shape[1] != n or (w < 0).any() or not (w.sum(1) > 0).all():
+        raise ValueError(f"weights must be [{n}] or [K, {n}], >= 0, every row with a positive sum; got {tuple(w.shape)}")
+    return w / w.sum(1, keepdim=True)
+
+
+def mean_pair_probs(beta, eta, head, weights=None, chunk_elems=2 ** 22):
+    """Outcome probabilities of every pair i < j averaged over prompts: [K, P, O] for K weightings
+    of the N prompts at once (weights [N] or [K, N], rows normalised; None = uniform). The
+    cross-entropy is linear in its target, so this mean is all the solver needs to see of N
+    prompts; chunked over prompts so that N x P never sits in memory."""
+    beta = beta.double()
+    N, M = beta.shape
+    a, b = all_pairs(M)
+    O, P = N_OUTCOMES[head], len(a)
+    w = _weight_rows(weights, N)
+    if head != "bt" and eta is None:
+        raise ValueError(f"the {head} head needs per-prompt eta")
+    # bt needs only P(a beats b) = σ(Δ), P(b) being 1 − it: a quarter of the work of all four outcomes
+    n_out = 1 if head == "bt" else O
+    out = torch.zeros(w.shape[0], P * n_out, dtype=torch.float64)
+    step = max(1, chunk_elems // (P * n_out))
+    for s in range(0, N, step):
+        bs = beta[s:s + step]
+        if head == "bt":
+            probs = torch.sigmoid(bs[:, a] - bs[:, b])
+        else:
+            e = eta[s:s + step].double()[:, None].expand(-1, P)
+            probs = outcome_logprobs(bs[:, a], bs[:, b], e, head).exp()[..., :O]
+        out += w[:, s:s + step] @ probs.reshape(len(bs), P * n_out)
+    if head == "bt":
+        return torch.stack([out, 1 - out], -1)
+    return out.view(-1, P, O)
+
+
+def _pair_objective(x, a, b, target, head, l2, derivs):
+    """target [K, O, P] (outcome-major: each outcome's slice contiguous, 10x faster elementwise).
+    Σ_p Σ_o target·(−log P_o) + l2·|β|² (+ ½(Σβ)² for the shift-invariant bt/rk: at the optimum
+    the data gradient sums to 0, so this term only pins the gauge Σβ = 0, never moves the fit).
+    With derivs, also the gradient [K, D] and Hessian [K, D, D]: each pair touches only β_a, β_b
+    and η, so autograd's per-pair derivatives (summed over pairs, which are independent) give the
+    exact 3 x 3 blocks, scattered into the full Hessian."""
+    K, D = x.shape
+    O, P = target.shape[1], target.shape[2]
+    M = D - (head != "bt")
+    beta = x[:, :M]
+    local = [beta[:, a], beta[:, b]] + ([x[:, M:].expand(K, P)] if head != "bt" else [])
+    if head == "bt" and derivs:  # closed form, 5x faster than autograd: d/dΔ of −t_a log σ(Δ) − t_b log σ(−Δ)
+        s = torch.sigmoid(local[0] - local[1])
+        n = target[:, 0] + target[:, 1]
+        g1, h11 = n * s - target[:, 0], n * s * (1 - s)
+        g, h = [g1, -g1], [[h11, -h11], [-h11, h11]]
+    with torch.enable_grad():
+        local = [v.detach().requires_grad_(derivs and head != "bt") for v in local]
+        if head == "bt":  # n pairs with soft label p: n times pair_nll (cheaper than all four log-probabilities)
+            n = target[:, 0] + target[:, 1]
+            f_pair = n * pair_nll(local[0], local[1], None, None, target[:, 0] / n.clamp_min(1e-300), "bt")
+        else:
+            lp = outcome_logprobs(local[0], local[1], local[2], head)
+            f_pair = -sum(target[:, o] * lp[..., o] for o in range(O))
+        f = f_pair.sum(1)
+        if derivs and head != "bt":
+            g = torch.autograd.grad(f_pair.sum(), local, create_graph=True)
+            h = [torch.autograd.grad(gi.sum(), local, retain_graph=True, allow_unused=True, materialize_grads=True)
+                 for gi in g]
+        f = f.detach()
+    gauge = head in ("bt", "rk")  # a common shift of beta changes none of their probabilities
+    f = f + l2 * (beta ** 2).sum(1) + (0.5 * beta.sum(1) ** 2 if gauge else 0.0)
+    if not derivs:
+        return f
+    idx = [a, b] + ([torch.full_like(a, M)] if head != "bt" else [])
+    G = torch.zeros(K, D, dtype=x.dtype)
+    H = torch.zeros(K, D * D, dtype=x.dtype)
+    for i, gi in enumerate(g):
+        G.index_add_(1, idx[i], gi.detach())
+        for j, hij in enumerate(h[i]):
+            H.index_add_(1, idx[i] * D + idx[j], hij.detach())
+    H = H.view(K, D, D)
+    G[:, :M] += 2 * l2 * beta
+    H[:, range(M), range(M)] += 2 * l2
+    if gauge:
+        G[:, :M] += beta.sum(1, keepdim=True)
+        H[:, :M, :M] += 1.0
+    return f, G, H
+
+
+def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init=None):
+    """Minimise Σ_p Σ_o target[k, p, o]·(−log P_o(β_a[p] vs β_b[p]; η)) + l2·|β|² over (β, η) for
+    K problems at once (target [K, P, O], float64), by Newton's method with exact Hessians, a
+    Levenberg shift where the Hessian is not positive definite, and a backtracking line search,
+    until every gradient's 2-norm is <= tol. Gauge: Σβ = 0 for bt and rk; grk needs none (the
+    grounding competitor fixes the scale). init: a start [D] or [K, D] (β then η), e.g. a nearby
+    solution; the default is all zeros. Returns (beta [K, M], eta [K] or None, info)."""
+    target = target.double().permute(0, 2, 1).contiguous()  # [K, O, P]: see _pair_objective
+    K = target.shape[0]
+    D = n_models + (head != "bt")
+    x = torch.zeros(K, D, dtype=torch.float64)
+    if init is not None:
+        x += torch.as_tensor(init, dtype=torch.float64)
+        if head in ("bt", "rk"):  # start in the gauge Σβ = 0 (a shift changes no probability)
+            x[:, :n_models] -= x[:, :n_models].mean(1, keepdim=True)
+    eye = torch.eye(D, dtype=torch.float64)
+    gnorm = torch.full((K,), math.inf, dtype=torch.float64)
+    fval = torch.zeros(K, dtype=torch.float64)
+    act = torch.arange(K)  # problems still iterating: a converged one costs nothing more
+    for it in range(max_iter + 1):
+        f, G, H = _pair_objective(x[act], a, b, target[act], head, l2, derivs=True)
+        gnorm[act], fval[act] = G.norm(dim=1), f
+        keep = gnorm[act] > tol
+        if not keep.any() or it == max_iter:
+            break
+        act, f, G, H = act[keep], f[keep], G[keep], H[keep]
+        shift = torch.zeros(len(act), dtype=torch.float64)
+        scale = H.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)
+        for _ in range(60):  # Levenberg: the smallest shift that makes the Hessian positive definite
+            L, info = torch.linalg.cholesky_ex(H + shift[:, None, None] * eye)
+            bad = info != 0
+            if not bad.any():
+                break
+            shift = torch.where(bad, torch.where(shift == 0, 1e-10 * scale, 10 * shift), shift)
+        d = -torch.cholesky_solve(G.unsqueeze(-1), L).squeeze(-1)
+        slope = (G * d).sum(1)
+        t = torch.ones(len(act), dtype=torch.float64)
+        # a Newton decrement −g·d below 1e-4 means the quadratic phase, where the full step is taken
+        # unchecked (a bad one would show in the next gradient); otherwise Armijo backtracking, whose
+        # 1e-13·|f| slack lets rounding-level steps through
+        todo = torch.nonzero(-slope > 1e-4).squeeze(1)
+        for _ in range(60 if len(todo) else 0):
+            fn = _pair_objective(x[act[todo]] + t[todo, None] * d[todo], a, b, target[act[todo]], head, l2, derivs=False)
+            ok = fn <= f[todo] + 1e-4 * t[todo] * slope[todo] + 1e-13 * f[todo].abs()
+            todo = todo[~ok]
+            if len(todo) == 0:
+                break
+            t[todo] /= 2
+        x[act] += t[:, None] * d
+    info = {"iterations": it, "grad_norm": gnorm, "converged": bool((gnorm <= tol).all()), "objective": fval}
+    return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
+
+
+def aggregate(beta, eta, loss, weights=None):
+    """The leaderboard of a set of prompts (DESIGN §2): per-prompt coefficients beta [N, M] (eta [N]
+    for rk/grk) -> (beta_bar [M] float64, eta_bar float; 0.0 for bt, where it is unused), the
+    coefficients whose pairwise outcome probabilities best match the per-prompt ones by
+    cross-entropy (weights [N]: optional per-prompt weights). For bt this is the BT fit to the mean
+    pairwise matrix, not the mean of the coefficients. Solved to a gradient norm <= 1e-8."""
+    head = HEAD_OF_LOSS[loss]
+    if beta.dim() != 2 or beta.shape[0] == 0:
+        raise ValueError(f"beta must be [N, M] with N >= 1, got {tuple(beta.shape)}")
+    target = mean_pair_probs(beta, eta, head, weights)
+    a, b = all_pairs(beta.shape[1])
+    bb, ee, info = fit_pairs(a, b, target, beta.shape[1], head)
+    if not info["converged"]:
+        raise RuntimeError(f"aggregation did not converge: gradient norm {info['grad_norm'].max().item():.2e}")
+    return bb[0], (ee[0].item() if ee is not None else 0.0)
+
+
+def vote_targets(pairs, n_models, loss, weights=None):
+    """Battles (cat_pairs of group_by_prompt's groups) as fit_pairs targets: the weighted outcome
+    counts of each distinct ordered pair, normalised to one unit of weight per problem so the fit
+    is the mean NLL per vote. bt/bt-tie count the (soft) label p as p wins and 1 − p losses.
+    weights [V] or [K, V] reweight the votes (e.g. bootstrap counts). Returns (a, b, target [K, U, O])."""
+    head = HEAD_OF_LOSS[loss]
+    O = N_OUTCOMES[head]
+    w = pairs["w"].double()
+    if head == "bt":
+        per_vote = torch.stack([w * pairs["p"], w * (1 - pairs["p"])], -1)
+    else:
+        per_vote = w[:, None] * F.one_hot(pairs["y"], 4)[:, :O].double()
+    key = pairs["a"] * n_models + pairs["b"]
+    uniq, inv = torch.unique(key, return_inverse=True)
+    k = torch.ones(1, len(w), dtype=torch.float64) if weights is None else torch.as_tensor(weights).double().reshape(-1, len(w))
+    target = torch.zeros(k.shape[0], len(uniq), O, dtype=torch.float64).index_add_(1, inv, k[:, :, None] * per_vote[None])
+    total = target.sum((1, 2), keepdim=True)
+    if not (total > 0).all():
+        raise ValueError("no votes with positive weight to fit")
+    return uniq // n_models, uniq % n_models, target / total
+
+
+def fit_votes(pairs, n_models, loss, l2=0.0, weights=None):
+    """Maximum-likelihood leaderboard(s) from battles: (beta [K, M], eta [K] or None, info)."""
+    a, b, target = vote_targets(pairs, n_models, loss, weights)
+    return fit_pairs(a, b, target, n_models, HEAD_OF_LOSS[loss], l2=l2)
+
+
+def leaderboard_rows(models, beta, eta=None, head="bt", lo=None, hi=None, n=None):
+    """One row per model, best first: rank, model, coefficient, Arena-scale rating, its CI
+    (lo/hi coefficients, e.g. bootstrap percentiles), rank_ub (Arena's: 1 + the number of models
+    whose CI lies wholly above this one's), n (prompts or votes behind the numbers) and the
+    probability of beating the #1 model (for rk/grk: winning outright, ties apart)."""
+    beta = torch.as_tensor(beta).double()
+    order = sorted(range(len(models)), key=lambda i: (-beta[i].item(), models[i]))
+    top = order[0]
+    e = torch.full((len(models),), float(eta), dtype=torch.float64) if eta is not None else None
+    win = outcome_logprobs(beta, beta[top].expand(len(models)), e, head)[:, A].exp()
+    rows = []
+    for r, i in enumerate(order, 1):
+        row = {"rank": r, "model": models[i], "coefficient": round(beta[i].item(), 6),
+               "rating": round(float(rating(beta[i].item())), 2), "p_win_vs_top": round(win[i].item(), 4)}
+        if lo is not None:
+            row["rating_lo"], row["rating_hi"] = round(float(rating(lo[i])), 2), round(float(rating(hi[i])), 2)
+            row["rank_ub"] = 1 + sum(1 for j in range(len(models)) if lo[j] > hi[i])
+        if n is not None:
+            row["n"] = int(n)
+        rows.append(row)
+    return rows
+
+
+def write_leaderboard(stem, rows, meta=None):
+    """stem.json ({**meta, "leaderboard": rows}) and stem.csv (the rows), each written atomically."""
+    import csv
+    import io
+    write_json(f"{stem}.json", {**(meta or {}), "leaderboard": rows})
+    buf = io.StringIO()
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    wr = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    wr.writeheader()
+    wr.writerows(rows)
+    atomic_write(f"{stem}.csv", buf.getvalue())
+
+# -----------------------------------------------------------------------------
+# routing (DESIGN §2, the paper's Algorithm 1): route.py and livebench_eval.py share it. For one prompt
+# with coefficients β, costs c, budget C and opponents q: s = Wq with W_ab = σ(β_a − β_b) is each
+# model's predicted win rate against q, and π* = argmax π·s over the simplex with c·π <= C. The
+# routing math is float64 numpy (imported here, where it starts being used).
+import numpy as np
+from scipy.optimize import brentq
+from scipy.special import expit
+
+
+def read_prompts(path):
+    """Unique prompts (lists of user turns) of a JSONL(.gz) file in first-seen order, with their
+    first line's id and category. Takes `prompt` (a string or a list of strings) or, as in Arena
+    files, the user turns of `conversation_a`."""
+    seen = {}
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            prompt = row.get("prompt")
+            if prompt is None and isinstance(row.get("conversation_a"), list):
+                prompt = [t.get("content") for t in row["conversation_a"] if isinstance(t, dict) and t.get("role") == "user"]
+            turns = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns) \
+                    or not any(t.strip() for t in turns):
+                raise ValueError(f"{where}: missing or empty 'prompt' (a string or a list of strings)")
+            key = prompt_key(turns)
+            if key not in seen:
+                seen[key] = {"prompt": turns, "id": row.get("id", row.get("uid", where)),
+                             "category": row.get("category"), "line": where}
+    if not seen:
+        raise ValueError(f"{path}: no prompts")
+    return list(seen.values())
+
+
+def win_rates(beta, q, chunk=256):
+    """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)) in float64, chunked so N x M x M never sits in memory."""
+    out = np.empty(beta.shape)
+    for s in range(0, len(beta), chunk):
+        b = beta[s:s + chunk]
+        out[s:s + chunk] = expit(b[:, :, None] - b[:, None, :]) @ q
+    return out
+
+
+def hull_route(s, c, budget, order):
+    """Exact max π·s s.t. c·π <= budget, π in the simplex, for budget >= min(c) (checked by the
+    caller). order = argsort(c), shared by every prompt. Returns (i, j, w): π_i = w, π_j = 1 − w."""
+    s, c = s.tolist(), c.tolist()  # plain floats: the loop below is ~10x faster than on numpy scalars
+    top = max(s)
+    best = min((k for k in range(len(s)) if s[k] == top), key=lambda k: c[k])  # the cheapest best model
+    if c[best] <= budget:
+        return best, best, 1.0
+    # Upper concave hull, left to right, of the points no dearer than the best one (dearer points
+    # are dominated). It rises from the cheapest point to the best one, so the optimum at cost C
+    # is on the hull edge whose ends straddle C.
+    hull = []
+    for k in order:
+        if c[k] > c[best]:
+            break
+        if hull and c[k] == c[hull[-1]]:  # same cost: keep the better one
+            if s[k] <= s[hull[-1]]:
+                continue
+            hull.pop()
+        while len(hull) >= 2:  # drop the last vertex while it is on or below the chord to k
+            a, b = hull[-2], hull[-1]
+            if (s[b] - s[a]) * (c[k] - c[a]) > (s[k] - s[a]) * (c[b] - c[a]):
+                break
+            hull.pop()
+        hull.append(k)
+    n = 0
+    while c[hull[n + 1]] <= budget:
+        n += 1
+    i, j = hull[n], hull[n + 1]
+    return i, j, (c[j] - budget) / (c[j] - c[i])
+
+
+def route_all(router, beta, Wq, c, budget):
+    """(i, j, w) arrays for every prompt: π = w on model i, 1 − w on model j.
+    optimal: max π·Wq (the paper's); simple: max π·β (the reference's simple-lp); strict: the best
+    single model whose cost is <= budget."""
+    N = len(beta)
+    I, J, Wt = np.zeros(N, dtype=int), np.zeros(N, dtype=int), np.ones(N)
+    order = np.argsort(c, kind="stable").tolist()
+    for z in range(N):
+        if router == "strict":  # the best affordable model; Wq ranks models as β does
+            s = np.where(c <= budget, Wq[z], -np.inf)
+            I[z] = J[z] = min(np.flatnonzero(s == s.max()), key=lambda k: c[k])
+        else:
+            I[z], J[z], Wt[z] = hull_route(Wq[z] if router == "optimal" else beta[z], c, budget, order)
+    return I, J, Wt
+
+
+def solve_theta(beta, q, R):
+    """θ with Σ_a q_a σ(θ − β_a) = R; the left side increases in θ. On one prompt R mixes win rates
+    of models with those β, so the root lies in [min β, max β]; on the averaged leaderboard a
+    router can beat every model, so the bracket widens (doubling) until it holds the root."""
+    f = lambda t: float(q @ expit(t - beta)) - R
+    lo, hi = float(beta.min()), float(beta.max())
+    for _ in range(60):
+        if f(lo) <= 0 <= f(hi):
+            break
+        width = max(hi - lo, 1.0)
+        lo, hi = (lo - width, hi) if f(lo) > 0 else (lo, hi + width)
+    if f(lo) == 0 or f(hi) == 0 or f(lo) * f(hi) > 0:  # an exact hit, or R rounds to 0 or 1 (σ saturates)
+        return lo if abs(f(lo)) <= abs(f(hi)) else hi
+    return brentq(f, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps, maxiter=200)

@@ -251,7 +251,7 @@ def test_tiny_qwen_trains_and_reloads_identically(tiny_qwen, small_data, tmp_pat
 
 
 def test_minilm_trains_and_reloads_identically(small_data, tmp_path):
-    m, _ = run_train("minilm", small_data, tmp_path / "ck", "--max-steps", "2")
+    m, _ = run_train("minilm", small_data, tmp_path / "ck", "--max-steps", "2", "--pooling", "first")
     assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["p2l"]["pooling"] == "first"
 

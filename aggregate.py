@@ -1,0 +1,584 @@
+"""Leaderboards from P2L: for any set of prompts (DESIGN §2), per group with bootstrap CIs, each
+model's strengths and weaknesses, the aggregation-scale curve, and maximum-likelihood
+leaderboards from raw votes. Everything is the same exact Newton solve (common.fit_pairs): the
+coefficients whose pairwise outcome probabilities best match a target, to a gradient norm <= 1e-8.
+
+    # one prompt's leaderboard (a set of size 1) from a trained checkpoint, in seconds on a CPU
+    python aggregate.py --checkpoint out/train --prompt "Write a limerick about a cat"
+    # the validation prompts: overall + per AlpacaEval sub-source, CIs, strengths, the scale curve
+    python aggregate.py --preds out/preds-val --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
+    # leaderboards from human votes, checked against the official Arena category leaderboards
+    python aggregate.py --votes data/arena_catalog/train.jsonl.gz data/arena_catalog/val.jsonl.gz --by category \\
+        --official data/arena_catalog/leaderboards.csv --out out/arena
+    # speed: Newton vs a plain torch L-BFGS on N=10,000 prompts x M=130 models
+    python aggregate.py --bench
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import rankdata, spearmanr
+
+import common as C
+
+# The arena-catalog votes carry 10 broad topic categories; the official boards (leaderboards.csv)
+# are task/language slices. Three topics have a board that selects the same kind of prompt; the
+# others have none, and since every vote is from recent *English* battles they, like all votes
+# together, are compared with the english board.
+ARENA_BOARD = {"Tech Programming": "coding", "Math Puzzles": "math", "Creative Arts": "creative_writing"}
+ARENA_DEFAULT_BOARD = "english"
+
+# -----------------------------------------------------------------------------
+# solving many leaderboards at once
+
+
+def solve_many(beta, eta, head, W):
+    """Aggregated leaderboards for each row of prompt weights W [K, N] (a group, a bootstrap
+    replicate, a random sample of n prompts): (beta [K, M] float64, eta [K] or None). Blocks of
+    problems keep the Newton solver's per-pair tensors to a few hundred MB. Newton starts at the
+    weighted mean of the coefficients: not the answer, but close to it (exact for one prompt)."""
+    M = beta.shape[1]
+    a, b = C.all_pairs(M)
+    block = max(1, 2 ** 19 // len(a))
+    bs, es = [], []
+    for s in range(0, W.shape[0], block):
+        w = W[s:s + block] / W[s:s + block].sum(1, keepdim=True)
+        init = w @ (beta.double() if head == "bt" else torch.cat([beta.double(), eta.double()[:, None]], 1))
+        bb, ee, info = C.fit_pairs(a, b, C.mean_pair_probs(beta, eta, head, w), M, head, init=init)
+        if not info["converged"]:
+            raise RuntimeError(f"aggregation did not converge (gradient norm {info['grad_norm'].max():.1e})")
+        bs.append(bb)
+        es.append(ee)
+    return torch.cat(bs), (torch.cat(es) if head != "bt" else None)
+
+
+def bootstrap_weights(n, n_boot, gen):
+    """Weights over n items (prompts or votes) [1 + n_boot, n]: row 0 all ones, the others the
+    counts of a resample with replacement."""
+    W = torch.ones(1 + n_boot, n, dtype=torch.float64)
+    if n_boot:
+        draws = torch.randint(n, (n_boot, n), generator=gen)
+        W[1:] = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    return W
+
+
+def sub(eta, members):
+    return eta[members] if eta is not None else None
+
+
+def curve_sizes(n, dense=100, points=30):
+    """Every n up to 100, then ~30 log-spaced sizes up to n: the whole curve at a bounded cost."""
+    extra = torch.logspace(math.log10(dense), math.log10(n), points).round().long().tolist() if n > dense else []
+    return sorted(set(range(1, min(n, dense) + 1)) | set(extra))
+
+
+def ci(boot, level=0.95):
+    """Percentile CI per model from bootstrap coefficients [B, M]; None without replicates."""
+    if boot.shape[0] < 2:
+        return None, None
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(boot, q, dim=0)
+    return lo.tolist(), hi.tolist()
+
+
+def spearman(x, y):
+    return float(spearmanr(x, y).statistic)
+
+
+def spearman_rows(X, y):
+    """Spearman of each row of X [K, m] with y [m] at once (average ranks for ties)."""
+    rx, ry = torch.tensor(rankdata(X.numpy(), axis=1)), torch.tensor(rankdata(y.numpy()))
+    rx, ry = rx - rx.mean(1, keepdim=True), ry - ry.mean()
+    return (rx @ ry) / (rx.norm(dim=1) * ry.norm()).clamp_min(1e-300)
+
+
+def standing(beta, eta, head, chunk=256):
+    """Each model's expected score against the field on each prompt, [N, M]: the mean over the other
+    models of P(win) + ½ P(tie or both bad). The per-prompt evidence for strengths and weaknesses."""
+    N, M = beta.shape
+    out = torch.empty(N, M, dtype=torch.float64)
+    for s in range(0, N, chunk):
+        bs = beta[s:s + chunk].double()
+        ba, bb = bs[:, :, None].expand(-1, M, M), bs[:, None, :].expand(-1, M, M)
+        e = eta[s:s + chunk].double()[:, None, None].expand(-1, M, M) if eta is not None else None
+        p = C.outcome_logprobs(ba, bb, e, head).exp()
+        score = p[..., C.A] + 0.5 * (p[..., C.TIE] + p[..., C.BOTHBAD])
+        out[s:s + chunk] = (score.sum(2) - score.diagonal(dim1=1, dim2=2)) / (M - 1)
+    return out
+
+# -----------------------------------------------------------------------------
+# printing
+
+
+def print_table(rows, title, show):
+    has_ci = "rating_lo" in rows[0]
+    width = max(len(r["model"]) for r in rows[:show])
+    print(title)
+    print(f"{'rank':>4}  {'model':<{width}}  {'rating':>7}  " + (f"{'95% CI':>15}  " if has_ci else "")
+          + f"{'coef':>7}  {'P(beats #1)':>11}")
+    for r in rows[:show]:
+        cis = f"[{r['rating_lo']:6.0f}, {r['rating_hi']:6.0f}]  " if has_ci else ""
+        win = "" if r["rank"] == 1 else f"{r['p_win_vs_top']:.3f}"
+        print(f"{r['rank']:>4}  {r['model']:<{width}}  {r['rating']:7.1f}  {cis}{r['coefficient']:7.3f}  {win:>11}")
+    if len(rows) > show:
+        print(f"      ... {len(rows) - show} more (--show)")
+
+
+def short(turns, n=90):
+    text = " / ".join(t.strip().replace("\n", " ") for t in turns)
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+# -----------------------------------------------------------------------------
+# inputs
+
+
+def load_preds(path, loss):
+    """Per-prompt predictions and their loss: --loss, else the one evaluate.py's metrics.json beside
+    them records, else bt when there is no eta."""
+    path = Path(path)
+    for f in ("predictions.safetensors", "predictions.jsonl"):
+        if not (path / f).exists():
+            raise ValueError(f"--preds {path}: no {f} (evaluate.py writes it)")
+    with open(path / "predictions.jsonl", encoding="utf-8") as f:  # name the bad line before common parses it
+        for lineno, line in enumerate(f, 1):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path / 'predictions.jsonl'}:{lineno}: malformed JSON ({e.msg})") from None
+    beta, eta, models, rows = C.load_predictions(path)
+    if not torch.isfinite(beta).all() or (eta is not None and not torch.isfinite(eta).all()):
+        raise ValueError(f"{path / 'predictions.safetensors'}: non-finite coefficients")
+    if loss is None and (path / "metrics.json").exists():  # evaluate.py records its head's loss there
+        loss = json.loads((path / "metrics.json").read_text()).get("loss")
+        loss = loss if loss in C.LOSSES else None
+    if loss is None:
+        if eta is not None:
+            raise ValueError(f"--preds {path} has eta (an rk or grk head): say which with --loss")
+        loss = "bt"
+    if C.HEAD_OF_LOSS[loss] == "bt":
+        eta = None
+    elif eta is None:
+        raise ValueError(f"--loss {loss} needs eta, which {path / 'predictions.safetensors'} does not have")
+    return beta, eta, models, rows, loss
+
+
+def groups_of(rows, by, where):
+    """Group name -> prompt indices; a row without the field is an error naming its line."""
+    groups = {}
+    for i, r in enumerate(rows):
+        if r.get(by) is None:
+            raise ValueError(f"{where}:{i + 1}: no '{by}' field to group by (--by {by})")
+        groups.setdefault(str(r[by]), []).append(i)
+    return {g: torch.tensor(groups[g]) for g in sorted(groups)}
+
+
+def fit_truth(votes_path, models, loss, prompt_group, l2):
+    """Ground-truth leaderboards from held-out votes: "all" (every vote on a prompt of the
+    predictions) and one per group, a vote's group being its prompt's. prompt_group: prompt key ->
+    group name, or None outside any group. Returns {group: (coefficients [M], mask of models seen)}."""
+    battles = [b for b in C.read_battles(votes_path) if C.prompt_key(b["prompt"]) in prompt_group]
+    if not battles:
+        raise ValueError(f"--truth {votes_path}: none of its prompts is in --preds")
+    sets = {"all": battles}
+    for b in battles:
+        g = prompt_group[C.prompt_key(b["prompt"])]
+        if g is not None:
+            sets.setdefault(g, []).append(b)
+    index = {m: i for i, m in enumerate(models)}
+    truth = {}
+    for g, bs in sets.items():
+        _, pairs, _ = C.group_by_prompt(bs, index, loss)
+        allp = C.cat_pairs(pairs)
+        beta, _, info = C.fit_votes(allp, len(models), loss, l2=l2)
+        if not info["converged"]:
+            raise ValueError(f"--truth {votes_path}: the vote fit for '{g}' has no finite maximum (a model never won "
+                             f"or never lost); pass a small --l2, e.g. 1e-6")
+        seen = torch.zeros(len(models), dtype=torch.bool)
+        seen[allp["a"]] = seen[allp["b"]] = True
+        truth[g] = (beta[0], seen)
+    return truth
+
+# -----------------------------------------------------------------------------
+# the jobs: --preds, --checkpoint --prompt, --votes, --bench
+
+
+def run_preds(args):
+    gen = torch.Generator().manual_seed(args.seed)
+    beta, eta, models, rows, loss = load_preds(args.preds, args.loss)
+    head = C.HEAD_OF_LOSS[loss]
+    N, M = beta.shape
+    where = Path(args.preds) / "predictions.jsonl"
+    groups = {"all": torch.arange(N)}
+    if args.by:
+        groups.update(groups_of(rows, args.by, where))
+    t0 = time.time()
+    boards, fits = {}, {}
+    for g, members in groups.items():
+        bb, ee = solve_many(beta[members], sub(eta, members), head, bootstrap_weights(len(members), args.bootstrap, gen))
+        lo, hi = ci(bb[1:])
+        e0 = ee[0].item() if ee is not None else None
+        fits[g] = (bb, ee)
+        boards[g] = C.leaderboard_rows(models, bb[0], e0, head, lo, hi, n=len(members))
+    secs = time.time() - t0
+    meta = {"source": str(args.preds), "loss": loss, "prompts": N, "models": M, "bootstrap": args.bootstrap}
+    print_table(boards["all"], f"P2L leaderboard aggregated over {N} prompts of {args.preds} ({loss} head, {M} models, "
+                f"95% CI from {args.bootstrap} bootstrap resamples of the prompts; {secs:.1f} s)", args.show)
+    outputs = {"leaderboard": (boards["all"], {**meta, "eta": fits["all"][1][0].item() if head != "bt" else None})}
+    report = None
+    if args.by:
+        print(f"\nper {args.by}: prompts, top 3, Spearman with the overall leaderboard")
+        overall = fits["all"][0][0]
+        for g in groups:
+            if g == "all":
+                continue
+            top = ", ".join(r["model"] for r in boards[g][:3])
+            rho = spearman(fits[g][0][0], overall)
+            print(f"  {g:<20} {len(groups[g]):>5}  rho {rho:5.3f}  {top}")
+        grouped = [{"group": g, **r} for g in groups if g != "all" for r in boards[g]]
+        outputs[f"leaderboard_by_{args.by}"] = (grouped, {**meta, "by": args.by})
+        report = strengths(args, beta, eta, head, models, rows, groups, boards, fits)
+    curve = scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, fits["all"][0][0]) if args.truth else None
+    # every number is computed: only now write, each file atomically
+    out = Path(args.out)
+    for name, (rws, m) in outputs.items():
+        C.write_leaderboard(out / name, rws, m)
+    if report:
+        C.write_json(out / "strengths.json", report[0])
+        C.atomic_write(out / "strengths.md", report[1])
+    if curve:
+        C.write_json(out / "scale_curve.json", curve)
+        plot_curve(curve, out / "scale_curve.png")
+    print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
+
+
+def strengths(args, beta, eta, head, models, rows, groups, boards, fits):
+    """For each model, the groups where its rating (relative to the field: every board has mean
+    coefficient 0 for bt/rk) or its rank sits furthest above and below its overall standing, and
+    the prompts of that group where its expected score vs the field beats its overall one most."""
+    # ratings relative to the field's mean on that board: bt/rk boards have mean 0 already (the
+    # gauge), grk's are absolute and would otherwise credit every model with an easy group
+    rel = {g: {r["model"]: r for r in board} for g, board in boards.items()}
+    shift = {g: sum(r["rating"] for r in board) / len(board) - 1000.0 for g, board in boards.items()}
+    overall = rel["all"]
+    score = standing(beta, eta, head)  # [N, M]
+    eta_all = fits["all"][1][:1] if fits["all"][1] is not None else None
+    base = standing(fits["all"][0][:1], eta_all, head)[0]
+    names = [g for g in groups if g != "all" and len(groups[g]) >= args.min_group]
+    per_model, lines = {}, []
+    for j, m in enumerate(models):
+        deltas = []
+        for g in names:
+            r, mine = rel[g][m], overall[m]["rating"] - shift["all"]
+            d = {"group": g, "n": len(groups[g]), "rating": r["rating"], "delta_rating": round(r["rating"] - shift[g] - mine, 2),
+                 "rank": r["rank"], "delta_rank": overall[m]["rank"] - r["rank"]}
+            if "rating_lo" in r:  # outside the group's CI: not explained by which prompts were drawn
+                d["clear"] = not (r["rating_lo"] - shift[g] <= mine <= r["rating_hi"] - shift[g])
+            members = groups[g]
+            gain = score[members, j] - base[j]
+            for key, order in (("best_prompts", True), ("worst_prompts", False)):
+                top = torch.argsort(gain, descending=order)[:args.examples]
+                d[key] = [{"prompt": rows[members[k]]["prompt"], "score": round(score[members[k], j].item(), 4)} for k in top]
+            deltas.append(d)
+        deltas.sort(key=lambda d: -d["delta_rating"])
+        per_model[m] = {"rank": overall[m]["rank"], "rating": overall[m]["rating"], "score": round(base[j].item(), 4),
+                        "strengths": [d for d in deltas if d["delta_rating"] > 0],
+                        "weaknesses": [d for d in deltas[::-1] if d["delta_rating"] < 0]}
+    order = sorted(models, key=lambda m: overall[m]["rank"])
+    lines += [f"# Strengths and weaknesses by {args.by}", "",
+              f"From {args.preds}: each model's rating per {args.by} (groups with >= {args.min_group} prompts) minus its "
+              f"overall rating; both on the Arena scale with the field's mean at 1000, so +40 means 40 Elo points "
+              f"better relative to the field. * = the overall rating lies outside the group's 95% bootstrap CI.", "",
+              f"| rank | model | rating | strongest {args.by} | weakest {args.by} |", "|---:|---|---:|---|---|"]
+
+    def cell(d):
+        return "–" if d is None else f"{d['group']} {d['delta_rating']:+.0f} (#{d['rank']}){'*' if d.get('clear') else ''}"
+    for m in order:
+        pm = per_model[m]
+        lines.append(f"| {pm['rank']} | {m} | {pm['rating']:.0f} | {cell((pm['strengths'] or [None])[0])} | "
+                     f"{cell((pm['weaknesses'] or [None])[0])} |")
+    lines += ["", "## Prompts that show it most", "",
+              "Each prompt's expected score for the model vs the field, P(win) + ½ P(tie or both bad), "
+              "against its overall score (in the heading).", ""]
+    for m in order:
+        pm = per_model[m]
+        lines.append(f"### {pm['rank']}. {m} (score {pm['score']:.3f})")
+        for key, label, pk in (("strengths", "strongest", "best_prompts"), ("weaknesses", "weakest", "worst_prompts")):
+            if pm[key]:
+                d = pm[key][0]
+                lines.append(f"- {label}: **{d['group']}** {d['delta_rating']:+.0f} rating, rank {d['rank']} vs {pm['rank']} overall")
+                lines += [f"  - {p['score']:.3f} — {short(p['prompt'])}" for p in d[pk]]
+        lines.append("")
+    print("\nstrengths and weaknesses (top 5 models; all in strengths.md):")
+    for m in order[:5]:
+        pm = per_model[m]
+        print(f"  {m:<32} best {cell((pm['strengths'] or [None])[0]):<26} worst {cell((pm['weaknesses'] or [None])[0])}")
+    return {"by": args.by, "min_group": args.min_group, "models": per_model}, "\n".join(lines) + "\n"
+
+
+def scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, overall):
+    """The paper's §3.5: Spearman between the leaderboard aggregated from n random prompts of a
+    group and that group's ground-truth leaderboard (the vote fit on --truth), for n = 1..N. For
+    reference, the overall aggregate's Spearman with each group's truth: what ignoring the group gets."""
+    pg = {C.prompt_key(r["prompt"]): None for r in rows}
+    for g, members in groups.items():
+        if g != "all":
+            pg.update({C.prompt_key(rows[i]["prompt"]): g for i in members.tolist()})
+    truth = fit_truth(args.truth, models, loss, pg, args.l2)
+    curve = {"truth": str(args.truth), "reps": args.curve_reps, "groups": {}}
+    print(f"\naggregation-scale curve: Spearman(aggregate of n random prompts, vote fit on {args.truth}), "
+          f"mean of {args.curve_reps} draws; 'overall' = the all-prompt board vs this group's truth")
+    for g, members in groups.items():
+        if g not in truth:
+            continue
+        t, seen = truth[g]
+        ns = curve_sizes(len(members))
+        W = torch.zeros(len(ns) * args.curve_reps, len(members), dtype=torch.float64)
+        for k, n in enumerate(ns):  # n prompts without replacement, curve_reps times
+            for r in range(args.curve_reps):
+                W[k * args.curve_reps + r, torch.randperm(len(members), generator=gen)[:n]] = 1.0
+        bb, _ = solve_many(beta[members], sub(eta, members), head, W)
+        rho = spearman_rows(bb[:, seen], t[seen]).view(len(ns), args.curve_reps).mean(1)
+        ref = spearman(overall[seen], t[seen])
+        curve["groups"][g] = {"n": ns, "spearman": rho.tolist(), "overall_spearman": ref}
+        marks = [n for n in (1, 2, 5, 10, 20, 50, 100, 1000, 10000) if n < len(members)] + [len(members)]
+        print(f"  {g:<14} " + "  ".join(f"n={n}: {rho[ns.index(n)]:.3f}" for n in marks) + f"   (overall {ref:.3f})")
+    return curve
+
+
+def plot_curve(curve, path):
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for g, c in curve["groups"].items():
+        ax.plot(c["n"], c["spearman"], lw=2.5 if g == "all" else 1.2, label=g, color="black" if g == "all" else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("prompts aggregated (n)")
+    ax.set_ylabel("Spearman vs ground-truth leaderboard")
+    ax.set_title("Aggregation scale: leaderboard from n prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    C.atomic_write(path, buf.getvalue())
+
+
+def run_prompt(args):
+    model, tok = C.load_checkpoint(args.checkpoint, loss=args.loss)
+    loss = model.p2l["loss"]
+    head = C.HEAD_OF_LOSS[loss]
+    prompts = [[p] for p in args.prompt]
+    if not all(p[0].strip() for p in prompts):
+        raise ValueError("--prompt: empty prompt")
+    beta, eta = C.predict(model, C.encode_for(model, tok, prompts), tok.pad_token_id)
+    bb, ee = C.aggregate(beta, eta, loss)
+    rows = C.leaderboard_rows(model.p2l["model_list"], bb, ee if head != "bt" else None, head)
+    what = f'"{short(prompts[0], 100)}"' if len(prompts) == 1 else f"{len(prompts)} prompts"
+    print_table(rows, f"P2L leaderboard for {what} ({args.checkpoint}, {loss} head)", args.show)
+    if args.out:
+        C.write_leaderboard(Path(args.out) / "leaderboard", rows, {"checkpoint": str(args.checkpoint), "loss": loss,
+                                                                   "prompts": args.prompt})
+
+
+def run_votes(args):
+    gen = torch.Generator().manual_seed(args.seed)
+    loss = args.loss or "bt-tie"
+    battles = [b for path in args.votes for b in C.read_battles(path)]
+    sets = {"all": battles}
+    if args.by:
+        for b in battles:
+            if b.get(args.by) is None:
+                raise ValueError(f"{b.get('where', b['id'])}: no '{args.by}' field to group by (--by {args.by})")
+            sets.setdefault(str(b[args.by]), []).append(b)
+    boards = {}
+    for g in ["all"] + sorted(s for s in sets if s != "all"):
+        models = sorted({m for b in sets[g] for m in (b["model_a"], b["model_b"])})  # only models with votes here
+        _, pairs, _ = C.group_by_prompt(sets[g], {m: i for i, m in enumerate(models)}, loss)
+        allp = C.cat_pairs(pairs)
+        V = len(allp["a"])
+        W = bootstrap_weights(V, args.bootstrap, gen)  # votes resampled, as Arena's own CIs do
+        bb, ee, info = C.fit_votes(allp, len(models), loss, l2=args.l2, weights=W)
+        if not info["converged"]:
+            bad = (info["grad_norm"] > 1e-8).sum().item()
+            raise ValueError(f"--votes: the {loss} fit for '{g}' has no finite maximum in {bad} of {1 + args.bootstrap} "
+                             f"resamples (a model that never lost or never won); pass a small ridge, e.g. --l2 1e-4")
+        lo, hi = ci(bb[1:])
+        boards[g] = C.leaderboard_rows(models, bb[0], ee[0].item() if ee is not None else None, C.HEAD_OF_LOSS[loss],
+                                       lo, hi, n=V)
+    print_table(boards["all"], f"{loss} maximum-likelihood leaderboard from {len(battles)} votes "
+                f"({', '.join(map(str, args.votes))}; 95% CI from {args.bootstrap} vote resamples)", args.show)
+    check = official_check(args, boards, sets) if args.official else None
+    meta = {"source": [str(p) for p in args.votes], "loss": loss, "votes": len(battles), "bootstrap": args.bootstrap, "l2": args.l2}
+    out = Path(args.out)
+    C.write_leaderboard(out / "leaderboard", boards["all"], meta)
+    if args.by:
+        C.write_leaderboard(out / f"leaderboard_by_{args.by}", [{"group": g, **r} for g in sorted(boards) if g != "all"
+                                                                 for r in boards[g]], {**meta, "by": args.by})
+    if check:
+        C.write_json(out / "official_check.json", check)
+    print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
+
+
+def official_check(args, boards, sets):
+    """Spearman between our vote fits and the official Arena category leaderboards (style control
+    off), over the models on both. Each vote category goes to the board of the same kind of prompt
+    (ARENA_BOARD) or the english board; the category board and the english board are both shown."""
+    import csv
+    official = {}
+    with open(args.official, newline="", encoding="utf-8") as f:
+        for lineno, r in enumerate(csv.DictReader(f), 2):
+            try:
+                if r["style_control"] == "False":
+                    official.setdefault(r["category"], {})[r["model_name"]] = float(r["rating"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{args.official}:{lineno}: bad leaderboard row ({e})") from None
+    if ARENA_DEFAULT_BOARD not in official:
+        raise ValueError(f"--official {args.official}: no '{ARENA_DEFAULT_BOARD}' board with style_control False")
+    print(f"\ncheck against the official Arena category leaderboards ({args.official}, style control off)")
+    print(f"  {'votes':<28} {'n':>5} {'board':<17} {'models':>6}  {'Spearman':>8}  {'vs english':>10}")
+    result = []
+    for g in ["all"] + sorted(s for s in boards if s != "all"):
+        board = ARENA_BOARD[g] if ARENA_BOARD.get(g) in official else ARENA_DEFAULT_BOARD
+        ours = {r["model"]: r["coefficient"] for r in boards[g]}
+
+        def rho(name):
+            common = sorted(set(ours) & set(official[name]))
+            return spearman([ours[m] for m in common], [official[name][m] for m in common]), len(common)
+        r, k = rho(board)
+        r_en, _ = rho(ARENA_DEFAULT_BOARD)
+        result.append({"votes": g, "n_votes": len(sets[g]), "board": board, "models": k, "spearman": round(r, 4),
+                       "spearman_vs_english": round(r_en, 4)})
+        print(f"  {g:<28} {len(sets[g]):>5} {board:<17} {k:>6}  {r:8.3f}  {r_en:10.3f}")
+    return {"official": str(args.official), "style_control": False, "mapping": {**ARENA_BOARD, "*": ARENA_DEFAULT_BOARD},
+            "checks": result}
+
+
+def run_bench(args):
+    """N prompts x M models of synthetic per-prompt coefficients (a shared leaderboard plus
+    prompt-specific deviations). Both solvers get the same precomputed mean pairwise outcome
+    probabilities and must reach the same objective value; also timed: that mean itself, and the
+    naive alternative of an L-BFGS that evaluates the per-prompt objective (all N prompts) at
+    every step. Solve times are the best of 3 runs (the CPU may be shared)."""
+    torch.manual_seed(args.seed)
+    N, M, head = args.bench_n, args.bench_m, C.HEAD_OF_LOSS[args.loss or "bt"]
+    beta = (1.5 * torch.randn(M) + torch.randn(N, M)).float()
+    eta = (0.3 * torch.randn(N)).float() if head != "bt" else None
+    a, b = C.all_pairs(M)
+    O, P = C.N_OUTCOMES[head], len(a)
+    t0 = time.perf_counter()
+    target = C.mean_pair_probs(beta, eta, head)
+    t_mean = time.perf_counter() - t0
+
+    def newton():
+        t0 = time.perf_counter()
+        out = C.fit_pairs(a, b, target, M, head)
+        return time.perf_counter() - t0, out
+    t_newton, (bn, en, info) = min((newton() for _ in range(3)), key=lambda r: r[0])
+    f_star = info["objective"][0].item()
+
+    def lbfgs():  # time to first reach Newton's objective value (to 1e-12 relative: equal up to rounding)
+        x = torch.zeros(M + (head != "bt"), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([x], lr=1, max_iter=100000, max_eval=100000, tolerance_grad=1e-12, tolerance_change=0,
+                                history_size=20, line_search_fn="strong_wolfe")
+        trace = []
+
+        def closure():
+            opt.zero_grad()
+            e = x[M].expand(P) if head != "bt" else None
+            f = -(target[0] * C.outcome_logprobs(x[a], x[b], e, head)[..., :O]).sum()
+            f.backward()
+            trace.append((time.perf_counter(), f.item(), x.grad.norm().item()))
+            return f
+        t0 = time.perf_counter()
+        opt.step(closure)
+        hit = [(t - t0, k + 1) for k, (t, f, _) in enumerate(trace) if f <= f_star + 1e-12 * abs(f_star)]
+        if not hit:
+            raise RuntimeError(f"L-BFGS stopped at {min(f for _, f, _ in trace):.15g}, above Newton's {f_star:.15g}")
+        return hit[0][0], hit[0][1], min(g for _, _, g in trace), x.detach()
+    t_lbfgs, evals, g_lbfgs, xl = min((lbfgs() for _ in range(3)), key=lambda r: r[0])
+    # the naive L-BFGS takes the same steps (its objective is N times this one plus a constant), each
+    # evaluation a pass over all N prompts' outcome probabilities: time one on 1,000 prompts, scale
+    sub = beta[:1000].double()
+    es = eta[:1000].double()[:, None].expand(-1, P) if head != "bt" else None
+    xs = torch.zeros(M + (head != "bt"), dtype=torch.float64, requires_grad=True)
+    t0 = time.perf_counter()
+    probs = C.outcome_logprobs(sub[:, a], sub[:, b], es, head)[..., :O].exp()
+    f = -(probs * C.outcome_logprobs(xs[a], xs[b], xs[M].expand(P) if head != "bt" else None, head)[..., :O]).sum()
+    f.backward()
+    t_eval = (time.perf_counter() - t0) * N / len(sub)
+    gap = (bn[0] - bn[0].mean() - (xl[:M] - xl[:M].mean())).abs().max().item() if head != "grk" else (bn[0] - xl[:M]).abs().max().item()
+    print(f"aggregation of N={N} prompts x M={M} models ({head}; {torch.get_num_threads()} threads)")
+    print(f"  mean pairwise outcome probabilities (shared):  {t_mean:8.3f} s")
+    print(f"  Newton (exact Hessian) to |grad| <= 1e-8:       {t_newton:8.3f} s  {info['iterations']} iterations, "
+          f"|grad| {info['grad_norm'][0]:.1e}")
+    print(f"  torch L-BFGS (strong Wolfe) to the same value:  {t_lbfgs:8.3f} s  {evals} evaluations; best |grad| it "
+          f"reaches {g_lbfgs:.1e}; max coefficient gap {gap:.1e}")
+    print(f"  naive L-BFGS, all N prompts every evaluation:  {evals * t_eval:8.1f} s  (estimated: {evals} x {t_eval:.2f} s)")
+    print(f"ratio L-BFGS / Newton: solve {t_lbfgs / t_newton:.1f}x, end to end {(t_mean + t_lbfgs) / (t_mean + t_newton):.2f}x; "
+          f"naive L-BFGS / ours end to end {evals * t_eval / (t_mean + t_newton):.0f}x")
+    if args.out:
+        C.write_json(Path(args.out) / "bench.json", {"N": N, "M": M, "head": head, "threads": torch.get_num_threads(),
+                     "mean_s": t_mean, "newton_s": t_newton, "newton_iterations": info["iterations"], "lbfgs_s": t_lbfgs,
+                     "lbfgs_evals": evals, "lbfgs_best_grad": g_lbfgs, "naive_lbfgs_s_est": evals * t_eval, "objective": f_star})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preds", help="a predictions dir (evaluate.py's predictions.safetensors + .jsonl): leaderboards for its prompts")
+    src.add_argument("--checkpoint", help="a P2L checkpoint: with --prompt, the leaderboard of that prompt (or set of prompts)")
+    src.add_argument("--votes", nargs="+", help="battle files: maximum-likelihood leaderboards from the votes themselves, no P2L")
+    src.add_argument("--bench", action="store_true", help="time the exact Newton aggregation against a plain torch L-BFGS")
+    p.add_argument("--prompt", action="append", help="with --checkpoint; repeat it to aggregate several prompts into one board")
+    p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes)")
+    p.add_argument("--loss", choices=C.LOSSES, help="the head's outcome model; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
+                   "--votes: default bt-tie, Arena's own convention (a tie is half a win)")
+    p.add_argument("--by", help="also a leaderboard per value of this field (e.g. category); with --preds, the strengths report")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (prompts, or votes with --votes) for 95%% CIs; 0 = none")
+    p.add_argument("--truth", help="--preds: held-out votes on the same prompts; their fits are the ground truth of the aggregation-scale curve")
+    p.add_argument("--curve-reps", type=int, default=10, help="random draws of n prompts per point of the curve (its mean smooths the draw)")
+    p.add_argument("--min-group", type=int, default=10, help="strengths: ignore groups with fewer prompts, too noisy to call a strength")
+    p.add_argument("--examples", type=int, default=3, help="strengths: prompts shown per strength/weakness")
+    p.add_argument("--official", help="--votes: official leaderboards CSV (model_name, rating, category, style_control) to check the fits against")
+    p.add_argument("--l2", type=float, default=0.0, help="ridge on vote fits (mean-NLL scale): 0 = the pure MLE, which does not exist "
+                   "if a model never lost or never won")
+    p.add_argument("--show", type=int, default=20, help="leaderboard rows to print")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and curve draws are seeded: reruns give identical files")
+    p.add_argument("--bench-n", type=int, default=10000, help="--bench: prompts")
+    p.add_argument("--bench-m", type=int, default=130, help="--bench: models")
+    args = p.parse_args(argv)
+    if args.bench and args.loss == "bt-tie":
+        args.loss = "bt"
+    if (args.preds or args.votes) and not args.out:
+        p.error("--out is required with --preds and --votes")
+    if args.checkpoint and not args.prompt:
+        p.error("--checkpoint needs --prompt")
+    if args.prompt and not args.checkpoint:
+        p.error("--prompt needs --checkpoint")
+    if args.bootstrap < 0 or args.curve_reps < 1 or args.l2 < 0:
+        p.error("--bootstrap and --l2 must be >= 0, --curve-reps >= 1")
+    if args.truth and not args.preds:
+        p.error("--truth goes with --preds")
+    if args.official and not args.votes:
+        p.error("--official goes with --votes")
+    torch.manual_seed(args.seed)
+    try:
+        if args.preds:
+            run_preds(args)
+        elif args.checkpoint:
+            run_prompt(args)
+        elif args.votes:
+            run_votes(args)
+        else:
+            run_bench(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"aggregate.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""Evaluate a P2L checkpoint on held-out votes: does the prompt-conditioned leaderboard predict
+them better than the averaged one? Writes per-prompt predictions (aggregate.py and route.py reuse
+them), metrics.json and a table: P2L vs the marginal, per-category and uniform leaderboards
+fitted on the checkpoint's training votes, a paired bootstrap CI over prompts of P2L's NLL minus
+the marginal's, and how well the aggregated P2L leaderboard matches a fit to the held-out votes.
+
+    python train.py --model minilm --max-steps 10 --out out/tiny                            # a checkpoint, CPU ~1 min
+    python evaluate.py --checkpoint out/tiny --data data/alpaca_eval/val.jsonl.gz --out out/eval-tiny   # CPU ~30 s
+    python evaluate.py --checkpoint out/tiny --preds out/eval-tiny --out out/eval-tiny   # again, no forward pass
+
+Metrics, over the votes whose two models the checkpoint knows, each vote weighted by its weight w
+(plain bt gives hard-label ties w = 0, as in training), all in float64:
+- nll: mean −log-likelihood under the head's own outcome model (C.pair_nll): bt / bt-tie the
+  soft-label cross-entropy −p·log σ(Δ) − (1−p)·log σ(−Δ); rk / grk −log P(observed outcome).
+  The same number train.py reports as val NLL.
+- accuracy: decisive votes only (winner model_a or model_b): the vote counts as right when the
+  predicted P(a wins) > P(b wins) points at the winner, ½ when they are equal (the uniform
+  leaderboard scores exactly ½). For all three heads P(a wins) > P(b wins) ⇔ β_a > β_b.
+- brier: bt / bt-tie (P(a≻b) − p)² with p the soft label (1/0 decisive, ½ a tie under bt-tie);
+  rk / grk the multi-class Σ_k (P(k) − 1[y = k])² over the head's outcomes (rk: a, b, tie with
+  both-bad counted as a tie; grk: a, b, tie, both-bad), in [0, 2].
+- tie_nll (rk, grk), bothbad_nll (grk): the mean −log P over the votes with that outcome.
+Baselines: marginal = one leaderboard for every prompt (marginal.json, the head's starting
+point); category = C.fit_marginal on the training votes of the vote's category, the marginal for
+a category with no training votes (listed in the output); uniform = all β equal, which is
+P(a≻b) = ½ for bt; rk fits η alone, grk fits η and the common β (β sets how often both are bad),
+so uniform matches the base rates of ties and both-bad but knows nothing about models.
+"""
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from tqdm import tqdm
+
+import common as C
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--checkpoint", help="P2L checkpoint dir (this project's or the authors' released layout); its "
+               "marginal.json supplies the baselines. With --preds only its config.json and marginal.json are read")
+p.add_argument("--data", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles JSONL(.gz), DESIGN §3; "
+               "soft labels (p_a) and the Arena column forms are read too")
+p.add_argument("--out", default="out/eval", help="writes predictions.safetensors + predictions.jsonl and metrics.json here")
+p.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
+               "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated")
+p.add_argument("--loss", choices=C.LOSSES, help="outcome model to score with; needed for the authors' released layout, "
+               "whose config.json does not say (default: the checkpoint's own)")
+p.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
+               "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
+p.add_argument("--strict", action="store_true", help="a vote naming a model the checkpoint does not know is an error "
+               "(file:line) instead of being skipped and counted")
+p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts for the P2L − marginal NLL CI")
+p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the CI is reproducible")
+p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (batched by length, little padding)")
+p.add_argument("--device", default=C.autodetect_device(), help="cuda / mps / cpu (default: what is there)")
+p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on GPUs; fp32 "
+               "reproduces the NLL train.py reported to ~1e-6")
+args = p.parse_args()
+if not args.checkpoint and not args.preds:
+    sys.exit("error: pass --checkpoint DIR (or --preds DIR with --loss and --train-votes)")
+t_start = time.time()
+torch.manual_seed(0)
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def checkpoint_info(ckpt):
+    """(loss, model list) from a checkpoint's JSON files, without loading weights: this project's
+    config.json 'p2l' section, or model_list.json beside it (the authors' layout, which has no loss)."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").exists():
+        sys.exit(f"error: --checkpoint {ckpt}: not a checkpoint directory (no config.json)")
+    p2l = json.loads((ckpt / "config.json").read_text()).get("p2l") or {}
+    models = p2l.get("model_list")
+    if models is None and (ckpt / "model_list.json").exists():
+        models = json.loads((ckpt / "model_list.json").read_text())
+    return p2l.get("loss"), models
+
+
+def fit_uniform(pairs, n_models, loss):
+    """All β equal. bt: nothing to fit (β = 0). rk: η alone (the shift of β is irrelevant). grk: η and the
+    common β, because β sets P(both bad) = 1/(1 + 2e^β) and must be free to match its base rate."""
+    head = C.HEAD_OF_LOSS[loss]
+    allp = C.cat_pairs(pairs)
+    allp["row"] = torch.zeros_like(allp["row"])
+    c = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    eta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    params = {"bt": [], "rk": [eta], "grk": [c, eta]}[head]
+    if params:
+        opt = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            s, w = C.batch_nll(c.expand(1, n_models), eta, allp, loss)
+            (s / w).backward()
+            return s / w
+        opt.step(closure)
+    return c.detach().expand(n_models).clone(), eta.detach()[0]
+
+
+def vote_metrics(beta, eta, row, pairs, loss, n_prompts):
+    """The metrics of the docstring for coefficients beta [R, M] (eta [R] or None), vote i scored with
+    row row[i]; also the per-prompt weighted NLL sums (pairs['row'] is the prompt) for the bootstrap."""
+    head = C.HEAD_OF_LOSS[loss]
+    beta = beta.double()
+    e = eta.double()[row] if eta is not None else None
+    ba, bb = beta[row, pairs["a"]], beta[row, pairs["b"]]
+    y, p, w = pairs["y"], pairs["p"], pairs["w"]
+    nll = C.pair_nll(ba, bb, e, y, p, loss)
+    prob = C.outcome_logprobs(ba, bb, e, head).exp()
+    brier = (prob[:, C.A] - p) ** 2 if head == "bt" else ((prob - F.one_hot(y, 4).double()) ** 2).sum(-1)
+    right = torch.where(ba > bb, (y == C.A).double(), torch.where(ba < bb, (y == C.B).double(), 0.5))
+
+    def mean(x, keep):
+        wk = w * keep
+        return (x * wk).sum().item() / wk.sum().item() if wk.sum() > 0 else None
+    out = {"nll": mean(nll, 1.0), "accuracy": mean(right, (y == C.A) | (y == C.B)), "brier": mean(brier, 1.0)}
+    if head != "bt":
+        out["tie_nll"] = mean(nll, y == C.TIE)
+    if head == "grk":
+        out["bothbad_nll"] = mean(nll, y == C.BOTHBAD)
+    per_prompt = torch.zeros(n_prompts, dtype=torch.float64).index_add_(0, pairs["row"], nll * w)
+    return out, per_prompt
+
+
+def agreement(beta1, eta1, beta2, eta2, keep, head):
+    """Spearman and Kendall τ of two leaderboards' coefficients, and the mean over ordered pairs i ≠ j
+    of |P1(i beats j) − P2(i beats j)| under the head's outcome model, over the models in keep."""
+    def p_win(b, e):
+        b = b.double()[keep]
+        n = len(b)
+        return C.outcome_logprobs(b[:, None].expand(n, n), b[None, :].expand(n, n),
+                                  torch.full((n, n), float(e), dtype=torch.float64), head)[..., C.A].exp()
+    off = ~torch.eye(int(keep.sum()), dtype=torch.bool)
+    x, y = beta1[keep].tolist(), beta2[keep].tolist()
+    defined = len(set(x)) > 1 and len(set(y)) > 1  # else a rank correlation is undefined: None, not NaN
+    return {"spearman": float(stats.spearmanr(x, y)[0]) if defined else None,
+            "kendall": float(stats.kendalltau(x, y)[0]) if defined else None,
+            "mean_abs_dp": (p_win(beta1, eta1) - p_win(beta2, eta2)).abs()[off].mean().item()}
+
+
+# -----------------------------------------------------------------------------
+# inputs: votes, the checkpoint's model list and loss, where the baselines come from. Everything that
+# can be wrong with the inputs fails from here to the model load: before the (slow) load, any forward
+# pass, or anything written.
+try:
+    battles = C.read_battles(args.data)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+ck_loss, ck_models = checkpoint_info(args.checkpoint) if args.checkpoint else (None, None)
+loss = args.loss or ck_loss
+if loss not in C.LOSSES:
+    sys.exit(f"error: {args.checkpoint or args.preds}: no loss recorded (the authors' released layout does not say): "
+             f"pass --loss ({'|'.join(C.LOSSES)})")
+if args.preds:
+    try:
+        pred_beta, pred_eta, model_list, pred_rows = C.load_predictions(args.preds)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: --preds {args.preds}: {e}")
+elif ck_models is None:
+    sys.exit(f"error: --checkpoint {args.checkpoint}: no model list (config.json p2l.model_list or model_list.json)")
+else:
+    model_list = ck_models
+head = C.HEAD_OF_LOSS[loss]
+index = {m: i for i, m in enumerate(model_list)}
+M = len(model_list)
+
+unknown = Counter(m for b in battles for m in (b["model_a"], b["model_b"]) if m not in index)
+if unknown and args.strict:
+    k = next(i for i, b in enumerate(battles) if b["model_a"] not in index or b["model_b"] not in index)
+    bad = [m for m in (battles[k]["model_a"], battles[k]["model_b"]) if m not in index]
+    sys.exit(f"error: {battles[k]['where']}: model {bad[0]!r} is not in the checkpoint's model list "
+             f"({len(unknown)} unknown models in all; drop --strict to skip and count such votes)")
+
+# the marginal leaderboard and the training votes behind it (read only when a baseline needs them)
+mj_path = Path(args.checkpoint or "") / "marginal.json"
+mj = json.loads(mj_path.read_text()) if args.checkpoint and mj_path.exists() else None
+train_path = args.train_votes or (mj or {}).get("train")
+if train_path is None:
+    sys.exit(f"error: {f'--checkpoint {args.checkpoint} has no marginal.json' if args.checkpoint else 'no --checkpoint'} "
+             "to take the baselines from: pass --train-votes FILE (the votes the checkpoint was trained on) to fit them")
+has_category = any(b["category"] is not None for b in battles)
+need_train = (mj is None or mj["loss"] != loss or any(m not in mj["model_list"] for m in model_list)
+              or has_category or head != "bt")
+if need_train and not Path(train_path).exists():
+    sys.exit(f"error: training votes {train_path} (marginal.json's `train`) not found: pass --train-votes FILE")
+
+# -----------------------------------------------------------------------------
+# votes grouped by prompt; every unique prompt gets a prediction, even one whose votes were all skipped
+keys = list(dict.fromkeys(C.prompt_key(b["prompt"]) for b in battles))
+pos = {k: i for i, k in enumerate(keys)}
+prompts = [json.loads(k) for k in keys]
+by_prompt = {}
+for b in battles:
+    by_prompt.setdefault(C.prompt_key(b["prompt"]), []).append(b)
+kept_prompts, pairs_list, n_skipped = C.group_by_prompt(battles, index, loss)
+if not pairs_list:
+    sys.exit(f"error: {args.data}: none of its {len(battles)} votes is between two models the checkpoint knows")
+pairs = C.cat_pairs(pairs_list)
+pairs["row"] = torch.tensor([pos[C.prompt_key(t)] for t in kept_prompts])[pairs["row"]]  # -> index into prompts
+P = len(prompts)
+# the category of each kept vote, in the order group_by_prompt emitted them
+vote_cat = [b["category"] for t in kept_prompts for b in by_prompt[C.prompt_key(t)]
+            if b["model_a"] in index and b["model_b"] in index]
+n_votes = len(vote_cat)
+if pairs["w"].sum() == 0:
+    sys.exit(f"error: {args.data}: no vote carries weight (plain bt drops hard-label ties): try --loss bt-tie")
+print(f"{args.data}: {n_votes} votes on {P} prompts, {n_skipped} skipped (unknown model: "
+      f"{', '.join(f'{m} ×{c}' for m, c in unknown.most_common(5)) or 'none'}); {M} models, loss {loss}")
+
+# -----------------------------------------------------------------------------
+# 1. predictions: one forward per unique prompt, batched by length (or reused from --preds)
+t_pred = time.time()
+if args.preds:
+    where = {C.prompt_key(r["prompt"]): i for i, r in enumerate(pred_rows)}
+    missing = [k for k in keys if k not in where]
+    if missing:
+        k = next(i for i, b in enumerate(battles) if C.prompt_key(b["prompt"]) == missing[0])
+        sys.exit(f"error: {battles[k]['where']}: prompt not in --preds {args.preds} "
+                 f"({len(missing)} of {P} prompts missing)")
+    take = torch.tensor([where[k] for k in keys])
+    beta, eta = pred_beta[take], (pred_eta[take] if pred_eta is not None else None)
+    if (eta is None) != (head == "bt"):
+        sys.exit(f"error: --preds {args.preds} {'has no' if eta is None else 'has an'} eta but the loss is {loss}")
+else:
+    try:
+        model, tok = C.load_checkpoint(args.checkpoint, loss)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: --checkpoint {args.checkpoint}: {e}")
+    model.to(args.device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    ids = C.encode_for(model, tok, prompts)
+    order = sorted(range(P), key=lambda i: len(ids[i]))
+    beta, eta = torch.zeros(P, M), (torch.zeros(P) if head != "bt" else None)
+    chunk = 64 * args.batch_size  # C.predict sorts within a call; chunks of the globally sorted order give a progress bar
+    for s in tqdm(range(0, P, chunk), desc="predict", disable=P <= chunk):
+        idx = order[s:s + chunk]
+        b_, e_ = C.predict(model, [ids[i] for i in idx], tok.pad_token_id, args.batch_size, args.device,
+                           torch.bfloat16 if args.dtype == "bf16" else None)
+        beta[idx] = b_
+        if eta is not None:
+            eta[idx] = e_
+    rows = []
+    for k, t in zip(keys, prompts):
+        cats = sorted({str(b["category"]) for b in by_prompt[k] if b["category"] is not None})
+        row = {"prompt": t, "prompt_id": hashlib.sha1(k.encode()).hexdigest()[:12], "ids": [b["id"] for b in by_prompt[k]]}
+        if cats:
+            row["category"] = cats[0] if len(cats) == 1 else cats
+        rows.append(row)
+    # written now: the forward passes are the expensive part, and each file is replaced atomically
+    C.save_predictions(args.out, beta, eta, model_list, rows)
+pred_seconds = time.time() - t_pred
+print(f"predictions for {P} prompts in {pred_seconds:.1f} s" + ("" if args.preds else f" -> {args.out}/predictions.*"))
+
+# -----------------------------------------------------------------------------
+# 2. baselines fitted on the training votes, and the metrics
+_train = {}
+
+
+def train_pairs(category=None):
+    """The training votes (all, or those of one category) grouped for the loss, None if none weigh; read once."""
+    if "all" not in _train:
+        try:
+            _train["all"] = C.read_battles(train_path)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+    tb = [b for b in _train["all"] if category is None or b["category"] == category]
+    _, tp, _ = C.group_by_prompt(tb, index, loss)
+    return tp if tp and sum(t["w"].sum().item() for t in tp) > 0 else None
+
+
+notes = []
+if mj is not None and not args.train_votes and mj["loss"] == loss and all(m in mj["model_list"] for m in model_list):
+    mbeta = torch.tensor(mj["beta"], dtype=torch.float64)[[mj["model_list"].index(m) for m in model_list]]
+    meta = torch.tensor(float(mj["eta"]), dtype=torch.float64)
+else:  # no marginal.json, another loss, or other models: refit on the training votes
+    notes.append(f"marginal refitted on {train_path} for loss {loss}")
+    tp = train_pairs()
+    if tp is None:
+        sys.exit(f"error: {train_path}: no training votes between models the checkpoint knows")
+    mbeta, meta = (t.double() for t in C.fit_marginal(tp, M, loss))
+
+categories = sorted({c for c in vote_cat if c is not None}, key=str)
+cat_beta, cat_eta, fallback = [mbeta], [meta], []  # row 0: the marginal, for votes without a category
+for c in categories:
+    tp = train_pairs(c)
+    if tp is None:
+        fallback.append(c)
+        b_, e_ = mbeta, meta
+    else:
+        b_, e_ = (t.double() for t in C.fit_marginal(tp, M, loss))
+    cat_beta.append(b_)
+    cat_eta.append(e_)
+if fallback:
+    notes.append(f"category: no training votes for {fallback}, the marginal used there")
+ubeta, ueta = fit_uniform(train_pairs(), M, loss) if head != "bt" else (torch.zeros(M, dtype=torch.float64), torch.tensor(0.0))
+
+zero = torch.zeros(n_votes, dtype=torch.long)
+
+
+def eta1(e):  # one leaderboard's eta as a 1-row tensor (none for bt heads)
+    return e.reshape(1) if head != "bt" else None
+
+
+p2l, p2l_pp = vote_metrics(beta, eta, pairs["row"], pairs, loss, P)
+marg, marg_pp = vote_metrics(mbeta[None], eta1(meta), zero, pairs, loss, P)
+results = {"p2l": p2l, "marginal": marg}
+if categories:
+    cat_row = torch.tensor([0 if c is None else 1 + categories.index(c) for c in vote_cat])
+    results["category"] = vote_metrics(torch.stack(cat_beta), torch.stack(cat_eta) if head != "bt" else None,
+                                       cat_row, pairs, loss, P)[0]
+else:
+    results["category"] = None
+    notes.append("category: the votes have no `category` field")
+results["uniform"] = vote_metrics(ubeta[None], eta1(ueta), zero, pairs, loss, P)[0]
+
+# paired bootstrap over prompts: resample prompts with replacement, NLL = Σ weighted NLL / Σ weight of the resample
+w_pp = torch.zeros(P, dtype=torch.float64).index_add_(0, pairs["row"], pairs["w"])
+live = w_pp > 0  # prompts whose votes all weigh 0 (or were skipped) say nothing
+s1, s2, wp = p2l_pp[live].numpy(), marg_pp[live].numpy(), w_pp[live].numpy()
+rng = np.random.default_rng(args.seed)
+diff, rel = [], []
+for _ in range(args.bootstrap):
+    i = rng.integers(0, len(wp), len(wp))
+    nll_p2l, nll_marg, w_sum = s1[i].sum(), s2[i].sum(), wp[i].sum()
+    diff.append((nll_p2l - nll_marg) / w_sum)
+    rel.append(nll_p2l / nll_marg - 1)
+nll_diff = p2l["nll"] - marg["nll"]
+ci = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+rel_ci = [100 * float(np.percentile(rel, 2.5)), 100 * float(np.percentile(rel, 97.5))]
+
+# -----------------------------------------------------------------------------
+# 3. leaderboard agreement: the aggregated P2L leaderboard on these prompts (each prompt weighted by its votes,
+# so both leaderboards average over the same prompts) vs a leaderboard fitted to these votes
+agg_beta, agg_eta = C.aggregate(beta[live], eta[live] if eta is not None else None, loss, weights=w_pp[live])
+vbeta, veta = C.fit_marginal(pairs_list, M, loss)
+seen = torch.zeros(M, dtype=torch.bool)
+seen[pairs["a"][pairs["w"] > 0]] = True
+seen[pairs["b"][pairs["w"] > 0]] = True  # a model with no votes here has only the ridge's 0 in the vote fit: left out
+board = {"n_models": int(seen.sum()),
+         "p2l": agreement(agg_beta, agg_eta, vbeta, veta, seen, head),
+         "marginal": agreement(mbeta, meta, vbeta, veta, seen, head),
+         "models": model_list, "p2l_beta": agg_beta.tolist(), "p2l_eta": float(agg_eta),
+         "votes_beta": vbeta.tolist(), "votes_eta": float(veta)}
+
+# -----------------------------------------------------------------------------
+# report
+metrics = dict(results, n_votes=n_votes, n_skipped=n_skipped, nll_diff=nll_diff, nll_diff_ci=ci, nll_rel_diff_pct_ci=rel_ci,
+               n_prompts=P, skipped_models=dict(unknown.most_common()), leaderboard=board, loss=loss,
+               checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+               preds=str(Path(args.preds).resolve()) if args.preds else str(Path(args.out).resolve()),
+               data=str(Path(args.data).resolve()), train_votes=str(Path(train_path).resolve()),
+               category_fallback=fallback, notes=notes, bootstrap=args.bootstrap, seed=args.seed,
+               predict_seconds=round(pred_seconds, 1), seconds=round(time.time() - t_start, 1))
+C.write_json(Path(args.out) / "metrics.json", metrics)
+
+cols = ["nll", "accuracy", "brier"] + (["tie_nll"] if head != "bt" else []) + (["bothbad_nll"] if head == "grk" else [])
+
+
+def fmt(v):
+    return f"{v:>12.4f}" if v is not None else f"{'-':>12}"
+
+
+print(f"\n{'':10}" + "".join(f"{c:>12}" for c in cols) + f"{'vs marginal':>13}")
+for name in ("p2l", "marginal", "category", "uniform"):
+    r = results[name]
+    if r is not None:
+        print(f"{name:10}" + "".join(fmt(r[c]) for c in cols) + f"{100 * (r['nll'] / marg['nll'] - 1):+12.2f}%")
+print(f"P2L − marginal NLL {nll_diff:+.4f}, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}] ({100 * nll_diff / marg['nll']:+.2f}%, "
+      f"[{rel_ci[0]:+.2f}%, {rel_ci[1]:+.2f}%]); paired bootstrap over {len(wp)} prompts, {args.bootstrap} resamples")
+print(f"leaderboard vs a fit to these votes ({board['n_models']} models):  spearman  kendall  mean|ΔP|")
+for name, label in (("p2l", "P2L aggregated"), ("marginal", "marginal (train)")):
+    a = board[name]
+    print(f"  {label:38}" + "".join(f"{v:9.4f}" if v is not None else f"{'-':>9}" for v in (a["spearman"], a["kendall"]))
+          + f"{a['mean_abs_dp']:10.4f}")
+for n in notes:
+    print(f"note: {n}")
+print(f"{n_votes} votes, {n_skipped} skipped; {time.time() - t_start:.1f} s; metrics -> {args.out}/metrics.json")

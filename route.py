@@ -1,0 +1,466 @@
+"""Route each prompt to a model under a cost budget (the paper's Algorithm 1, DESIGN §2): P2L's
+per-prompt coefficients β(z) say how likely each model is to win on z; the router picks a
+distribution π over models with the best predicted win rate whose expected cost per query is at
+most the budget.
+
+    python route.py --checkpoint out/train --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --out out/route   # CPU, MiniLM: ~30 s
+    python route.py --preds out/route --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --sweep --out out/route  # no forward passes
+    python route.py --bench        # exact hull solver vs scipy's LP solver, decisions/s at M = 130
+
+For each unique prompt of --prompts (any JSONL(.gz) with a `prompt`, battle files included), with
+costs c (--costs, per query), budget C and an opponent distribution q (--opponents, default uniform):
+  W_ab = σ(β_a − β_b);  s = Wq is each model's predicted win rate against an opponent drawn from q.
+  optimal: π* = argmax π·s over the simplex with c·π ≤ C. Two constraints, so an optimum mixes at
+           most two models: it lies on the upper concave hull of the points (c_i, s_i), mixing the
+           two adjacent hull vertices whose costs straddle C, or it is the best point when C is
+           slack. Solved exactly that way (no LP solver; tests check it against scipy's HiGHS).
+  simple:  the same program with s = β (the reference's simple-lp; β may be negative).
+  strict:  the best single model whose cost is <= C.
+  R = π·Wq is the router's predicted win rate against q, and its own BT coefficient θ* solves
+  Σ_a q_a σ(θ − β_a) = R (increasing in θ: scipy's brentq in the bracket [min β, max β], widened
+  when the root lies outside, as it does when a router beats every model on average).
+  Per prompt θ* is on that prompt's β scale; the run's `theta` in metrics.json is the same root
+  on the averaged leaderboard β̄ (the BT fit to the mean pairwise matrix, DESIGN §2, Σβ̄ = 0) with
+  R = the mean win rate: the coefficient a model with the router's win rate would have there
+  (with uniform q, a router that always picks model m gets exactly β̄_m).
+For rk/grk checkpoints β is used as a BT coefficient, as in DESIGN §2.
+
+--sweep measures the cost–quality curve on the labelled votes of --prompts (held-out prompts):
+every router at 40 budgets from the cheapest to the dearest model, every single model, and 200
+random fixed mixtures of two models. REALISED win rate: from the votes on prompt z, r_z(m, o) is
+the weighted mean outcome of m against o (the soft label p_a from m's side when the file has one,
+else win 1, loss 0, tie and both-bad ½), and r_z(m, m) = ½ (a model tied with itself; AlpacaEval's
+dropped self-comparison is exactly ½ on every prompt). The opponents of z are the models that took
+part in EVERY vote of z: AlpacaEval's baseline gpt4_1106_preview; both sides of a prompt with one
+Arena vote; none if z's votes share no model, and then z scores nobody. Routing z to m scores the
+mean of r_z(m, o) over those opponents, and only if m has a vote against each of them (or is it);
+otherwise m is not credited on z. So on AlpacaEval, routing z to m scores the judge's p_a of
+(m vs gpt4_1106_preview) on z, and ½ for gpt4_1106_preview itself: every curve is a win rate
+against the same per-prompt opponents. A router (or mixture) scores Σ_z Σ_m π_m(z)·r̄_z(m) over
+the credited (z, m), divided by the credited mass; coverage = that mass / prompts. Its x-axis is
+the expected cost per query over all prompts. π's expectation is scored, not one sampled choice.
+The printed baselines, the best single model within the budget and the best fixed mixture of two
+models at the budget's cost, are picked WITH the held-out labels (oracles, so the comparison
+favours them); router − baseline intervals are 95% paired bootstraps over prompts.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linprog
+
+import common as C
+
+ROUTERS = ("optimal", "simple", "strict")
+
+# -----------------------------------------------------------------------------
+# inputs: costs, opponents (prompts: C.read_prompts); every bad value is an error naming the file (and line)
+
+
+def read_model_weights(path, model_list, what):
+    """A JSON object {model: number}; keys starting with '_' are documentation (where the numbers
+    come from) and skipped. Returns the numbers in model_list order, NaN where missing."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object {{model: number}}")
+    vals = {k: v for k, v in obj.items() if not k.startswith("_")}
+    for k, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{path}: {what} of {k!r} must be a finite number >= 0, got {v!r}")
+    return np.array([float(vals.get(m, math.nan)) for m in model_list]), set(vals) - set(model_list)
+
+
+def read_costs(path, model_list):
+    c, _ = read_model_weights(path, model_list, "cost")
+    missing = [m for m, x in zip(model_list, c) if math.isnan(x)]
+    if missing:
+        raise ValueError(f"{path}: no cost for {len(missing)} of the {len(model_list)} models: {', '.join(missing)}")
+    return c
+
+
+def read_opponents(path, model_list):
+    """q over model_list: uniform by default, else the file's weights normalised (absent models 0)."""
+    if path is None:
+        return np.full(len(model_list), 1.0 / len(model_list))
+    q, unknown = read_model_weights(path, model_list, "opponent weight")
+    if unknown:
+        raise ValueError(f"{path}: opponents the predictions do not cover: {', '.join(sorted(unknown))}")
+    q = np.nan_to_num(q, nan=0.0)
+    if q.sum() <= 0:
+        raise ValueError(f"{path}: opponent weights sum to 0")
+    return q / q.sum()
+
+
+# -----------------------------------------------------------------------------
+# the router is C.win_rates / C.hull_route / C.route_all / C.solve_theta (common.py, shared with
+# livebench_eval.py); here only the LP it replaces, for tests and --bench
+
+
+def lp_route(s, c, budget):
+    """The same program by scipy's HiGHS LP solver (for tests and --bench). Its status says whether
+    it solved; the objective value says nothing about that (the reference read it as a status)."""
+    res = linprog(-s, A_ub=c[None], b_ub=[budget], A_eq=np.ones((1, len(s))), b_eq=[1.0], bounds=(0, None), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"linprog: {res.message}")
+    return res.x, -res.fun
+
+
+# -----------------------------------------------------------------------------
+# --sweep: realised win rates on labelled votes (what is measured: module docstring)
+
+
+def realised_scores(battles, row_of, index):
+    """r[z, m]: the realised score of routing prompt z to model m; NaN where m is not credited on z.
+    Returns (r, number of votes skipped because a model is unknown or the weight is 0)."""
+    r = np.full((len(row_of), len(index)), np.nan)
+    votes, skipped = {}, 0
+    for bt in battles:
+        a, b = index.get(bt["model_a"]), index.get(bt["model_b"])
+        z = row_of.get(C.prompt_key(bt["prompt"]))
+        if a is None or b is None or z is None or bt["weight"] == 0:
+            skipped += 1
+            continue
+        y = bt["p_a"] if bt["p_a"] is not None else {C.A: 1.0, C.B: 0.0}.get(bt["outcome"], 0.5)
+        votes.setdefault(z, []).append((a, b, y, bt["weight"]))
+    for z, vs in votes.items():
+        opponents = set.intersection(*({a, b} for a, b, _, _ in vs))
+        res = {}  # (m, o) -> [Σ w·outcome of m, Σ w]
+        for a, b, y, w in vs:
+            for m, o, v in ((a, b, y), (b, a, 1.0 - y)):
+                acc = res.setdefault((m, o), [0.0, 0.0])
+                acc[0] += w * v
+                acc[1] += w
+        for m in {m for m, _ in res}:
+            vals = [0.5 if m == o else res[m, o][0] / res[m, o][1] if (m, o) in res else None for o in opponents]
+            if opponents and None not in vals:
+                r[z, m] = sum(vals) / len(vals)
+    return r, skipped
+
+
+def per_prompt(r, pi):
+    """Each prompt's credited score and credited mass under distributions pi [N, M] (or one [M] for all)."""
+    pi = np.broadcast_to(pi, r.shape)
+    return (pi * np.nan_to_num(r)).sum(1), (pi * ~np.isnan(r)).sum(1)
+
+
+def score_policy(r, pi):
+    """Realised win rate (credited score / credited mass) and coverage (credited mass / prompts)."""
+    num, den = per_prompt(r, pi)
+    return (float(num.sum() / den.sum()) if den.sum() > 0 else math.nan), float(den.sum() / len(r))
+
+
+def paired_ci(x, y, rng, n=2000):
+    """95% paired bootstrap interval over prompts of score(x) − score(y), x and y = per_prompt(...)."""
+    idx = rng.integers(0, len(x[0]), (n, len(x[0])))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = x[0][idx].sum(1) / x[1][idx].sum(1) - y[0][idx].sum(1) / y[1][idx].sum(1)
+    return np.nanpercentile(d, [2.5, 97.5]).round(4).tolist()
+
+
+def dense(I, J, Wt, M):
+    pi = np.zeros((len(I), M))
+    np.add.at(pi, (np.arange(len(I)), I), Wt)
+    np.add.at(pi, (np.arange(len(I)), J), 1 - Wt)
+    return pi
+
+# -----------------------------------------------------------------------------
+
+
+def bench(args):
+    """Decisions/s of the hull solver vs linprog(highs) on random instances with M = 130 models,
+    from Wq to π (Wq, shared by both, is computed beforehand); the LP also checks the optimum."""
+    rng = np.random.default_rng(args.seed)
+    M, n_hull, n_lp = 130, 2000, 200
+    beta = rng.normal(0, 1, (n_hull, M))
+    c = np.exp(rng.uniform(0, math.log(100), M))
+    budget = float(np.median(c))
+    Wq = C.win_rates(beta, np.full(M, 1.0 / M))
+    order = np.argsort(c, kind="stable").tolist()
+    t0 = time.perf_counter()
+    sol = [C.hull_route(Wq[z], c, budget, order) for z in range(n_hull)]
+    t_hull = (time.perf_counter() - t0) / n_hull
+    t0 = time.perf_counter()
+    lp = [lp_route(Wq[z], c, budget)[1] for z in range(n_lp)]
+    t_lp = (time.perf_counter() - t0) / n_lp
+    gap = max(abs(w * Wq[z, i] + (1 - w) * Wq[z, j] - lp[z]) for z, (i, j, w) in enumerate(sol[:n_lp]))
+    out = {"models": M, "hull_decisions_per_s": round(1 / t_hull, 1), "lp_decisions_per_s": round(1 / t_lp, 1),
+           "ratio": round(t_lp / t_hull, 2), "max_abs_objective_gap": gap, "budget": budget}
+    print(f"M={M}: hull {out['hull_decisions_per_s']:,.0f} decisions/s, linprog(highs) {out['lp_decisions_per_s']:,.0f} "
+          f"decisions/s: hull / LP = {out['ratio']:.1f}x (same optimum: max |gap| {gap:.1e} over {n_lp} prompts)")
+    C.write_json(Path(args.out) / "bench.json", out)
+
+
+def load_betas(args, prompts, preds):
+    """β [N, M] float64 for the prompts: the rows of --preds matched by prompt text, or the
+    --checkpoint run on them (then also (beta, eta) as predicted, to save for reuse)."""
+    if preds is not None:
+        beta, _, _, rows = preds
+        where = {C.prompt_key(r["prompt"] if isinstance(r["prompt"], list) else [r["prompt"]]): i for i, r in enumerate(rows)}
+        missing = [p for p in prompts if C.prompt_key(p["prompt"]) not in where]
+        if missing:
+            raise ValueError(f"{missing[0]['line']}: prompt not in --preds {args.preds} ({len(missing)} of {len(prompts)} missing)")
+        return beta.double().numpy()[[where[C.prompt_key(p["prompt"])] for p in prompts]], None
+    model, tok = C.load_checkpoint(args.checkpoint)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    device = C.autodetect_device()
+    ids = C.encode_for(model, tok, [p["prompt"] for p in prompts])
+    beta, eta = C.predict(model.to(device), ids, tok.pad_token_id, batch_size=16, device=device)
+    return beta.double().numpy(), (beta, eta)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="P2L checkpoint dir: runs the model on the prompts (and saves the predictions "
+                     "into --out, so a rerun can pass --preds OUT and skip the forward passes)")
+    src.add_argument("--preds", metavar="DIR", help="predictions.safetensors/.jsonl from evaluate.py or an earlier route.py "
+                     "run; the prompts are matched by text")
+    p.add_argument("--prompts", help="JSONL(.gz) with a `prompt` per line (battle files too); one route per unique prompt")
+    p.add_argument("--costs", default="data/costs/alpaca_eval.json", help="JSON {model: cost per query}; keys starting "
+                   "with '_' say where the numbers come from. Default: the bundled proxy for the 57 AlpacaEval models")
+    p.add_argument("--budget", type=float, help="expected cost per query, in the units of --costs (inf: unconstrained)")
+    p.add_argument("--router", default="optimal", choices=ROUTERS, help="optimal: max predicted win rate vs q (the "
+                   "paper's); simple: max Σπβ (the reference's simple-lp); strict: best single model within budget")
+    p.add_argument("--opponents", metavar="JSON", help="{model: weight} opponent distribution q for the win rate the "
+                   "router maximises (default: uniform over the models)")
+    p.add_argument("--deterministic", action="store_true", help="route each prompt to argmax π instead of sampling from π")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling from π (and --bench instances): reruns agree")
+    p.add_argument("--sweep", action="store_true", help="cost-quality curves of all routers, every single model and random "
+                   "mixtures on the labelled votes of --prompts: sweep.csv, sweep.png, sweep.json")
+    p.add_argument("--sweep-budgets", metavar="C,C,...", help="budgets for the printed router vs best-single-model "
+                   "comparison (default: 3 between the cheapest model and what unconstrained routing spends, where it binds)")
+    p.add_argument("--bench", action="store_true", help="decisions/s of the exact hull solver vs scipy's LP at M=130, then exit")
+    p.add_argument("--out", default="out/route", help="routes.jsonl, metrics.json (and predictions, sweep files) go here")
+    args = p.parse_args(argv)
+    if args.bench:
+        return bench(args)
+    if not (args.checkpoint or args.preds):
+        p.error("one of --checkpoint or --preds is required")
+    if not args.prompts:
+        p.error("--prompts is required")
+    if args.budget is None and not args.sweep:
+        p.error("--budget is required (or --sweep)")
+    if args.budget is not None and math.isnan(args.budget):
+        p.error("--budget is NaN")
+
+    # -------------------------------------------------------------------------
+    # everything that can fail on bad input fails here, before any output is written
+    try:
+        prompts = C.read_prompts(args.prompts)
+        try:
+            battles = C.read_battles(args.prompts) if args.sweep else None
+        except ValueError as e:
+            raise ValueError(f"--sweep needs labelled votes (a battle file): {e}") from None
+        preds = C.load_predictions(args.preds) if args.preds else None  # (beta, eta, model_list, rows)
+        model_list = preds[2] if preds else json.loads((Path(args.checkpoint) / "model_list.json").read_text())
+        c = read_costs(args.costs, model_list)
+        q = read_opponents(args.opponents, model_list)
+        try:
+            budgets = [float(x) for x in args.sweep_budgets.split(",")] if args.sweep_budgets else None
+        except ValueError:
+            raise ValueError(f"--sweep-budgets must be numbers separated by commas, got {args.sweep_budgets!r}") from None
+        if any(math.isnan(b) for b in budgets or []):
+            raise ValueError("--sweep-budgets has a NaN")
+        cheap = int(np.argmin(c))
+        for b in ([args.budget] if args.budget is not None else []) + (budgets or []):
+            if b < c[cheap]:
+                raise ValueError(f"budget {b:g} is infeasible: the cheapest model, {model_list[cheap]}, costs "
+                                 f"{c[cheap]:g} per query ({args.costs})")
+        if args.sweep:
+            r, skipped = realised_scores(battles, {C.prompt_key(p_["prompt"]): z for z, p_ in enumerate(prompts)},
+                                         {m: i for i, m in enumerate(model_list)})
+            if np.isnan(r).all():
+                raise ValueError(f"{args.prompts}: no vote credits any model on any prompt (what --sweep measures: route.py --help)")
+        beta, raw = load_betas(args, prompts, preds)  # the checkpoint runs only once the inputs are known good
+    except (ValueError, OSError) as e:  # OSError: missing files, a broken .gz
+        sys.exit(f"error: {e}")
+    out = Path(args.out)
+    if raw is not None:
+        rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
+        C.save_predictions(out, raw[0], raw[1], model_list, rows)
+    N, M = beta.shape
+    Wq = C.win_rates(beta, q)
+    bbar = C.aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()  # the averaged leaderboard, DESIGN §2
+    q_name = args.opponents or f"uniform over {M} models"
+
+    # -------------------------------------------------------------------------
+    # route every prompt at --budget: routes.jsonl, metrics.json and a table
+    if args.budget is not None:
+        I, J, Wt = C.route_all(args.router, beta, Wq, c, args.budget)
+        rng = np.random.default_rng(args.seed)
+        u = rng.random(N)
+        pick_i = Wt >= 0.5 if args.deterministic else u < Wt
+        chosen = np.where(pick_i, I, J)
+        cost = Wt * c[I] + (1 - Wt) * c[J]
+        R = Wt * Wq[np.arange(N), I] + (1 - Wt) * Wq[np.arange(N), J]
+        # one model: θ* is its own β exactly; a mixture: the root
+        theta = np.array([beta[z, I[z]] if Wt[z] == 1 else C.solve_theta(beta[z], q, R[z]) for z in range(N)])
+        lines = []
+        for z in range(N):
+            pi = {model_list[I[z]]: round(float(Wt[z]), 6)}
+            if Wt[z] < 1:
+                pi[model_list[J[z]]] = round(float(1 - Wt[z]), 6)
+            lines.append(json.dumps({"prompt": prompts[z]["prompt"], "id": prompts[z]["id"], "category": prompts[z]["category"],
+                                     "pi": pi, "model": model_list[chosen[z]], "expected_cost": float(cost[z]),
+                                     "win_rate": float(R[z]), "theta": float(theta[z]), "rating": float(C.rating(theta[z]))},
+                                    ensure_ascii=False) + "\n")
+        win = float(R.mean())
+        theta_bar = C.solve_theta(bbar, q, win)
+        mean_wq = Wq.mean(0)
+        ok = np.flatnonzero(c <= args.budget)
+        best = int(ok[np.argmax(mean_wq[ok])])
+        counts = np.bincount(chosen, minlength=M)
+        metrics = {"router": args.router, "budget": args.budget if math.isfinite(args.budget) else "inf", "prompts": N,
+                   "expected_cost": float(cost.mean()), "win_rate": win, "theta": theta_bar,
+                   "rating": float(C.rating(theta_bar)), "opponents": q_name,
+                   "best_single_model": {"model": model_list[best], "cost": float(c[best]), "win_rate": float(mean_wq[best]),
+                                         "theta": float(bbar[best]), "rating": float(C.rating(bbar[best]))},
+                   "chosen": {model_list[k]: int(counts[k]) for k in np.argsort(-counts, kind="stable") if counts[k]},
+                   "mixed_prompts": int((Wt < 1).sum()), "deterministic": args.deterministic, "seed": args.seed,
+                   "costs": args.costs, "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
+                   "theta_note": "theta/rating: the router's coefficient on the averaged leaderboard (Σβ̄ = 0); "
+                                 "win_rate: mean predicted win rate vs q"}
+        C.atomic_write(out / "routes.jsonl", "".join(lines))
+        C.write_json(out / "metrics.json", metrics)
+        print(f"{args.router} router, budget {args.budget:g} per query, {N} prompts, opponents {q_name}")
+        print(f"{'prompt':42s} {'routed to':30s} {'π':>5s} {'cost':>8s} {'P(win)':>7s} {'rating':>7s}")
+        for z in range(min(N, 12)):
+            text = " ".join(prompts[z]["prompt"][-1].split())
+            print(f"{text[:40]:42s} {model_list[chosen[z]][:30]:30s} {Wt[z] if pick_i[z] else 1 - Wt[z]:5.2f} "
+                  f"{cost[z]:8.2f} {R[z]:7.3f} {C.rating(theta[z]):7.0f}")
+        if N > 12:
+            print(f"... {N - 12} more in {out / 'routes.jsonl'}")
+        print(f"router: expected cost {cost.mean():.3f} (budget {args.budget:g}), predicted win rate {win:.4f} vs q, "
+              f"rating {C.rating(theta_bar):.0f} on the averaged leaderboard; {int((Wt < 1).sum())} prompts mix two models")
+        print(f"best single model within budget: {model_list[best]} (cost {c[best]:g}), predicted win rate "
+              f"{mean_wq[best]:.4f}, rating {C.rating(bbar[best]):.0f}")
+
+    if args.sweep:
+        if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
+            free = c[Wq.argmax(1)].mean()
+            budgets = np.maximum(np.geomspace(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
+        sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name)
+
+
+def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
+    """Realised cost-quality curves from r = realised_scores(...) (definitions: module docstring)."""
+    out, (N, M) = Path(args.out), beta.shape
+    table = []
+    for m in range(M):
+        rw, cov = score_policy(r, np.eye(M)[m])
+        table.append({"kind": "model", "name": model_list[m], "budget": "", "expected_cost": c[m],
+                      "predicted_win_rate": Wq[:, m].mean(), "realised_win_rate": rw, "coverage": cov})
+    singles = [dict(t, pi=np.eye(M)[m]) for m, t in enumerate(table) if t["coverage"] > 0]
+    sc, cc = np.array([t["realised_win_rate"] for t in singles]), np.array([t["expected_cost"] for t in singles])
+    rng = np.random.default_rng(args.seed)
+    for _ in range(200):
+        a, b = rng.choice(M, 2, replace=False)
+        w = rng.random()
+        pi = w * np.eye(M)[a] + (1 - w) * np.eye(M)[b]
+        rw, cov = score_policy(r, pi)
+        table.append({"kind": "mixture", "name": f"{model_list[a]} {w:.2f} + {model_list[b]}", "budget": "",
+                      "expected_cost": pi @ c, "predicted_win_rate": (Wq @ pi).mean(), "realised_win_rate": rw, "coverage": cov})
+    at = {}
+    for bgt in sorted(set(np.geomspace(c.min(), c.max(), 40).tolist()) | set(budgets)):
+        for router in ROUTERS:
+            I, J, Wt = C.route_all(router, beta, Wq, c, bgt)
+            pi = dense(I, J, Wt, M)
+            rw, cov = score_policy(r, pi)
+            at[router, bgt] = {"kind": "router", "name": router, "budget": bgt, "expected_cost": (pi @ c).mean(),
+                               "predicted_win_rate": (pi * Wq).sum(1).mean(), "realised_win_rate": rw, "coverage": cov}
+            table.append(at[router, bgt])
+        # the best prompt-independent mixture at this cost, picked WITH the labels: the upper hull of the single models
+        if bgt >= cc.min():
+            i, j, w = C.hull_route(sc, cc, bgt, np.argsort(cc, kind="stable").tolist())
+            at["fixed", bgt] = {"kind": "best_fixed_mixture", "name": f"{singles[i]['name']} {w:.2f} + {singles[j]['name']}",
+                                "budget": bgt, "expected_cost": w * cc[i] + (1 - w) * cc[j], "predicted_win_rate": "",
+                                "realised_win_rate": w * sc[i] + (1 - w) * sc[j], "coverage": ""}
+            table.append(at["fixed", bgt])
+            at["fixed", bgt] = dict(at["fixed", bgt], pi=w * singles[i]["pi"] + (1 - w) * singles[j]["pi"])
+    summary = []
+    for bgt in budgets:
+        # (a budget below every credited model has no single-model or fixed-mixture baseline)
+        bs = max((t for t in singles if t["expected_cost"] <= bgt), key=lambda t: t["realised_win_rate"], default={})
+        fx = at.get(("fixed", bgt), {})
+        router = per_prompt(r, dense(*C.route_all("optimal", beta, Wq, c, bgt), M))
+        ci = {}
+        for name, pi in (("single", bs.get("pi")), ("fixed", fx.get("pi"))):
+            ci[name] = paired_ci(router, per_prompt(r, pi), np.random.default_rng(args.seed)) if pi is not None else None
+        summary.append({"budget": bgt, "router_expected_cost": at["optimal", bgt]["expected_cost"],
+                        "router_realised": at["optimal", bgt]["realised_win_rate"],
+                        "router_predicted": at["optimal", bgt]["predicted_win_rate"], "router_coverage": at["optimal", bgt]["coverage"],
+                        "simple_realised": at["simple", bgt]["realised_win_rate"], "strict_realised": at["strict", bgt]["realised_win_rate"],
+                        "best_single_model": bs.get("name", "-"), "best_single_cost": bs.get("expected_cost", math.nan),
+                        "best_single_realised": bs.get("realised_win_rate", math.nan), "best_single_coverage": bs.get("coverage"),
+                        "best_fixed_mixture": fx.get("name", "-"), "best_fixed_mixture_realised": fx.get("realised_win_rate", math.nan),
+                        "router_minus_single_ci95": ci["single"], "router_minus_fixed_ci95": ci["fixed"]})
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
+    wr.writeheader()
+    wr.writerows({k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in t.items()} for t in table)
+    C.atomic_write(out / "sweep.csv", buf.getvalue())
+    C.write_json(out / "sweep.json", {"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
+                                      "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
+                                      "note": "realised win rates on the labelled votes (route.py docstring); the best single "
+                                              "model and best fixed mixture are chosen WITH these labels (an oracle baseline)",
+                                      "budgets": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s_.items()}
+                                                  for s_ in summary]})
+    plot_sweep(table, out / "sweep.png", f"{args.prompts}: {N} prompts, costs {Path(args.costs).name}, opponents {q_name}")
+    print(f"\nrealised win rate on the votes of {args.prompts} ({N} prompts, {skipped} votes skipped); the best single "
+          f"model and best fixed mixture are picked WITH these labels")
+    print(f"{'budget':>7s} {'spent':>6s} {'optimal':>7s} {'simple':>7s} {'strict':>7s} {'best single model':>30s} {'cost':>6s} "
+          f"{'win':>6s} {'opt-single [95% CI]':>26s} {'fixed mix':>9s} {'opt-fixed [95% CI]':>26s} {'cover':>5s}")
+    fmt = lambda d, ci: f"{d:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"
+    for s_ in summary:
+        print(f"{s_['budget']:7.2f} {s_['router_expected_cost']:6.2f} {s_['router_realised']:7.4f} {s_['simple_realised']:7.4f} "
+              f"{s_['strict_realised']:7.4f} {s_['best_single_model'][:30]:>30s} {s_['best_single_cost']:6.2f} "
+              f"{s_['best_single_realised']:6.4f} {fmt(s_['router_realised'] - s_['best_single_realised'], s_['router_minus_single_ci95']):>26s} "
+              f"{s_['best_fixed_mixture_realised']:9.4f} "
+              f"{fmt(s_['router_realised'] - s_['best_fixed_mixture_realised'], s_['router_minus_fixed_ci95']):>26s} "
+              f"{s_['router_coverage']:5.3f}")
+    print(f"-> {out / 'sweep.csv'}, {out / 'sweep.png'}, {out / 'sweep.json'}")
+
+
+def plot_sweep(table, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    mix = [t for t in table if t["kind"] == "mixture"]
+    ax.scatter([t["expected_cost"] for t in mix], [t["realised_win_rate"] for t in mix], s=6, c="0.8",
+               label="random fixed mixtures of 2 models")
+    single = [t for t in table if t["kind"] == "model"]
+    ax.scatter([t["expected_cost"] for t in single], [t["realised_win_rate"] for t in single], s=14, c="k", label="single models")
+    for t in sorted(single, key=lambda t: -t["realised_win_rate"])[:6]:
+        ax.annotate(t["name"], (t["expected_cost"], t["realised_win_rate"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    pts = sorted((t["expected_cost"], t["realised_win_rate"]) for t in table if t["kind"] == "best_fixed_mixture")
+    ax.plot(*zip(*pts), "k--", lw=0.8, label="best fixed mixture (picked with the labels)")
+    for name, color in zip(ROUTERS, ("C0", "C1", "C2")):
+        pts = sorted((t["expected_cost"], t["realised_win_rate"]) for t in table if t["kind"] == "router" and t["name"] == name)
+        style = {"ls": "none", "marker": "o", "mfc": "none", "ms": 6} if name == "strict" else {"marker": ".", "ms": 3}
+        ax.plot(*zip(*pts), color=color, label=f"P2L router: {name}", **style)  # strict picks single models: points, no line
+    ax.set_xscale("log")
+    ax.set_xlabel("expected cost per query")
+    ax.set_ylabel("realised win rate (held-out votes)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    C.atomic_write(path, buf.getvalue())
+
+
+if __name__ == "__main__":
+    main()
