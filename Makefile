@@ -14,12 +14,17 @@ export TOKENIZERS_PARALLELISM := false
 venv: .venv/.installed
 
 # the main job on the bundled AlpacaEval 2 split: train P2L (644 prompts), evaluate it on the 161 held-out
-# prompts against the averaged leaderboard, aggregate leaderboards (overall, per sub-source), route under budgets
+# prompts against the averaged leaderboard, aggregate leaderboards (overall, per sub-source), route under budgets;
+# then LiveBench
 run: venv
 	$(PY) train.py --epochs 2 --batch-size 16 --out out/train
 	$(PY) evaluate.py --checkpoint out/train --data data/alpaca_eval/val.jsonl.gz --out out/eval
 	$(PY) aggregate.py --preds out/eval --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
 	$(PY) route.py --preds out/eval --prompts data/alpaca_eval/val.jsonl.gz --budget 10 --sweep --out out/route
+	# LiveBench (out of distribution): the AlpacaEval P2L as a router, then a grk P2L trained on LiveBench outcomes (2-fold CV)
+	$(PY) livebench_eval.py --checkpoint out/train --name-map data/livebench/name_map_alpaca_eval.json --out out/livebench/alpaca
+	$(PY) livebench_eval.py --train-cv 2 --out out/livebench/cv
+	$(PY) livebench_eval.py --preds out/livebench/cv --costs data/livebench/costs_params.json --budget 8,16,32,64 --out out/livebench/cv-budget
 
 test: venv
 	$(PY) -m pytest -q test_p2l.py

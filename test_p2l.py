@@ -15,6 +15,17 @@ import pytest
 import torch
 
 import common as C
+import contextlib
+import io
+import runpy
+from scipy.optimize import minimize
+import aggregate as AG
+import numpy as np
+from scipy.optimize import linprog
+from scipy.special import expit
+import route
+import csv
+import livebench_eval as L
 
 ROOT = Path(__file__).resolve().parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -285,3 +296,997 @@ def test_torchrun_two_cpu_ranks(tiny_qwen, small_data, tmp_path):
                      launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29732"))
     assert m["world_size"] == 2 and m["steps"] == 2
     assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
+
+# =============================================================================
+# evaluate.py: metrics by hand, known-coefficient checkpoint, unknown models, predictions round trip
+
+def cli(*argv):
+    """evaluate.py as a user runs it: a fresh interpreter, exit status, stderr."""
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, argv)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def evaluate(*argv):
+    """evaluate.py run in this process (torch is imported once, not per run): returns (the sys.exit
+    message or None, stdout). A string given to sys.exit is what a user sees on stderr, with status 1."""
+    argv0, out = sys.argv, io.StringIO()
+    sys.argv = ["evaluate.py", *map(str, argv)]
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+        return None, out.getvalue()
+    except SystemExit as e:
+        return str(e.code), out.getvalue()
+    finally:
+        sys.argv = argv0
+
+
+def ok(run):
+    err, out = run
+    assert err is None, err + "\n" + out[-3000:]
+    return out
+
+
+def fake_checkpoint(d, loss, marginal=None):
+    """Only what evaluate.py --preds reads of a checkpoint: config.json's loss and marginal.json."""
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"p2l": {"loss": loss}}))
+    if marginal:
+        (d / "marginal.json").write_text(json.dumps(marginal))
+    return d
+
+
+def bt_case(tmp_path):
+    """Two models; P2L says P(x≻y) = 3/4 on p1 and 1/5 on p2, the marginal 2/3 everywhere. The
+    training votes of category c1 give x≻y 3:1 (gap ln 3); c2 has none (falls back to the marginal)."""
+    data = write_jsonl(tmp_path / "val.jsonl", [
+        {"prompt": "p1", "model_a": "x", "model_b": "y", "winner": "model_a", "p_a": 0.8, "category": "c1", "id": "v1"},
+        {"prompt": "p1", "model_a": "y", "model_b": "x", "winner": "model_a", "category": "c1", "id": "v2"},
+        {"conversation_a": [{"role": "user", "content": "p2"}, {"role": "assistant", "content": "..."}],  # Arena form
+         "model_a": "x", "model_b": "y", "winner_model_a": 0, "winner_model_b": 1, "winner_tie": 0, "category": "c2"},
+        {"prompt": "p2", "model_a": "x", "model_b": "y", "winner": "tie", "category": "c2"},  # plain bt: weight 0
+        {"prompt": "p3", "model_a": "x", "model_b": "zz", "winner": "model_a", "category": "c2"},  # unknown model
+    ])
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": f"t{i}", "model_a": "x", "model_b": "y", "winner": "model_a" if i < 3 else "model_b", "category": "c1"}
+        for i in range(4)])
+    preds = tmp_path / "preds"
+    C.save_predictions(preds, torch.tensor([[math.log(3), 0.0], [0.0, math.log(4)], [0.0, 0.0]]), None, ["x", "y"],
+                       [{"prompt": [p]} for p in ("p1", "p2", "p3")])
+    ck = fake_checkpoint(tmp_path / "ck", "bt", {"model_list": ["x", "y"], "beta": [math.log(2), 0.0], "eta": 0.0,
+                                                 "loss": "bt", "train": str(train)})
+    return data, train, preds, ck
+
+
+def test_bt_metrics_match_hand_computed_values(tmp_path):
+    data, _, preds, ck = bt_case(tmp_path)
+    out = ok(evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--out", tmp_path / "ev"))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    L = math.log
+    # (p2l P(a≻b), marginal P(a≻b), label p) for the three votes that weigh: v1 x≻y p=.8, v2 y≻x, p2 x≺y
+    votes = [(3 / 4, 2 / 3, 0.8), (1 / 4, 1 / 3, 1.0), (1 / 5, 2 / 3, 0.0)]
+
+    def nll(q, p):
+        return -(p * L(q) + (1 - p) * L(1 - q))
+    p2l = [nll(q, p) for q, _, p in votes]
+    marg = [nll(q, p) for _, q, p in votes]
+    assert m["p2l"]["nll"] == pytest.approx(sum(p2l) / 3, abs=1e-6)
+    assert m["marginal"]["nll"] == pytest.approx(sum(marg) / 3, abs=1e-9)
+    assert m["p2l"]["accuracy"] == pytest.approx(2 / 3) and m["marginal"]["accuracy"] == pytest.approx(1 / 3)
+    assert m["p2l"]["brier"] == pytest.approx(sum((q - p) ** 2 for q, _, p in votes) / 3, abs=1e-6)
+    assert m["marginal"]["brier"] == pytest.approx(sum((q - p) ** 2 for _, q, p in votes) / 3, abs=1e-9)
+    # category: c1 fitted on its training votes (x≻y 3:1 -> 3/4, up to fit_marginal's ridge), c2 unseen -> marginal
+    cat = [nll(3 / 4, 0.8), nll(1 / 4, 1.0), nll(2 / 3, 0.0)]
+    assert m["category"]["nll"] == pytest.approx(sum(cat) / 3, abs=2e-3) and m["category_fallback"] == ["c2"]
+    assert m["uniform"] == pytest.approx({"nll": L(2), "accuracy": 0.5, "brier": (0.09 + 0.25 + 0.25) / 3})
+    assert m["n_votes"] == 4 and m["n_skipped"] == 1 and m["skipped_models"] == {"zz": 1}
+    # two prompts: a resample of only p1 (or only p2) has 1/4 chance each, so the 2.5/97.5 percentiles are
+    # exactly the two prompts' own NLL differences
+    d1, d2 = (p2l[0] + p2l[1] - marg[0] - marg[1]) / 2, p2l[2] - marg[2]
+    assert m["nll_diff_ci"] == pytest.approx(sorted([d1, d2]), abs=1e-6)
+    assert m["nll_diff"] == pytest.approx(sum(p2l) / 3 - sum(marg) / 3, abs=1e-6)
+    assert "c2" in out and "P2L − marginal NLL" in out
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["metrics.json"]  # --preds: no new predictions
+
+
+@pytest.mark.parametrize("loss,uniform_nll", [("rk", 1.5 * math.log(2)), ("grk", math.log(4))])
+def test_uniform_fits_eta_only(tmp_path, loss, uniform_nll):
+    # votes a, b, tie, both-bad. rk (both-bad is a tie): P(a) = P(b) = 1/4, P(tie) = 1/2 -> NLL 1.5 ln 2.
+    # grk with a common β: P(a) = P(b) = P(tie) = P(both bad) = 1/4 -> NLL ln 4, tie and both-bad NLL ln 4.
+    votes = write_jsonl(tmp_path / "v.jsonl", [{"prompt": f"q{i}", "model_a": "x", "model_b": "y", "winner": w}
+                                               for i, w in enumerate(["model_a", "model_b", "tie", "tie (bothbad)"])])
+    C.save_predictions(tmp_path / "preds", torch.zeros(4, 2), torch.zeros(4), ["x", "y"], [{"prompt": [f"q{i}"]} for i in range(4)])
+    out = ok(evaluate("--preds", tmp_path / "preds", "--loss", loss, "--train-votes", votes, "--data", votes, "--out", tmp_path / "ev"))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["uniform"]["nll"] == pytest.approx(uniform_nll, abs=1e-8)
+    assert m["uniform"]["tie_nll"] == pytest.approx(math.log(2) if loss == "rk" else math.log(4), abs=1e-8)
+    assert m["uniform"]["accuracy"] == 0.5 and m["category"] is None
+    if loss == "grk":
+        assert m["uniform"]["bothbad_nll"] == pytest.approx(math.log(4), abs=1e-8)
+        # multi-class Brier: each vote (1 − 1/4)² + 3·(1/4)² = 3/4
+        assert m["uniform"]["brier"] == pytest.approx(0.75, abs=1e-8)
+    assert "marginal refitted" in out  # no marginal.json: fitted on --train-votes
+
+
+def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
+    """A P2L whose head has weight 0 and bias β predicts β for every prompt, exactly; unknown models are
+    skipped and counted (--strict: an error at file:line); predictions round-trip; --preds agrees;
+    the authors' layout (no p2l section in config.json) loads with --loss."""
+    models, beta, eta = ["m0", "m1", "m2"], torch.tensor([0.5, -1.0, 2.0]), 0.25
+    rows = [{"prompt": f"prompt {i}", "model_a": models[i % 3], "model_b": models[(i + 1) % 3],
+             "winner": ["model_a", "model_b", "tie", "tie (bothbad)"][i % 4], "category": "ab"[i % 2]} for i in range(12)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = [dict(r, prompt=f"prompt {i % 10}") for i, r in enumerate(rows)]  # 12 votes on 10 prompts
+    val.insert(6, dict(val[0], model_b="zz"))  # line 7 names a model the checkpoint does not know
+    data = write_jsonl(tmp_path / "val.jsonl", val)
+    tok, backbone = C.load_backbone(tiny_qwen)
+    C.add_cls_token(tok, backbone)
+    model = C.P2LModel(backbone, {"model_list": models, "loss": "grk", "pooling": "last", "cls_token": C.CLS_TOKEN, "max_len": 64})
+    model.init_head(beta, eta)
+    marginal = {"model_list": models, "beta": beta.tolist(), "eta": eta, "loss": "grk", "train": str(train)}
+    ck = tmp_path / "ck"
+    C.save_checkpoint(ck, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
+
+    out = ok(evaluate("--checkpoint", ck, "--data", data, "--out", tmp_path / "ev", "--batch-size", "3"))
+    b, e, ml, prow = C.load_predictions(tmp_path / "ev")
+    assert ml == models and b.shape == (10, 3) and torch.equal(b, beta.expand(10, 3)) and torch.equal(e, torch.full((10,), eta))
+    assert [p["prompt"] for p in prow] == [[f"prompt {i}"] for i in range(10)]
+    assert prow[0]["ids"] == [f"{data}:1", f"{data}:7", f"{data}:12"] and prow[0]["category"] == "a" and len(prow[0]["prompt_id"]) == 12
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n_votes"] == 12 and m["n_skipped"] == 1 and m["skipped_models"] == {"zz": 1} and "zz ×1" in out
+    for k in ("nll", "accuracy", "brier", "tie_nll", "bothbad_nll"):  # P2L is the marginal here
+        assert m["p2l"][k] == pytest.approx(m["marginal"][k], abs=1e-6)
+    assert m["nll_diff_ci"] == pytest.approx([0, 0], abs=1e-6)
+    lb = m["leaderboard"]  # every prompt says β: the aggregated leaderboard is β (grk has no gauge freedom)
+    assert lb["p2l_beta"] == pytest.approx(beta.tolist(), abs=1e-5) and lb["p2l_eta"] == pytest.approx(eta, abs=1e-5)
+
+    err, _ = evaluate("--checkpoint", ck, "--data", data, "--out", tmp_path / "strict", "--strict")
+    assert "val.jsonl:7: model 'zz'" in err and not (tmp_path / "strict").exists()
+
+    ok(evaluate("--checkpoint", ck, "--preds", tmp_path / "ev", "--data", data, "--out", tmp_path / "ev2"))
+    m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert {k: m2[k] for k in ("p2l", "marginal", "category", "uniform", "nll_diff_ci")} == \
+           {k: m[k] for k in ("p2l", "marginal", "category", "uniform", "nll_diff_ci")}
+
+    cfg = json.loads((ck / "config.json").read_text())
+    del cfg["p2l"]  # the authors' released layout: model_list.json beside config.json, no loss recorded
+    (ck / "config.json").write_text(json.dumps(cfg))
+    err, _ = evaluate("--checkpoint", ck, "--data", data, "--out", tmp_path / "authors")
+    assert "pass --loss" in err and not (tmp_path / "authors").exists()
+    ok(evaluate("--checkpoint", ck, "--loss", "grk", "--data", data, "--out", tmp_path / "authors"))
+    assert torch.equal(C.load_predictions(tmp_path / "authors")[0], beta.expand(10, 3))
+
+
+def test_bad_input_fails_with_file_line_and_writes_nothing(tmp_path):
+    data, train, preds, ck = bt_case(tmp_path)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p1", "model_a": "x", "model_b": "y", "winner": "model_a"}],
+                      ['{"prompt": "p1", "model_a": "x", "model_b": "y", "winner": "draw"}'])
+    r = cli("--checkpoint", ck, "--preds", preds, "--data", bad, "--out", tmp_path / "ev")
+    assert r.returncode != 0 and "bad.jsonl:2: unknown winner 'draw'" in r.stderr and not (tmp_path / "ev").exists()
+    (ck / "marginal.json").unlink()  # no baselines to compare with, and no --train-votes
+    err, _ = evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--out", tmp_path / "ev")
+    assert "--train-votes" in err and not (tmp_path / "ev").exists()
+    missing = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "never predicted", "model_a": "x", "model_b": "y", "winner": "model_a"}])
+    err, _ = evaluate("--checkpoint", ck, "--preds", preds, "--train-votes", train, "--data", missing, "--out", tmp_path / "ev")
+    assert "other.jsonl:1: prompt not in --preds" in err and not (tmp_path / "ev").exists()
+
+# =============================================================================
+# aggregate.py and the aggregation math: textbook BT fit, aggregation identities, CI coverage, CLI
+
+D64 = torch.float64
+
+
+def run_agg(*args, check=True):
+    r = subprocess.run([sys.executable, "aggregate.py", *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def votes_to_pairs(rows, models, loss="bt"):
+    """[(model_a, model_b, outcome, count)] -> cat_pairs tensors, through the project's own grouping."""
+    battles = [{"prompt": ["q"], "model_a": a, "model_b": b, "outcome": y, "p_a": None, "weight": float(n)}
+               for a, b, y, n in rows if n > 0]
+    _, pairs, _ = C.group_by_prompt(battles, {m: i for i, m in enumerate(models)}, loss)
+    return C.cat_pairs(pairs)
+
+# -----------------------------------------------------------------------------
+# known answers
+
+
+# Agresti, Categorical Data Analysis (2nd ed., 2002), §10.6, Table 10.10: the 1987 American League
+# East, 7 teams, 13 games per pair (home wins, away wins). The Bradley-Terry fit ignoring home
+# advantage, with Baltimore as the reference, is Agresti's Table 10.11 (column 3, to 2 decimals);
+# the 4-decimal values are BradleyTerry2's reproduction of it (tests/baseball.Rout.save in
+# github.com/hturner/BradleyTerry2, the data in its data/baseball.csv).
+BASEBALL = [  # home, away, home wins, away wins
+    ("Milwaukee", "Detroit", 4, 3), ("Milwaukee", "Toronto", 4, 2), ("Milwaukee", "New York", 4, 3),
+    ("Milwaukee", "Boston", 6, 1), ("Milwaukee", "Cleveland", 4, 2), ("Milwaukee", "Baltimore", 6, 0),
+    ("Detroit", "Milwaukee", 3, 3), ("Detroit", "Toronto", 4, 2), ("Detroit", "New York", 4, 3),
+    ("Detroit", "Boston", 6, 0), ("Detroit", "Cleveland", 6, 1), ("Detroit", "Baltimore", 4, 3),
+    ("Toronto", "Milwaukee", 2, 5), ("Toronto", "Detroit", 4, 3), ("Toronto", "New York", 2, 4),
+    ("Toronto", "Boston", 4, 3), ("Toronto", "Cleveland", 4, 2), ("Toronto", "Baltimore", 6, 0),
+    ("New York", "Milwaukee", 3, 3), ("New York", "Detroit", 5, 1), ("New York", "Toronto", 2, 5),
+    ("New York", "Boston", 4, 3), ("New York", "Cleveland", 4, 2), ("New York", "Baltimore", 6, 1),
+    ("Boston", "Milwaukee", 5, 1), ("Boston", "Detroit", 2, 5), ("Boston", "Toronto", 3, 3),
+    ("Boston", "New York", 4, 2), ("Boston", "Cleveland", 5, 2), ("Boston", "Baltimore", 6, 0),
+    ("Cleveland", "Milwaukee", 2, 5), ("Cleveland", "Detroit", 3, 3), ("Cleveland", "Toronto", 3, 4),
+    ("Cleveland", "New York", 4, 3), ("Cleveland", "Boston", 4, 2), ("Cleveland", "Baltimore", 2, 4),
+    ("Baltimore", "Milwaukee", 2, 5), ("Baltimore", "Detroit", 1, 5), ("Baltimore", "Toronto", 1, 6),
+    ("Baltimore", "New York", 2, 4), ("Baltimore", "Boston", 1, 6), ("Baltimore", "Cleveland", 3, 4)]
+AGRESTI_BT = {"Milwaukee": 1.5814, "Detroit": 1.4364, "Toronto": 1.2945, "New York": 1.2476, "Boston": 1.1077,
+              "Cleveland": 0.6839, "Baltimore": 0.0}
+
+
+def test_bt_vote_fit_reproduces_agresti_baseball():
+    teams = sorted(AGRESTI_BT)
+    rows = [r for h, a, hw, aw in BASEBALL for r in ((h, a, C.A, hw), (h, a, C.B, aw))]
+    beta, _, info = C.fit_votes(votes_to_pairs(rows, teams), len(teams), "bt")
+    assert info["converged"] and info["grad_norm"].max() <= 1e-8
+    fit = {t: (beta[0, i] - beta[0, teams.index("Baltimore")]).item() for i, t in enumerate(teams)}
+    for t, want in AGRESTI_BT.items():
+        assert fit[t] == pytest.approx(want, abs=6e-5), t
+    assert sorted(round(v, 2) for v in fit.values())[1:] == [0.68, 1.11, 1.25, 1.29, 1.44, 1.58]  # Table 10.11
+    # the MLE's defining equations (Zermelo 1929), checkable by hand: expected wins = actual wins
+    wins = {t: sum(hw for h, _, hw, _ in BASEBALL if h == t) + sum(aw for _, a, _, aw in BASEBALL if a == t) for t in teams}
+    for t in teams:
+        expected = sum((hw + aw) / (1 + math.exp(fit[o] - fit[t])) for h, a, hw, aw in BASEBALL
+                       for me, o in ((h, a), (a, h)) if me == t)
+        assert expected == pytest.approx(wins[t], abs=1e-7)
+
+
+def test_two_model_votes_closed_form_all_heads():
+    # x beats y 3 times, y beats x once, 2 ties: bt drops ties (gap ln 3), bt-tie counts each as half
+    # (gap ln(4/2)); rk's MLE matches the three frequencies exactly: σ(Δ−η) = 1/2, σ(−Δ−η) = 1/6
+    rows = [("x", "y", C.A, 3), ("x", "y", C.B, 1), ("x", "y", C.TIE, 2)]
+    gap = lambda loss: (lambda b: (b[0, 0] - b[0, 1]).item())(C.fit_votes(votes_to_pairs(rows, ["x", "y"], loss), 2, loss)[0])
+    assert gap("bt") == pytest.approx(math.log(3), abs=1e-7)  # |grad| <= 1e-8 on the mean NLL
+    assert gap("bt-tie") == pytest.approx(math.log(2), abs=1e-7)
+    beta, eta, _ = C.fit_votes(votes_to_pairs(rows, ["x", "y"], "rk"), 2, "rk")
+    d, e = (beta[0, 0] - beta[0, 1]).item(), torch.nn.functional.softplus(eta[0]).item()
+    # σ(d − e) = 1/2 -> d = e; σ(−d − e) = 1/6 -> d + e = ln 5
+    assert d == pytest.approx(math.log(5) / 2, abs=1e-7) and e == pytest.approx(math.log(5) / 2, abs=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["bt", "rk", "grk"])
+def test_identical_prompt_leaderboards_aggregate_to_themselves(loss):
+    g = torch.Generator().manual_seed(1)
+    beta = (2 * torch.randn(9, generator=g, dtype=D64)).expand(5, 9)
+    eta = torch.full((5,), 0.4, dtype=D64)
+    bb, ee = C.aggregate(beta, eta, loss)
+    want = beta[0] - beta[0].mean() if loss != "grk" else beta[0]  # bt/rk: up to the gauge Σβ = 0; grk has none
+    assert torch.allclose(bb, want, atol=1e-8)
+    assert ee == (0.0 if loss == "bt" else pytest.approx(0.4, abs=1e-8))
+
+
+def test_bt_aggregation_is_the_bt_fit_to_the_mean_pairwise_matrix():
+    g = torch.Generator().manual_seed(2)
+    N, M = 40, 7
+    beta = 1.5 * torch.randn(M, generator=g) + 2 * torch.randn(N, M, generator=g)
+    bb, _ = C.aggregate(beta, None, "bt")
+    # an independent algorithm: Hunter's (2004) MM iteration for BT on W̄_ij = mean_z σ(β_i(z) − β_j(z))
+    W = torch.sigmoid(beta[:, :, None] - beta[:, None, :]).double().mean(0)
+    W.fill_diagonal_(0)
+    pi = torch.ones(M, dtype=D64)
+    for _ in range(20000):
+        new = W.sum(1) / ((1 - torch.eye(M, dtype=D64)) / (pi[:, None] + pi[None, :])).sum(1)
+        new = new / new.prod() ** (1 / M)
+        if (new - pi).abs().max() < 1e-15:
+            break
+        pi = new
+    assert torch.allclose(bb, pi.log() - pi.log().mean(), atol=1e-7)
+    mean_coef = beta.double().mean(0) - beta.double().mean()
+    assert (bb - mean_coef).abs().max() > 0.05  # and it is not the mean of the coefficients
+
+
+@pytest.mark.parametrize("head", ["rk", "grk"])
+def test_tie_aware_aggregation_matches_a_generic_optimizer(head):
+    g = torch.Generator().manual_seed(3)
+    N, M = 30, 5
+    beta, eta = torch.randn(N, M, generator=g, dtype=D64) + torch.arange(M, dtype=D64) / 2, 0.5 * torch.randn(N, generator=g, dtype=D64)
+    bb, ee = C.aggregate(beta, eta, head)
+    a, b = C.all_pairs(M)
+    mean = C.mean_pair_probs(beta, eta, head)[0]
+
+    def objective(v):  # Σ_z Σ_{i<j} CE(P_z, P_v) / N, straight from the definition, per prompt
+        v = torch.tensor(v, dtype=D64, requires_grad=True)
+        q = C.outcome_logprobs(v[a], v[b], v[M].expand(len(a)), head)
+        pz = C.outcome_logprobs(beta[:, a], beta[:, b], eta[:, None].expand(N, len(a)), head).exp()
+        f = -(pz * torch.where(pz > 0, q, 0)).sum() / N + (0.5 * v[:M].sum() ** 2 if head == "rk" else 0)
+        f.backward()
+        return f.item(), v.grad.numpy()
+    res = minimize(objective, [0.0] * (M + 1), jac=True, method="BFGS", options={"gtol": 1e-10, "maxiter": 10000})
+    assert torch.allclose(bb, torch.tensor(res.x[:M]), atol=1e-5) and ee == pytest.approx(res.x[M], abs=1e-5)
+    assert mean.sum(-1).sub(1).abs().max() < 1e-12  # the averaged outcome probabilities still sum to 1
+
+
+def test_bt_fast_path_equals_outcome_logprobs():
+    g = torch.Generator().manual_seed(4)
+    beta = 3 * torch.randn(50, 8, generator=g, dtype=D64)
+    a, b = C.all_pairs(8)
+    direct = C.outcome_logprobs(beta[:, a], beta[:, b], None, "bt").exp()[..., :2].mean(0)
+    assert torch.allclose(C.mean_pair_probs(beta, None, "bt")[0], direct, atol=1e-14)
+
+
+def test_many_problems_at_once_equal_one_at_a_time():
+    g = torch.Generator().manual_seed(5)
+    beta, eta = torch.randn(20, 6, generator=g), 0.3 * torch.randn(20, generator=g)
+    W = torch.rand(4, 20, generator=g, dtype=D64)
+    bb, ee = AG.solve_many(beta, eta, "grk", W)
+    for k in range(4):
+        one, e1 = C.aggregate(beta, eta, "grk", weights=W[k])
+        assert torch.allclose(bb[k], one, atol=1e-7) and ee[k].item() == pytest.approx(e1, abs=1e-7)
+
+# -----------------------------------------------------------------------------
+# CIs on synthetic data with known truth
+
+
+def test_vote_bootstrap_cis_cover_the_true_leaderboard():
+    g = torch.Generator().manual_seed(6)
+    models = list("abcde")
+    truth = torch.tensor([1.0, 0.5, 0.0, -0.3, -1.2], dtype=D64)
+    truth -= truth.mean()
+    hits, total = 0, 0
+    for _ in range(60):
+        i, j = torch.randint(5, (2, 600), generator=g)
+        keep = i != j
+        i, j = i[keep], j[keep]
+        y = (torch.rand(len(i), generator=g, dtype=D64) > torch.sigmoid(truth[i] - truth[j])).long()
+        pairs = votes_to_pairs([(models[p], models[q], yy, 1) for p, q, yy in zip(i.tolist(), j.tolist(), y.tolist())], models)
+        V = len(pairs["a"])
+        beta, _, _ = C.fit_votes(pairs, 5, "bt", weights=AG.bootstrap_weights(V, 200, g))
+        lo, hi = AG.ci(beta[1:])
+        hits += sum(lo[k] <= truth[k] <= hi[k] for k in range(5))
+        total += 5
+    assert 0.88 <= hits / total <= 0.995, hits / total  # nominal 0.95
+
+
+def test_prompt_bootstrap_cis_cover_the_population_aggregate():
+    # a population of prompts whose aggregate is computed exactly; samples of 60 prompts from it
+    g = torch.Generator().manual_seed(7)
+    population = torch.tensor([1.0, 0.4, 0.0, -0.5], dtype=D64) + 1.5 * torch.randn(4000, 4, generator=g, dtype=D64)
+    truth, _ = C.aggregate(population, None, "bt")
+    hits, total = 0, 0
+    for _ in range(50):
+        sample = population[torch.randint(4000, (60,), generator=g)]
+        bb, _ = AG.solve_many(sample, None, "bt", AG.bootstrap_weights(60, 200, g))
+        lo, hi = AG.ci(bb[1:])
+        hits += sum(lo[k] <= truth[k] <= hi[k] for k in range(4))
+        total += 4
+    assert 0.88 <= hits / total <= 0.995, hits / total
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture(scope="module")
+def synthetic_preds(tmp_path_factory):
+    """80 prompts in two categories, 6 models; 'coder' is +1.5 on code prompts and -1 on chat ones,
+    everything else shares one leaderboard plus large per-prompt noise. Held-out votes on the same
+    prompts are soft labels from the shared leaderboard, so their fit (the ground truth) is it."""
+    d = tmp_path_factory.mktemp("preds")
+    g = torch.Generator().manual_seed(8)
+    models = ["alpha", "beta", "coder", "delta", "eps", "zeta"]
+    base = torch.tensor([2.0, 1.2, 0.6, 0.0, -0.8, -1.6])
+    cats = ["code"] * 40 + ["chat"] * 40
+    beta = base + 2.5 * torch.randn(80, 6, generator=g)
+    beta[:40, 2] += 1.5
+    beta[40:, 2] -= 1.0
+    rows = [{"prompt": [f"{c} question {i}"], "category": c, "id": i} for i, c in enumerate(cats)]
+    C.save_predictions(d, beta, None, models, rows)
+    votes = [{"prompt": r["prompt"], "model_a": models[p], "model_b": models[q], "winner": "model_a",
+              "p_a": round(torch.sigmoid(base[p] - base[q]).item(), 6), "category": r["category"]}
+             for r in rows for p in range(6) for q in range(p + 1, 6)]
+    return d, write_jsonl(d / "votes.jsonl", votes)
+
+
+def test_preds_end_to_end_groups_strengths_curve(synthetic_preds, tmp_path):
+    preds, votes = synthetic_preds
+    args = ["--preds", preds, "--by", "category", "--bootstrap", "50", "--truth", votes, "--curve-reps", "4"]
+    r = run_agg(*args, "--out", tmp_path / "a")
+    assert "rank  model" in r.stdout and "per category" in r.stdout and "aggregation-scale curve" in r.stdout
+    board = json.loads((tmp_path / "a" / "leaderboard.json").read_text())
+    assert [row["rank"] for row in board["leaderboard"]] == list(range(1, 7)) and board["leaderboard"][0]["model"] == "alpha"
+    assert all(row["rating_lo"] <= row["rating"] <= row["rating_hi"] and row["n"] == 80 for row in board["leaderboard"])
+    header = (tmp_path / "a" / "leaderboard.csv").read_text().splitlines()[0]
+    assert header.startswith("rank,model,coefficient,rating")
+    grouped = json.loads((tmp_path / "a" / "leaderboard_by_category.json").read_text())["leaderboard"]
+    assert {row["group"] for row in grouped} == {"chat", "code"}
+    coder = json.loads((tmp_path / "a" / "strengths.json").read_text())["models"]["coder"]
+    assert coder["strengths"][0]["group"] == "code" and coder["strengths"][0]["clear"]
+    assert coder["weaknesses"][0]["group"] == "chat"
+    assert all(p["prompt"][0].startswith("code") for p in coder["strengths"][0]["best_prompts"])
+    assert "coder" in (tmp_path / "a" / "strengths.md").read_text()
+    curve = json.loads((tmp_path / "a" / "scale_curve.json").read_text())["groups"]["all"]
+    assert curve["n"] == list(range(1, 81)) and curve["spearman"][-1] > curve["spearman"][0] + 0.1
+    assert (tmp_path / "a" / "scale_curve.png").read_bytes()[:4] == b"\x89PNG"
+    run_agg(*args, "--out", tmp_path / "b")  # seeded: a rerun writes the same numbers
+    for f in ("leaderboard.json", "leaderboard_by_category.csv", "scale_curve.json", "strengths.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_checkpoint_prompt_prints_the_marginal_leaderboard_at_step_0(tiny_qwen, small_data, tmp_path):
+    # a head at step 0 predicts the marginal leaderboard for every prompt: its board is marginal.json's
+    run_train(tiny_qwen, small_data, tmp_path / "ck", "--epochs", "0", "--loss", "grk")
+    r = run_agg("--checkpoint", tmp_path / "ck", "--prompt", "Write a haiku about rust", "--out", tmp_path / "o")
+    assert 'P2L leaderboard for "Write a haiku about rust"' in r.stdout and "P(beats #1)" in r.stdout
+    marginal = json.loads((tmp_path / "ck" / "marginal.json").read_text())
+    rows = json.loads((tmp_path / "o" / "leaderboard.json").read_text())["leaderboard"]
+    want = dict(zip(marginal["model_list"], marginal["beta"]))
+    assert len(rows) == len(want)
+    assert all(row["coefficient"] == pytest.approx(want[row["model"]], abs=1e-5) for row in rows)
+
+
+def test_votes_against_official_boards(tmp_path):
+    r = run_agg("--votes", ROOT / "data/arena_catalog/train.jsonl.gz", ROOT / "data/arena_catalog/val.jsonl.gz",
+                "--by", "category", "--bootstrap", "0", "--official", ROOT / "data/arena_catalog/leaderboards.csv",
+                "--out", tmp_path)
+    checks = {c["votes"]: c for c in json.loads((tmp_path / "official_check.json").read_text())["checks"]}
+    assert checks["all"]["board"] == "english" and checks["all"]["models"] == 48 and checks["all"]["spearman"] > 0.9
+    assert checks["Tech Programming"]["board"] == "coding" and checks["Tech Programming"]["spearman"] > 0.7
+    assert "Spearman" in r.stdout
+
+
+def test_bench_prints_the_ratio(tmp_path):
+    r = run_agg("--bench", "--bench-n", "300", "--bench-m", "12", "--out", tmp_path)
+    assert "ratio L-BFGS / Newton" in r.stdout
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert b["newton_s"] > 0 and b["lbfgs_s"] > 0 and b["N"] == 300
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error naming file:line or the flag, non-zero exit, nothing written
+
+
+def test_bad_vote_file_names_file_and_line(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "model_a": "x", "model_b": "y", "winner": "model_a"},
+                                               {"prompt": "hi", "model_a": "x", "model_b": "y", "winner": "draw"}])
+    r = run_agg("--votes", bad, "--out", tmp_path / "out", check=False)
+    assert r.returncode != 0 and "bad.jsonl:2: unknown winner 'draw'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def agg_error(*args):
+    """Run aggregate.main in-process (fast); return what it exits with: the message, or argparse's 2."""
+    with pytest.raises(SystemExit) as e:
+        AG.main([str(a) for a in args])
+    return e.value.code
+
+
+def test_bad_predictions_name_file_and_line(synthetic_preds, tmp_path, capsys):
+    preds, _ = synthetic_preds
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "predictions.safetensors").write_bytes((preds / "predictions.safetensors").read_bytes())
+    lines = (preds / "predictions.jsonl").read_text().splitlines()
+    (d / "predictions.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]) + "\n")
+    assert "predictions.jsonl:3: malformed JSON" in agg_error("--preds", d, "--out", tmp_path / "out")
+    assert "predictions.jsonl:1: no 'topic' field" in agg_error("--preds", preds, "--by", "topic", "--out", tmp_path / "out")
+    assert "no predictions.safetensors" in agg_error("--preds", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert agg_error("--preds", preds) == 2 and "--out is required" in capsys.readouterr().err
+    C.save_predictions(tmp_path / "rk", torch.zeros(3, 2), torch.zeros(3), ["x", "y"], [{"prompt": ["q"]}] * 3)
+    assert "say which with --loss" in agg_error("--preds", tmp_path / "rk", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_official_csv_names_file_and_line(tmp_path):
+    votes = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "hi", "model_a": "x", "model_b": "y", "winner": w}
+                                               for w in ("model_a", "model_b", "tie")])
+    csv = tmp_path / "boards.csv"
+    csv.write_text("model_name,rating,rating_q025,rating_q975,num_battles,category,style_control\n"
+                   "x,1200,1190,1210,10,english,False\ny,abc,1,1,10,english,False\n")
+    r = run_agg("--votes", votes, "--official", csv, "--out", tmp_path / "out", check=False)
+    assert r.returncode != 0 and "boards.csv:3: bad leaderboard row" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_votes_without_the_group_field_name_file_and_line(tmp_path):
+    good = {"prompt": "hi", "model_a": "x", "model_b": "y", "winner": "model_a"}
+    votes = write_jsonl(tmp_path / "v.jsonl", [dict(good, category="c"), good])
+    assert "v.jsonl:2: no 'category' field" in agg_error("--votes", votes, "--by", "category", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+# =============================================================================
+# route.py and the routing math: hull vs LP, budgets, theta*, sweep scoring, CLI
+
+# -----------------------------------------------------------------------------
+# the exact two-constraint solution
+
+
+def solve(s, c, budget):
+    s, c = np.asarray(s, float), np.asarray(c, float)
+    i, j, w = C.hull_route(s, c, budget, np.argsort(c, kind="stable").tolist())
+    return i, j, w, w * s[i] + (1 - w) * s[j], w * c[i] + (1 - w) * c[j]
+
+
+def test_hull_known_answers():
+    # (2, 0.3) lies below the chord from (1, 0.2) to (4, 0.9): at cost 3 mix 1/3 of the first with 2/3 of the last
+    i, j, w, val, cost = solve([0.2, 0.3, 0.9], [1, 2, 4], 3.0)
+    assert (i, j) == (0, 2) and w == pytest.approx(1 / 3) and val == pytest.approx(0.2 / 3 + 0.6) and cost == pytest.approx(3.0)
+    # slack budget: the best point, and the cheapest of equally good ones
+    assert solve([0.2, 0.9, 0.9], [1, 5, 4], 100.0)[:3] == (2, 2, 1.0)
+    # a budget exactly at a vertex: that model alone
+    i, j, w, val, _ = solve([0.2, 0.5, 0.9], [1, 2, 4], 2.0)
+    assert w * (i == 1) + (1 - w) * (j == 1) == pytest.approx(1.0) and val == pytest.approx(0.5)
+    # negative scores (simple router's β): the optimum −1.5 is negative, which the reference read as "infeasible"
+    assert solve([-3.0, -2.0, -1.0], [1, 2, 3], 2.5)[3] == pytest.approx(-1.5)
+    # a dearer, worse model never enters; equal costs keep the better model
+    i, j, w, val, _ = solve([0.1, 0.5, 0.4, 0.3], [1, 3, 5, 1], 2.0)
+    assert {i, j} == {3, 1} and val == pytest.approx(0.4)
+
+
+def test_hull_equals_highs_lp_on_random_instances():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        M = [1, 2, 3, 7, 30, 130][trial % 6]
+        s = rng.normal(0, 2, M) if trial % 2 else expit(rng.normal(0, 2, M))  # β-like (negative) and Wq-like scores
+        c = rng.integers(1, 6, M).astype(float) if trial % 3 == 0 else np.exp(rng.uniform(0, 4, M))  # cost ties too
+        if trial % 5 == 0:
+            s = np.round(s, 1)  # score ties
+        budget = float(rng.uniform(c.min(), c.max() * 1.2)) if trial % 7 else float(c.min())
+        i, j, w, val, cost = solve(s, c, budget)
+        res = linprog(-s, A_ub=c[None], b_ub=[budget], A_eq=np.ones((1, M)), b_eq=[1.0], bounds=(0, None), method="highs")
+        assert res.status == 0
+        assert val == pytest.approx(-res.fun, abs=1e-9), (trial, M, budget)
+        assert 0 <= w <= 1 and cost <= budget + 1e-12
+
+
+def random_preds(N=20, M=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, M, generator=g, dtype=torch.float64).numpy() * 1.5
+
+
+@pytest.mark.parametrize("router", route.ROUTERS)
+def test_budget_is_respected(router):
+    beta = random_preds()
+    c = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0])
+    Wq = C.win_rates(beta, np.full(6, 1 / 6))
+    for budget in (1.0, 1.7, 4.0, 9.5, 13.0):
+        I, J, W = C.route_all(router, beta, Wq, c, budget)
+        assert (W * c[I] + (1 - W) * c[J] <= budget + 1e-12).all()
+        assert ((W >= 0) & (W <= 1)).all()
+
+
+def test_unconstrained_routing_picks_argmax_wq():
+    beta = random_preds()
+    c = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0])
+    q = np.array([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    Wq = C.win_rates(beta, q)
+    # Wq by its definition, one prompt at a time
+    W0 = expit(beta[0][:, None] - beta[0][None, :])
+    assert np.allclose(Wq[0], W0 @ q, atol=1e-15)
+    for budget in (math.inf, c.max()):
+        for router in ("optimal", "strict"):
+            I, J, W = C.route_all(router, beta, Wq, c, budget)
+            assert (I == Wq.argmax(1)).all() and (J == I).all() and (W == 1).all()
+
+
+def test_theta_round_trips():
+    rng = np.random.default_rng(1)
+    beta = rng.normal(0, 2, 9)
+    q = rng.dirichlet(np.ones(9))
+    g = lambda t: q @ expit(t - beta)
+    for _ in range(20):  # any mixture of two models: Σ q σ(θ* − β) gives back its win rate R
+        i, j = rng.choice(9, 2, replace=False)
+        w = rng.random()
+        R = w * g(beta[i]) + (1 - w) * g(beta[j])
+        theta = C.solve_theta(beta, q, R)
+        assert g(theta) == pytest.approx(R, abs=1e-12)
+        assert min(beta[i], beta[j]) - 1e-9 <= theta <= max(beta[i], beta[j]) + 1e-9
+    assert C.solve_theta(beta, q, g(beta[3])) == pytest.approx(beta[3], abs=1e-10)
+    # a router better than every model on average: the root lies beyond max β and is still found
+    theta = C.solve_theta(beta, q, 0.5 * (1 + g(beta.max())))
+    assert theta > beta.max() and g(theta) == pytest.approx(0.5 * (1 + g(beta.max())), abs=1e-12)
+
+
+def test_averaged_leaderboard_and_router_theta_on_it():
+    rng = np.random.default_rng(2)
+    base = rng.normal(0, 1, 5)
+    shifted = base[None, :] + rng.normal(0, 3, (7, 1))  # per-prompt shifts change no probability
+    averaged = lambda b: C.aggregate(torch.from_numpy(b), None, "bt")[0].numpy()  # what route.py calls
+    assert np.allclose(averaged(shifted), base - base.mean(), atol=1e-9)
+    beta = rng.normal(0, 1.5, (40, 5))
+    bbar = averaged(beta)
+    # uniform q: a router that always picks model m has exactly m's averaged coefficient
+    q = np.full(5, 0.2)
+    Wq = C.win_rates(beta, q)
+    for m in range(5):
+        assert C.solve_theta(bbar, q, Wq[:, m].mean()) == pytest.approx(bbar[m], abs=1e-8)
+
+# -----------------------------------------------------------------------------
+# realised win rates (--sweep)
+
+
+def vote(prompt, a, b, winner="model_a", p_a=None, weight=1.0):
+    return {"prompt": [prompt], "model_a": a, "model_b": b, "outcome": C.WINNERS[winner], "p_a": p_a, "weight": weight}
+
+
+def test_realised_scores_definition():
+    idx = {m: i for i, m in enumerate(["h", "m1", "m2", "m3"])}
+    rows = {C.prompt_key([p]): z for z, p in enumerate(["star", "one", "none", "mixed"])}
+    battles = [vote("star", "m1", "h", p_a=0.8), vote("star", "m2", "h", p_a=0.3), vote("star", "m2", "h", p_a=0.5, weight=3),
+               vote("one", "m1", "m2", winner="model_b"),
+               vote("none", "m1", "m2", winner="tie"), vote("none", "m3", "h", winner="tie (bothbad)"),
+               vote("mixed", "h", "m1", winner="tie"), vote("mixed", "m2", "h", winner="model_b"),
+               vote("mixed", "m3", "m1")]
+    r, skipped = route.realised_scores(battles, rows, idx)
+    nan = math.nan
+    expect = [[0.5, 0.8, (0.3 + 1.5) / 4, nan],        # AlpacaEval-like: vs the hub h, h itself ½, m3 has no vote
+              [nan, (0.5 + 0.0) / 2, (0.5 + 1.0) / 2, nan],  # one vote: both sides are the opponents
+              [nan, nan, nan, nan],                     # the two votes share no model: nobody is scored
+              [nan, nan, nan, nan]]                     # no model is in all three votes: nobody is scored
+    assert skipped == 0
+    np.testing.assert_allclose(r, np.array(expect), atol=1e-12)
+    score, cov = route.score_policy(r, np.array([0.0, 0.5, 0.5, 0.0]))
+    assert score == pytest.approx((0.5 * 0.8 + 0.5 * 0.45 + 0.5 * 0.25 + 0.5 * 0.75) / 2) and cov == pytest.approx(0.5)
+
+
+def test_realised_common_opponent_with_self_half():
+    idx = {m: i for i, m in enumerate(["a", "b", "c"])}
+    rows = {C.prompt_key(["p"]): 0}
+    battles = [vote("p", "a", "b", p_a=0.9), vote("p", "c", "a", p_a=0.2)]  # a is in every vote
+    r, _ = route.realised_scores(battles, rows, idx)
+    np.testing.assert_allclose(r[0], [0.5, 0.1, 0.2], atol=1e-12)
+
+# -----------------------------------------------------------------------------
+# the command line
+
+MODELS = ["cheap", "mid", "pricey", "zbase"]
+COSTS = {"_about": "test costs", "cheap": 1.0, "mid": 3.0, "pricey": 10.0, "zbase": 6.0}
+
+
+@pytest.fixture()
+def preds(tmp_path):
+    """Predictions for 6 prompts and an AlpacaEval-like battle file (every model vs zbase)."""
+    beta = torch.tensor(random_preds(6, 4, seed=3), dtype=torch.float32)
+    prompts = [f"prompt number {i}" for i in range(6)]
+    C.save_predictions(tmp_path / "preds", beta, None, MODELS, [{"prompt": [p]} for p in prompts])
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": p, "model_a": m, "model_b": "zbase", "winner": "model_a", "p_a": float(np.round(rng.random(), 3))}
+            for p in prompts for m in MODELS[:3]]
+    write_jsonl(tmp_path / "votes.jsonl", rows)
+    (tmp_path / "costs.json").write_text(json.dumps(COSTS))
+    return tmp_path
+
+
+def run_route(*args, ok=True):
+    """route.py's main in this process (no interpreter and torch start-up per call); a failure is
+    the SystemExit with the message the command line prints."""
+    if ok:
+        route.main([str(a) for a in args])
+        return None
+    with pytest.raises(SystemExit) as e:
+        route.main([str(a) for a in args])
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+def test_cli_routes_and_is_reproducible(preds, capsys):
+    d = preds
+    common = ["--preds", d / "preds", "--prompts", d / "votes.jsonl", "--costs", d / "costs.json", "--budget", 4]
+    run_route(*common, "--out", d / "a")
+    run_route(*common, "--out", d / "b")
+    assert (d / "a/routes.jsonl").read_text() == (d / "b/routes.jsonl").read_text()  # seeded sampling
+    routes = [json.loads(line) for line in (d / "a/routes.jsonl").read_text().splitlines()]
+    assert len(routes) == 6 and "optimal router" in capsys.readouterr().out
+    beta = random_preds(6, 4, seed=3).astype(np.float32).astype(np.float64)
+    Wq = C.win_rates(beta, np.full(4, 0.25))
+    for z, row in enumerate(routes):
+        assert abs(sum(row["pi"].values()) - 1) < 1e-6 and row["model"] in row["pi"]
+        assert row["expected_cost"] <= 4 + 1e-9
+        assert row["win_rate"] == pytest.approx(sum(p * Wq[z, MODELS.index(m)] for m, p in row["pi"].items()), abs=1e-5)
+        assert row["rating"] == pytest.approx(C.rating(row["theta"]))
+    m = json.loads((d / "a/metrics.json").read_text())
+    assert set(m) >= {"expected_cost", "win_rate", "theta", "rating", "budget"} and m["expected_cost"] <= 4 + 1e-9
+    run_route(*common, "--deterministic", "--router", "simple", "--out", d / "c")
+    for row in map(json.loads, (d / "c/routes.jsonl").read_text().splitlines()):
+        assert row["pi"][row["model"]] == max(row["pi"].values())
+
+
+@pytest.mark.parametrize("extra,costs,msg", [
+    (["--budget", "0.5"], COSTS, "budget 0.5 is infeasible: the cheapest model, cheap, costs 1 per query"),
+    (["--budget", "5"], {"cheap": 1.0, "mid": 3.0}, "no cost for 2 of the 4 models: pricey, zbase"),
+    (["--budget", "5"], dict(COSTS, mid=-1), "cost of 'mid' must be a finite number >= 0"),
+    (["--budget", "5", "--sweep-budgets", "2,0.1"], COSTS, "budget 0.1 is infeasible"),
+])
+def test_cli_errors_name_the_cause_and_write_nothing(preds, extra, costs, msg):
+    (preds / "bad_costs.json").write_text(json.dumps(costs))
+    err = run_route("--preds", preds / "preds", "--prompts", preds / "votes.jsonl", "--costs", preds / "bad_costs.json",
+                    *extra, "--out", preds / "out", ok=False)
+    assert msg in err
+    assert not (preds / "out").exists()
+
+
+def test_command_line_exit_status(preds):
+    """The real command: non-zero exit, the message on stderr, no output dir."""
+    r = subprocess.run([sys.executable, "route.py", "--preds", preds / "preds", "--prompts", preds / "votes.jsonl",
+                        "--costs", preds / "costs.json", "--budget", "0.5", "--out", preds / "out"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "the cheapest model, cheap, costs 1 per query" in r.stderr
+    assert not (preds / "out").exists()
+
+
+def test_cli_bad_prompt_line_and_unknown_opponent(preds):
+    write_jsonl(preds / "bad.jsonl", [{"prompt": "prompt number 0"}, {"text": "no prompt"}])
+    err = run_route("--preds", preds / "preds", "--prompts", preds / "bad.jsonl", "--costs", preds / "costs.json",
+                    "--budget", 5, "--out", preds / "out", ok=False)
+    assert "bad.jsonl:2: missing or empty 'prompt'" in err
+    (preds / "q.json").write_text(json.dumps({"cheap": 1, "gpt-9": 2}))
+    err = run_route("--preds", preds / "preds", "--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json",
+                    "--budget", 5, "--opponents", preds / "q.json", "--out", preds / "out", ok=False)
+    assert "opponents the predictions do not cover: gpt-9" in err and not (preds / "out").exists()
+
+
+def test_cli_sweep_realised_matches_labels(preds):
+    d = preds
+    run_route("--preds", d / "preds", "--prompts", d / "votes.jsonl", "--costs", d / "costs.json", "--sweep",
+              "--sweep-budgets", "2,10", "--out", d / "s")
+    assert (d / "s/sweep.png").read_bytes()[:4] == b"\x89PNG"
+    import csv
+    rows = list(csv.DictReader(open(d / "s/sweep.csv")))
+    votes = [json.loads(line) for line in (d / "votes.jsonl").read_text().splitlines()]
+    single = {r["name"]: float(r["realised_win_rate"]) for r in rows if r["kind"] == "model"}
+    for m in MODELS[:3]:  # every prompt has m vs zbase: the realised win rate is the mean label
+        assert single[m] == pytest.approx(np.mean([v["p_a"] for v in votes if v["model_a"] == m]), abs=1e-6)
+    assert single["zbase"] == pytest.approx(0.5)
+    s = json.loads((d / "s/sweep.json").read_text())["budgets"]
+    assert [b["budget"] for b in s] == [2, 10] and s[1]["best_single_model"] == max(single, key=single.get)
+    assert all(b["router_expected_cost"] <= b["budget"] + 1e-9 and b["router_coverage"] == 1 for b in s)
+
+
+def test_cli_checkpoint_then_preds_agree(tiny_qwen, preds):
+    """--checkpoint runs the model (tiny random Qwen2, random head) and saves its predictions;
+    --preds on them routes identically."""
+    tok, backbone = C.load_backbone(tiny_qwen)
+    C.add_cls_token(tok, backbone)
+    model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.head.head.weight, std=0.5)
+    C.save_checkpoint(preds / "ck", model.state_dict(), model, tok)
+    args = ["--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json", "--budget", 4, "--sweep"]
+    run_route("--checkpoint", preds / "ck", *args, "--out", preds / "r1")
+    run_route("--preds", preds / "r1", *args, "--out", preds / "r2")
+    for f in ("routes.jsonl", "sweep.csv"):
+        assert (preds / "r1" / f).read_text() == (preds / "r2" / f).read_text()
+    m1, m2 = (json.loads((preds / r / "metrics.json").read_text()) for r in ("r1", "r2"))
+    assert {**m1, "source": None} == {**m2, "source": None}
+    assert len(set(json.loads(line)["model"] for line in (preds / "r1/routes.jsonl").read_text().splitlines())) > 1
+
+
+def test_cli_bench_prints_ratio(tmp_path, capsys):
+    run_route("--bench", "--out", tmp_path)
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert "hull / LP" in capsys.readouterr().out and b["ratio"] > 1 and b["max_abs_objective_gap"] < 1e-9
+
+# =============================================================================
+# livebench_eval.py: LiveBench aggregation, oracle bounds, date filter, restricted routing, CV
+
+def q(qid, task, category, release="2024-06-24", removal="", text=None):
+    return {"question_id": qid, "category": category, "task": task, "turns": [text or f"question {qid} about {task}"],
+            "livebench_release_date": release, "livebench_removal_date": removal}
+
+# -----------------------------------------------------------------------------
+# LiveBench's aggregation and date rule
+
+
+def test_livebench_aggregation_known_answer():
+    qs = [q("1", "t1", "A"), q("2", "t1", "A"), q("3", "t2", "A"), q("4", "t3", "B"), q("5", "t3", "B"), q("6", "t3", "B")]
+    r = L.livebench_score([1, 0, 1, 1, 1, 0], qs)
+    # task means t1 50, t2 100, t3 66.67; category A = mean of ITS TASK MEANS = 75 (not the question mean 66.67);
+    # overall = mean of the categories = (75 + 66.67) / 2, not the mean of the three tasks (72.2)
+    assert r["tasks"] == pytest.approx({"t1": 50, "t2": 100, "t3": 200 / 3})
+    assert r["A"] == pytest.approx(75) and r["B"] == pytest.approx(200 / 3)
+    assert r["overall"] == pytest.approx((75 + 200 / 3) / 2)
+
+
+def test_release_filter_is_livebench_rule():
+    rel = "2024-11-25"
+    keep = {"release": "2024-06-24", "removal": ""}
+    assert L.in_release(keep, rel)
+    assert L.in_release({"release": "2024-11-25", "removal": ""}, rel)            # released on the day: in
+    assert not L.in_release({"release": "2024-06-24", "removal": "2024-11-25"}, rel)  # removed on the day: out
+    assert L.in_release({"release": "2024-06-24", "removal": "2025-04-02"}, rel)  # removed later: in
+    assert not L.in_release({"release": "2025-04-02", "removal": ""}, rel)        # released later: out
+
+
+def test_bundled_data_counts():
+    """The committed copy: 1,118 questions, 732 of them in release 2024-11-25 (the table's), 65 models."""
+    qs = L.read_questions(ROOT / "data/livebench/questions.jsonl.gz")
+    assert len(qs) == 1118 and len({x["task"] for x in qs}) == 13
+    active = [x for x in qs if L.in_release(x, "2024-11-25")]
+    assert len(active) == 732 and max(x["release"] for x in qs) == "2024-11-25"
+    models, S, kind, _ = L.read_scores(ROOT / "data/livebench/table_2024_11_25.csv", active)
+    assert len(models) == 65 and kind == "task_table" and not np.isnan(S).any()
+    # a model's credit on a question is its task mean from the table
+    z = next(i for i, x in enumerate(active) if x["task"] == "zebra_puzzle")
+    assert S[z, models.index("o1-2024-12-17-high")] == pytest.approx(0.8875)
+
+# -----------------------------------------------------------------------------
+# the command line on synthetic data: --preds with chosen coefficients, a table or judgments
+
+LB_MODELS = ["cheap", "mid", "star", "nolb"]  # P2L's models; "nolb" has no LiveBench counterpart
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    qs = ([q(f"a{i}", "t1", "math") for i in range(4)] + [q(f"b{i}", "t2", "math") for i in range(3)]
+          + [q(f"c{i}", "t3", "reasoning") for i in range(3)]
+          + [q("late", "t3", "reasoning", release="2025-01-01"), q("gone", "t1", "math", removal="2024-11-25")])
+    write_jsonl(tmp_path / "q.jsonl", qs)
+    # task table: star is best on t1 and t3 but has NO score on t2; "extra" is a LiveBench model P2L does not know
+    rows = [["model", "t1", "t2", "t3", "other"], ["cheap", "20", "60", "10", "1"], ["mid", "50", "40", "30", "1"],
+            ["star", "90", "", "70", "1"], ["extra", "99", "99", "99", "1"]]
+    with open(tmp_path / "table.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    # P2L's coefficients: star, then nolb, look best everywhere; the first t3 question prefers cheap
+    active = [x for x in qs if x["question_id"] not in ("gone",)]
+    beta = torch.tensor([[0.0, 1.0, 3.0, 5.0]] * len(active))
+    beta[7] = torch.tensor([4.0, 1.0, 0.0, 5.0])
+    C.save_predictions(tmp_path / "preds", beta, None, LB_MODELS, [{"question_id": x["question_id"]} for x in active])
+    (tmp_path / "costs.json").write_text(json.dumps({"_about": "test", "cheap": 1, "mid": 2, "star": 10, "extra": 1}))
+    return tmp_path
+
+
+def run_eval(*args, ok=True):
+    if ok:
+        L.main([str(a) for a in args])
+        return None
+    with pytest.raises(SystemExit) as e:
+        L.main([str(a) for a in args])
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+def test_routes_only_models_with_scores_and_filters_dates(setup, capsys):
+    d = setup
+    run_eval("--preds", d / "preds", "--questions", d / "q.jsonl", "--scores", d / "table.csv", "--release", "2024-11-25", "--out", d / "o")
+    m = json.loads((d / "o/metrics.json").read_text())
+    assert m["questions"] == {"read": 12, "in_release": 10, "routed": 10, "dropped_no_score": 0}  # "late" and "gone" are out
+    assert m["pool"] == ["cheap", "mid", "star"]  # nolb has no LiveBench scores, extra is not a P2L model
+    assert m["name_map"]["p2l_without_livebench_scores"] == ["nolb"] and m["name_map"]["livebench_not_in_p2l"] == ["extra"]
+    routes = [json.loads(line) for line in (d / "o/routes.jsonl").read_text().splitlines()]
+    assert {r["question_id"] for r in routes} == {f"a{i}" for i in range(4)} | {f"b{i}" for i in range(3)} | {f"c{i}" for i in range(3)}
+    for r in routes:
+        assert "nolb" not in r["pi"] and "extra" not in r["pi"]
+        if r["task"] == "t2":  # star has no score there: never routed there, although P2L likes it best
+            assert r["pi"] == {"mid": 1.0}
+        elif r["question_id"] != "c0":
+            assert r["pi"] == {"star": 1.0}
+    assert next(r for r in routes if r["question_id"] == "c0")["pi"] == {"cheap": 1.0}
+    assert set(m["models"]) == {"cheap", "mid"}  # star lacks t2: not a complete single model (LiveBench drops it)
+    # router: t1 star 90, t2 mid 40 -> math 65; t3: cheap 10, star 70, star 70 -> 50; overall 57.5
+    assert m["router"]["math"] == pytest.approx(65) and m["router"]["reasoning"] == pytest.approx(50)
+    assert m["router"]["overall"] == pytest.approx(57.5)
+    # oracle: star 90, cheap 60 on t2, star 70 -> (75 + 70) / 2; best single: mid (45 + 30) / 2 = 37.5 vs cheap (40 + 10) / 2
+    assert m["oracle"]["overall"] == pytest.approx(72.5) and m["best_single"]["model"] == "mid"
+    assert (m["best_single"]["overall"], m["best_single"]["math"], m["best_single"]["reasoning"]) == pytest.approx((37.5, 45, 30))
+    assert m["oracle"]["overall"] >= m["router"]["overall"] and m["oracle"]["overall"] >= m["best_single"]["overall"]
+    # random: uniform over the models scored on each question
+    assert m["random"]["math"] == pytest.approx(((20 + 50 + 90) / 3 + (60 + 40) / 2) / 2)
+    out = capsys.readouterr().out
+    assert "credited with its TASK MEAN" in out and "3 exact name matches" in out and "P2L router" in out
+    assert (d / "o/livebench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_oracle_bounds_router(setup):
+    d = setup
+    run_eval("--preds", d / "preds", "--questions", d / "q.jsonl", "--scores", d / "table.csv", "--costs", d / "costs.json",
+             "--budget", "1,3,6", "--out", d / "o")
+    m = json.loads((d / "o/metrics.json").read_text())
+    assert [b["budget"] for b in m["budgets"]] == [1, 3, 6]
+    for b in m["budgets"]:
+        for k in ("router", "oracle", "random", "best_single", "best_mixture"):
+            assert b[k]["expected_cost"] <= b["budget"] + 1e-9
+        for k in ("router", "best_single", "best_mixture", "random"):  # the oracle's per-question choice includes theirs
+            assert b["oracle"]["overall"] >= b[k]["overall"] - 1e-9
+    routes = [json.loads(line) for line in (d / "o/routes.jsonl").read_text().splitlines()]
+    assert all(r["pi"] == {"cheap": 1.0} for r in routes if r["budget"] == 1)
+    # at budget 6 the router mixes star (10) with a cheaper model on the t1 questions: expected cost exactly 6
+    a0 = next(r for r in routes if r["budget"] == 6 and r["question_id"] == "a0")
+    assert set(a0["pi"]) == {"mid", "star"} and a0["pi"]["star"] * 10 + a0["pi"]["mid"] * 2 == pytest.approx(6)
+
+
+def test_oracle_at_least_router_on_random_instances():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        S = rng.random((30, 6))
+        S[rng.random((30, 6)) < 0.2] = np.nan
+        S[:, 0] = rng.random(30)  # every question has some score
+        avail = ~np.isnan(S)
+        beta = rng.normal(0, 2, (30, 6))
+        c = rng.uniform(1, 10, 6)
+        c[0] = 0.5
+        for budget in (math.inf, 0.5, 3.0, 7.0):
+            router = L.mixtures(L.p2l_router(beta, avail), avail, c, budget)
+            oracle = L.mixtures(lambda r, k: S[np.ix_(r, k)], avail, c, budget)
+            assert np.allclose(router.sum(1), 1) and not (router[~avail] > 0).any() and not (oracle[~avail] > 0).any()
+            sr, so = (router * np.nan_to_num(S)).sum(1), (oracle * np.nan_to_num(S)).sum(1)
+            assert (so >= sr - 1e-12).all()  # question by question
+            assert ((router @ c) <= budget + 1e-9).all()
+
+
+def test_judgments_per_question_scores(setup):
+    d = setup
+    js = [{"question_id": f"a{i}", "model": m, "score": s, "task": "t1", "category": "math"}
+          for i in range(4) for m, s in (("cheap", 1), ("mid", 0), ("star", -1 if i == 0 else i % 2))]
+    js += [{"question_id": x, "model": m, "score": 1} for x in ("b0", "b1", "b2", "c0", "c1", "c2", "late") for m in ("cheap", "mid")]
+    write_jsonl(d / "j.jsonl", js)
+    run_eval("--preds", d / "preds", "--questions", d / "q.jsonl", "--scores", d / "j.jsonl", "--release", "2024-11-25", "--out", d / "o")
+    m = json.loads((d / "o/metrics.json").read_text())
+    assert m["scores"]["kind"] == "judgments" and m["questions"]["routed"] == 10
+    routes = {r["question_id"]: r for r in map(json.loads, (d / "o/routes.jsonl").read_text().splitlines())}
+    assert "star" not in routes["a0"]["pi"]  # star's -1 (unscored) on a0: not routable there
+    assert routes["a1"]["pi"] == {"star": 1.0} and routes["a1"]["score"] == 1 and routes["a2"]["score"] == 0
+    assert m["oracle"]["math"] == pytest.approx(100)
+
+
+@pytest.mark.parametrize("what,msg", [
+    ("score", "j.jsonl:2: score must be in [0, 1]"),
+    ("column", "table.csv:1: no column for the tasks t3"),
+    ("map", "'gpt-9' is not a model of the P2L"),
+    ("dup", "j.jsonl:2: a second score for question a0 and model cheap"),
+    ("budget", "budget 0.5 is infeasible on task t1"),
+])
+def test_bad_input_names_the_cause_and_writes_nothing(setup, what, msg):
+    d = setup
+    args = ["--preds", d / "preds", "--questions", d / "q.jsonl", "--out", d / "out"]
+    if what in ("score", "dup"):
+        write_jsonl(d / "j.jsonl", [{"question_id": "a0", "model": "cheap", "score": 1},
+                                    {"question_id": "a0", "model": "cheap", "score": 1.5 if what == "score" else 1}])
+        args += ["--scores", d / "j.jsonl"]
+    elif what == "column":
+        (d / "table.csv").write_text("model,t1,t2\ncheap,1,2\n")
+        args += ["--scores", d / "table.csv"]
+    elif what == "budget":
+        args += ["--scores", d / "table.csv", "--costs", d / "costs.json", "--budget", "0.5,2"]
+    else:
+        (d / "map.json").write_text(json.dumps({"gpt-9": "cheap"}))
+        args += ["--scores", d / "table.csv", "--name-map", d / "map.json"]
+    assert msg in run_eval(*args, ok=False)
+    assert not (d / "out").exists()
+
+# -----------------------------------------------------------------------------
+# outcome votes and cross-validated training
+
+
+def test_outcome_votes_are_the_independent_correctness_probabilities():
+    qs = [q("x", "t", "c")]
+    S = np.array([[0.9, 0.2, 0.5]])
+    votes = L.outcome_votes([0], qs, S, ["a", "b", "c"], 10, np.random.default_rng(0))
+    by_pair = {}
+    for v in votes:
+        by_pair.setdefault((v["model_a"], v["model_b"]), {})[v["winner"]] = v["weight"]
+    assert len(by_pair) == 3  # all 3 pairs of 3 models (fewer than 10 exist)
+    s = dict(zip("abc", S[0]))
+    for (a, b), w in by_pair.items():
+        assert w == pytest.approx({"model_a": s[a] * (1 - s[b]), "model_b": s[b] * (1 - s[a]), "tie": s[a] * s[b],
+                                   "tie (bothbad)": (1 - s[a]) * (1 - s[b])}, abs=1e-6)
+
+
+def test_train_cv_every_question_routed_by_a_model_that_never_saw_it(tiny_qwen, setup, capsys):
+    d = setup
+    data = ["--questions", d / "q.jsonl", "--scores", d / "table.csv", "--release", "2024-11-25"]
+    run_eval("--train-cv", 2, "--cv-model", tiny_qwen, "--cv-max-len", 48, "--cv-epochs", 1, "--pairs", 6, *data, "--out", d / "cv")
+    m = json.loads((d / "cv/metrics.json").read_text())
+    assert m["cv"]["folds"] == 2 and m["pool"] == ["cheap", "extra", "mid", "star"]
+    beta, eta, models, rows = C.load_predictions(d / "cv")
+    assert models == ["cheap", "extra", "mid", "star"] and eta is not None and len(rows) == 10
+    seen = [json.loads((d / f"cv/fold{k}/questions.json").read_text()) for k in range(2)]
+    for k in range(2):
+        assert not set(seen[k]["train"]) & set(seen[k]["test"])
+        assert {r["question_id"] for r in rows if r["fold"] == k} == set(seen[k]["test"])
+    assert set(seen[0]["test"]) | set(seen[1]["test"]) == {r["question_id"] for r in rows}
+    assert "held-out grk NLL" in capsys.readouterr().out
+    # the saved predictions route again without training, to the same result
+    run_eval("--preds", d / "cv", *data, "--out", d / "again")
+    again = json.loads((d / "again/metrics.json").read_text())
+    assert again["router"] == m["router"] and (d / "again/routes.jsonl").read_text() == (d / "cv/routes.jsonl").read_text()
+
+
+def test_livebench_command_line_exit_status(setup):
+    """The real command: non-zero exit, the file:line on stderr, no output dir."""
+    (setup / "table.csv").write_text("model,t1,t2,t3\ncheap,1,2,x\n")
+    r = subprocess.run([sys.executable, "livebench_eval.py", "--preds", setup / "preds", "--questions", setup / "q.jsonl",
+                        "--scores", setup / "table.csv", "--out", setup / "out"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "table.csv:2: t3 of cheap is not a number: 'x'" in r.stderr
+    assert not (setup / "out").exists()
