@@ -350,7 +350,6 @@ def scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, overall)
 
 
 def plot_curve(curve, path):
-    import io
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -363,9 +362,7 @@ def plot_curve(curve, path):
     ax.set_title("Aggregation scale: leaderboard from n prompts")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    C.atomic_write(path, buf.getvalue())
+    C.save_png(fig, path)
 
 
 def run_prompt(args):

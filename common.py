@@ -12,9 +12,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.optimize import brentq
+from scipy.special import expit
 
 CLS_TOKEN = "<|cls|>"  # the authors' released checkpoints use this exact string
 A, B, TIE, BOTHBAD = 0, 1, 2, 3  # outcome indices, the order of outcome_logprobs' last axis
@@ -36,9 +39,9 @@ def open_text(path):
     return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
 
 
-def _parse_battle(row, where):
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def parse_turns(row, where):
+    """The user turns of a row: `prompt` (a string or a list of strings) or, in the Arena form,
+    the user turns of `conversation_a`."""
     prompt = row.get("prompt")
     if prompt is None and "conversation_a" in row:  # Arena form: keep the user turns only
         conv = row["conversation_a"]
@@ -50,6 +53,11 @@ def _parse_battle(row, where):
         raise ValueError(f"{where}: missing 'prompt' (a string or a list of strings)")
     if not any(t.strip() for t in turns):
         raise ValueError(f"{where}: empty prompt")
+    return turns
+
+
+def _parse_battle(row, where):
+    turns = parse_turns(row, where)
     for key in ("model_a", "model_b"):
         if not isinstance(row.get(key), str) or not row[key]:
             raise ValueError(f"{where}: missing model field '{key}'")
@@ -77,9 +85,9 @@ def _parse_battle(row, where):
             "category": row.get("category"), "id": row.get("id", where), "where": where}
 
 
-def read_battles(path):
-    """Read a battle JSONL(.gz) file; any bad row raises ValueError naming file:line."""
-    battles = []
+def read_jsonl(path):
+    """Yield (where, row) for each non-blank line of a JSONL(.gz) file, where = "path:line"; a line
+    that is not a JSON object raises ValueError naming it."""
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -89,7 +97,14 @@ def read_battles(path):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            battles.append(_parse_battle(row, where))
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def read_battles(path):
+    """Read a battle JSONL(.gz) file; any bad row raises ValueError naming file:line."""
+    battles = [_parse_battle(row, where) for where, row in read_jsonl(path)]
     if not battles:
         raise ValueError(f"{path}: no battles")
     return battles
@@ -367,6 +382,16 @@ def atomic_write(path, data):
         f.write(data.encode() if isinstance(data, str) else data)
     os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
     os.replace(tmp, path)
+
+
+def save_png(fig, path):
+    """A matplotlib figure as a PNG, written atomically, and closed."""
+    import io
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 def write_json(path, obj):
@@ -708,39 +733,19 @@ def write_leaderboard(stem, rows, meta=None):
 # routing (DESIGN §2, the paper's Algorithm 1): route.py and livebench_eval.py share it. For one prompt
 # with coefficients β, costs c, budget C and opponents q: s = Wq with W_ab = σ(β_a − β_b) is each
 # model's predicted win rate against q, and π* = argmax π·s over the simplex with c·π <= C. The
-# routing math is float64 numpy (imported here, where it starts being used).
-import numpy as np
-from scipy.optimize import brentq
-from scipy.special import expit
+# routing math is float64 numpy.
 
 
 def read_prompts(path):
     """Unique prompts (lists of user turns) of a JSONL(.gz) file in first-seen order, with their
-    first line's id and category. Takes `prompt` (a string or a list of strings) or, as in Arena
-    files, the user turns of `conversation_a`."""
+    first line's id and category (battle files and Arena files too)."""
     seen = {}
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            prompt = row.get("prompt")
-            if prompt is None and isinstance(row.get("conversation_a"), list):
-                prompt = [t.get("content") for t in row["conversation_a"] if isinstance(t, dict) and t.get("role") == "user"]
-            turns = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns) \
-                    or not any(t.strip() for t in turns):
-                raise ValueError(f"{where}: missing or empty 'prompt' (a string or a list of strings)")
-            key = prompt_key(turns)
-            if key not in seen:
-                seen[key] = {"prompt": turns, "id": row.get("id", row.get("uid", where)),
-                             "category": row.get("category"), "line": where}
+    for where, row in read_jsonl(path):
+        turns = parse_turns(row, where)
+        key = prompt_key(turns)
+        if key not in seen:
+            seen[key] = {"prompt": turns, "id": row.get("id", row.get("uid", where)),
+                         "category": row.get("category"), "line": where}
     if not seen:
         raise ValueError(f"{path}: no prompts")
     return list(seen.values())

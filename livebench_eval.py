@@ -69,33 +69,23 @@ POLICIES = ("router", "oracle", "best_single", "best_mixture", "p2l_single", "ra
 
 def read_questions(path):
     qs, seen = [], set()
-    with C.open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(q, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            for k in ("question_id", "category", "task"):
-                if not isinstance(q.get(k), (str, int)) or q[k] == "":
-                    raise ValueError(f"{where}: missing '{k}'")
-            turns = q.get("turns")
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns) or not any(t.strip() for t in turns):
-                raise ValueError(f"{where}: 'turns' must be a non-empty list of strings")
-            rel, rem = str(q.get("livebench_release_date") or "")[:10], str(q.get("livebench_removal_date") or "")[:10]
-            if not DATE.match(rel) or not (rem == "" or DATE.match(rem)):
-                raise ValueError(f"{where}: livebench_release_date must be YYYY-MM-DD and livebench_removal_date "
-                                 f"YYYY-MM-DD or empty, got {rel!r}, {rem!r}")
-            qid = str(q["question_id"])
-            if qid in seen:
-                raise ValueError(f"{where}: duplicate question_id {qid}")
-            seen.add(qid)
-            qs.append({"question_id": qid, "category": str(q["category"]), "task": str(q["task"]), "turns": turns,
-                       "release": rel, "removal": rem, "line": where})
+    for where, q in C.read_jsonl(path):
+        for k in ("question_id", "category", "task"):
+            if not isinstance(q.get(k), (str, int)) or q[k] == "":
+                raise ValueError(f"{where}: missing '{k}'")
+        turns = q.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns) or not any(t.strip() for t in turns):
+            raise ValueError(f"{where}: 'turns' must be a non-empty list of strings")
+        rel, rem = str(q.get("livebench_release_date") or "")[:10], str(q.get("livebench_removal_date") or "")[:10]
+        if not DATE.match(rel) or not (rem == "" or DATE.match(rem)):
+            raise ValueError(f"{where}: livebench_release_date must be YYYY-MM-DD and livebench_removal_date "
+                             f"YYYY-MM-DD or empty, got {rel!r}, {rem!r}")
+        qid = str(q["question_id"])
+        if qid in seen:
+            raise ValueError(f"{where}: duplicate question_id {qid}")
+        seen.add(qid)
+        qs.append({"question_id": qid, "category": str(q["category"]), "task": str(q["task"]), "turns": turns,
+                   "release": rel, "removal": rem, "line": where})
     if not qs:
         raise ValueError(f"{path}: no questions")
     cat = {}
@@ -147,24 +137,16 @@ def read_scores(path, questions):
     # LiveBench's ground_truth_judgment.jsonl: one row per (question, model), more fields allowed
     row_of = {q["question_id"]: z for z, q in enumerate(questions)}
     got = {}
-    with C.open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                j = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(j, dict) or "question_id" not in j or not isinstance(j.get("model"), str) or "score" not in j:
-                raise ValueError(f"{where}: a judgment needs question_id, model and score")
-            s = j["score"]
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not (s == -1 or 0 <= s <= 1):
-                raise ValueError(f"{where}: score must be in [0, 1] (or -1: unscored), got {s!r}")
-            key = (str(j["question_id"]), j["model"])
-            if key in got:
-                raise ValueError(f"{where}: a second score for question {key[0]} and model {key[1]}")
-            got[key] = float(s)
+    for where, j in C.read_jsonl(path):
+        if not isinstance(j, dict) or "question_id" not in j or not isinstance(j.get("model"), str) or "score" not in j:
+            raise ValueError(f"{where}: a judgment needs question_id, model and score")
+        s = j["score"]
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (s == -1 or 0 <= s <= 1):
+            raise ValueError(f"{where}: score must be in [0, 1] (or -1: unscored), got {s!r}")
+        key = (str(j["question_id"]), j["model"])
+        if key in got:
+            raise ValueError(f"{where}: a second score for question {key[0]} and model {key[1]}")
+        got[key] = float(s)
     models = sorted({m for (qid, m), s in got.items() if qid in row_of and s != -1})
     col = {m: i for i, m in enumerate(models)}
     S = np.full((len(questions), len(models)), math.nan)
@@ -641,10 +623,7 @@ def plot(at, singles, names, c, budgets, with_costs, path, title):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    C.atomic_write(path, buf.getvalue())
+    C.save_png(fig, path)
 
 
 if __name__ == "__main__":

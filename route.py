@@ -456,10 +456,7 @@ def plot_sweep(table, path, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    C.atomic_write(path, buf.getvalue())
+    C.save_png(fig, path)
 
 
 if __name__ == "__main__":
