@@ -54,6 +54,9 @@ p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argpars
 p.add_argument("--bench", type=int, default=0, metavar="N", help="time N micro-batches grouped by prompt vs one forward "
                "per vote, print pairs/s and the ratio, then exit")
 args = p.parse_args()
+for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8)):
+    if value < least:
+        p.error(f"{flag} must be >= {least}, got {value}")
 
 # -----------------------------------------------------------------------------
 # distributed setup: deepspeed, torchrun, or a plain single process
@@ -84,6 +87,8 @@ model_list = sorted({m for b in train_battles for m in (b["model_a"], b["model_b
 index = {m: i for i, m in enumerate(model_list)}
 train_prompts, train_pairs, _ = C.group_by_prompt(train_battles, index, args.loss)
 val_prompts, val_pairs, val_skipped = C.group_by_prompt(val_battles, index, args.loss)
+if not val_pairs:
+    sys.exit(f"error: {args.val}: none of its votes is between two models of the training votes")
 beta0, eta0 = C.fit_marginal(train_pairs, len(model_list), args.loss)
 val_all = C.cat_pairs(val_pairs)
 s, w = C.batch_nll(beta0.expand(len(val_prompts), -1), eta0.expand(len(val_prompts)), val_all, args.loss)
@@ -93,7 +98,10 @@ log(f"{len(train_battles)} train votes on {len(train_prompts)} prompts, {len(val
 
 # -----------------------------------------------------------------------------
 # model: backbone + head initialised at the marginal leaderboard
-tok, backbone = C.load_backbone(args.model)
+try:
+    tok, backbone = C.load_backbone(args.model)
+except OSError as e:  # not a local dir, and no hub (or no such id on it)
+    sys.exit(f"error: --model {args.model}: {e}")
 pooling = args.pooling or C.default_pooling(tok)
 cls_id = C.add_cls_token(tok, backbone) if pooling == "last" else None
 if tok.pad_token is None:
