@@ -114,7 +114,7 @@ def standing(beta, eta, head, chunk=256):
 # printing
 
 
-def print_table(rows, title, show):
+def print_table(rows, title, show, flag="--show"):
     has_ci = "rating_lo" in rows[0]
     width = max(len(r["model"]) for r in rows[:show])
     print(title)
@@ -125,7 +125,7 @@ def print_table(rows, title, show):
         win = "" if r["rank"] == 1 else f"{r['p_win_vs_top']:.3f}"
         print(f"{r['rank']:>4}  {r['model']:<{width}}  {r['rating']:7.1f}  {cis}{r['coefficient']:7.3f}  {win:>11}")
     if len(rows) > show:
-        print(f"      ... {len(rows) - show} more (--show)")
+        print(f"      ... {len(rows) - show} more ({flag})")
 
 
 def short(turns, n=90):
@@ -230,14 +230,11 @@ def run_preds(args):
     outputs = {"leaderboard": (boards["all"], {**meta, "eta": fits["all"][1][0].item() if head != "bt" else None})}
     report = None
     if args.by:
-        print(f"\nper {args.by}: prompts, top 3, Spearman with the overall leaderboard")
         overall = fits["all"][0][0]
         for g in groups:
-            if g == "all":
-                continue
-            top = ", ".join(r["model"] for r in boards[g][:3])
-            rho = spearman(fits[g][0][0], overall)
-            print(f"  {g:<20} {len(groups[g]):>5}  rho {rho:5.3f}  {top}")
+            if g != "all":
+                print_table(boards[g], f"\n{args.by} = {g}: {len(groups[g])} prompts, Spearman with the overall "
+                            f"leaderboard {spearman(fits[g][0][0], overall):.3f}", args.show_group, "--show-group")
         grouped = [{"group": g, **r} for g in groups if g != "all" for r in boards[g]]
         outputs[f"leaderboard_by_{args.by}"] = (grouped, {**meta, "by": args.by})
         report = strengths(args, beta, eta, head, models, rows, groups, boards, fits)
@@ -545,6 +542,7 @@ def main(argv=None):
     p.add_argument("--l2", type=float, default=0.0, help="ridge on vote fits (mean-NLL scale): 0 = the pure MLE, which does not exist "
                    "if a model never lost or never won")
     p.add_argument("--show", type=int, default=20, help="leaderboard rows to print")
+    p.add_argument("--show-group", type=int, default=5, help="rows to print of each --by group's leaderboard (all are in the CSV)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap and curve draws are seeded: reruns give identical files")
     p.add_argument("--bench-n", type=int, default=10000, help="--bench: prompts")
     p.add_argument("--bench-m", type=int, default=130, help="--bench: models")
