@@ -394,6 +394,27 @@ def save_png(fig, path):
     atomic_write(path, buf.getvalue())
 
 
+def read_json_object(path, what):
+    """A JSON file holding one object; errors name the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object")
+    return obj
+
+
+def read_model_numbers(path, what):
+    """{model: number >= 0} (cost files, opponent weights); keys starting with '_' document where
+    the numbers come from and are skipped."""
+    vals = {k: v for k, v in read_json_object(path, what).items() if not k.startswith("_")}
+    for k, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{path}: {what} of {k!r} must be a finite number >= 0, got {v!r}")
+    return {k: float(v) for k, v in vals.items()}
+
+
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
 

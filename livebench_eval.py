@@ -160,12 +160,7 @@ def read_name_map(path, p2l_models):
     """{p2l name: (livebench name, None or why the match is approximate)}; no file = the same names."""
     if path is None:
         return {m: (m, None) for m in p2l_models}
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the name map ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: the name map must be a JSON object {{p2l name: livebench name}}")
+    obj = C.read_json_object(path, "the name map {p2l name: livebench name}")
     out, known = {}, set(p2l_models)
     for k, v in obj.items():
         if k.startswith("_"):
@@ -186,16 +181,8 @@ def read_name_map(path, p2l_models):
 
 def read_costs(path, models):
     """{model: cost per query} for the models the file prices (keys starting with '_' are documentation)."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read costs ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: costs must be a JSON object {{livebench model: cost per query}}")
-    for k, v in obj.items():
-        if not k.startswith("_") and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
-            raise ValueError(f"{path}: cost of {k!r} must be a finite number >= 0, got {v!r}")
-    return {m: float(obj[m]) for m in models if m in obj}
+    costs = C.read_model_numbers(path, "cost")
+    return {m: costs[m] for m in models if m in costs}
 
 # -----------------------------------------------------------------------------
 # LiveBench's aggregation, and the policies it scores

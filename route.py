@@ -65,19 +65,9 @@ ROUTERS = ("optimal", "simple", "strict")
 
 
 def read_model_weights(path, model_list, what):
-    """A JSON object {model: number}; keys starting with '_' are documentation (where the numbers
-    come from) and skipped. Returns the numbers in model_list order, NaN where missing."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read {what} ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: {what} must be a JSON object {{model: number}}")
-    vals = {k: v for k, v in obj.items() if not k.startswith("_")}
-    for k, v in vals.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{path}: {what} of {k!r} must be a finite number >= 0, got {v!r}")
-    return np.array([float(vals.get(m, math.nan)) for m in model_list]), set(vals) - set(model_list)
+    """The file's numbers in model_list order, NaN where missing, and the names it has beyond model_list."""
+    vals = C.read_model_numbers(path, what)
+    return np.array([vals.get(m, math.nan) for m in model_list]), set(vals) - set(model_list)
 
 
 def read_costs(path, model_list):
