@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh clone (CPU, offline):
 #   make run    venv + the main job on the bundled default data and backbone, outputs under out/
-#   make test   venv + the tests (what .ci/run calls)
+#   make test   venv + the tests (what .ci/run calls); make test-fast: the known-answer tier, under a minute
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -29,10 +29,14 @@ run: venv
 test: venv
 	$(PY) -m pytest -q test_p2l.py
 
+# the known-answer tests only, no training and no separate processes (~35 s on the shared 2-core CPU)
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" test_p2l.py
+
 # speed: grouped-by-prompt vs per-vote training, exact aggregation vs L-BFGS, hull routing vs LP
 bench: venv
 	$(PY) train.py --bench 3 --batch-size 2 --out out/bench
 	$(PY) aggregate.py --bench
 	$(PY) route.py --bench --out out/bench
 
-.PHONY: venv run test bench
+.PHONY: venv run test test-fast bench

@@ -140,6 +140,7 @@ def test_bad_battles_name_file_and_line(tmp_path, bad, msg):
         C.read_battles(path)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_with_file_line_and_writes_nothing(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, dict(GOOD, winner="draw")])
     r = subprocess.run([sys.executable, "train.py", "--train", str(bad), "--out", str(tmp_path / "out")],
@@ -243,11 +244,13 @@ def reloaded_val_nll(out, val):
     return (s / w).item()
 
 
+@pytest.mark.slow
 def test_head_starts_at_marginal_leaderboard(tiny_qwen, small_data, tmp_path):
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--epochs", "0", "--loss", "grk")
     assert m["steps"] == 0 and m["p2l"]["nll"] == pytest.approx(m["marginal"]["nll"], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["bt", "grk"])
 def test_tiny_qwen_trains_and_reloads_identically(tiny_qwen, small_data, tmp_path, loss):
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "3", "--loss", loss, "--head-lr", "1e-2")
@@ -261,12 +264,14 @@ def test_tiny_qwen_trains_and_reloads_identically(tiny_qwen, small_data, tmp_pat
     assert json.loads((ck / "training_args.json").read_text())["args"]["max_steps"] == 3
 
 
+@pytest.mark.slow
 def test_minilm_trains_and_reloads_identically(small_data, tmp_path):
     m, _ = run_train("minilm", small_data, tmp_path / "ck", "--max-steps", "2", "--pooling", "first")
     assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["p2l"]["pooling"] == "first"
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step(tiny_qwen, small_data, tmp_path):
     # 24 prompts in micro-batches of 4, 2 per step: 3 steps an epoch, so the resumed run crosses an epoch
     run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "2", "--save-every", "1", "--grad-accum", "2", "--epochs", "2")
@@ -276,6 +281,7 @@ def test_resume_continues_from_saved_step(tiny_qwen, small_data, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_bench_prints_grouped_vs_per_pair(tiny_qwen, small_data, tmp_path):
     cmd = [sys.executable, "train.py", "--model", tiny_qwen, "--train", small_data[0], "--val", small_data[1],
            "--out", str(tmp_path), "--bench", "2", "--batch-size", "2", "--max-len", "64"]
@@ -285,6 +291,7 @@ def test_bench_prints_grouped_vs_per_pair(tiny_qwen, small_data, tmp_path):
     assert b["grouped"] > 0 and b["per_pair"] > 0 and "grouped / per-pair" in r.stdout
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_two_cpu_ranks(tiny_qwen, small_data, tmp_path):
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "2", "--deepspeed", "ds_config.json",
                      "--zero", "2", launcher=(str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29731"))
@@ -292,6 +299,7 @@ def test_deepspeed_zero2_two_cpu_ranks(tiny_qwen, small_data, tmp_path):
     assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_grad_accum_and_checkpointing(tiny_qwen, small_data, tmp_path):
     # ZeRO-3 shards the weights over the ranks: saving must gather them (the reload proves it did)
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "2", "--deepspeed", "ds_config.json",
@@ -301,6 +309,7 @@ def test_deepspeed_zero3_grad_accum_and_checkpointing(tiny_qwen, small_data, tmp
     assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tiny_qwen, small_data, tmp_path):
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "2",
                      launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29732"))
@@ -467,6 +476,7 @@ def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
     assert torch.equal(C.load_predictions(tmp_path / "authors")[0], beta.expand(10, 3))
 
 
+@pytest.mark.slow
 def test_bad_input_fails_with_file_line_and_writes_nothing(tmp_path):
     data, train, preds, ck = bt_case(tmp_path)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p1", "model_a": "x", "model_b": "y", "winner": "model_a"}],
@@ -487,8 +497,17 @@ D64 = torch.float64
 
 
 def run_agg(*args, check=True):
-    r = subprocess.run([sys.executable, "aggregate.py", *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    """aggregate.main in this process (no interpreter and torch start-up per call), seen as a user
+    sees the command: returncode, stdout, stderr (a sys.exit message lands on stderr with status 1)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            AG.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    r = subprocess.CompletedProcess(["aggregate.py", *map(str, args)], code, out.getvalue(), err.getvalue())
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -716,6 +735,7 @@ def test_preds_end_to_end_groups_strengths_curve(synthetic_preds, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+@pytest.mark.slow
 def test_checkpoint_prompt_prints_the_marginal_leaderboard_at_step_0(tiny_qwen, small_data, tmp_path):
     # a head at step 0 predicts the marginal leaderboard for every prompt: its board is marginal.json's
     run_train(tiny_qwen, small_data, tmp_path / "ck", "--epochs", "0", "--loss", "grk")
@@ -1011,6 +1031,7 @@ def test_cli_errors_name_the_cause_and_write_nothing(preds, extra, costs, msg):
     assert not (preds / "out").exists()
 
 
+@pytest.mark.slow
 def test_command_line_exit_status(preds):
     """The real command: non-zero exit, the message on stderr, no output dir."""
     r = subprocess.run([sys.executable, "route.py", "--preds", preds / "preds", "--prompts", preds / "votes.jsonl",
@@ -1271,6 +1292,7 @@ def test_outcome_votes_are_the_independent_correctness_probabilities():
                                    "tie (bothbad)": (1 - s[a]) * (1 - s[b])}, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_train_cv_every_question_routed_by_a_model_that_never_saw_it(tiny_qwen, setup, capsys):
     d = setup
     data = ["--questions", d / "q.jsonl", "--scores", d / "table.csv", "--release", "2024-11-25"]
@@ -1291,6 +1313,7 @@ def test_train_cv_every_question_routed_by_a_model_that_never_saw_it(tiny_qwen, 
     assert again["router"] == m["router"] and (d / "again/routes.jsonl").read_text() == (d / "cv/routes.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_livebench_command_line_exit_status(setup):
     """The real command: non-zero exit, the file:line on stderr, no output dir."""
     (setup / "table.csv").write_text("model,t1,t2,t3\ncheap,1,2,x\n")
