@@ -137,23 +137,20 @@ def short(turns, n=90):
 
 
 def load_preds(path, loss):
-    """Per-prompt predictions and their loss: --loss, else the one evaluate.py's metrics.json beside
-    them records, else bt when there is no eta."""
+    """Per-prompt predictions and their loss: --loss, else the one predictions.safetensors records
+    (or, for older files, evaluate.py's metrics.json beside them), else bt when there is no eta."""
     path = Path(path)
     for f in ("predictions.safetensors", "predictions.jsonl"):
         if not (path / f).exists():
             raise ValueError(f"--preds {path}: no {f} (evaluate.py writes it)")
-    with open(path / "predictions.jsonl", encoding="utf-8") as f:  # name the bad line before common parses it
-        for lineno, line in enumerate(f, 1):
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path / 'predictions.jsonl'}:{lineno}: malformed JSON ({e.msg})") from None
-    beta, eta, models, rows = C.load_predictions(path)
+    beta, eta, models, rows = C.load_predictions(path)  # names a bad predictions.jsonl line
     if not torch.isfinite(beta).all() or (eta is not None and not torch.isfinite(eta).all()):
         raise ValueError(f"{path / 'predictions.safetensors'}: non-finite coefficients")
-    if loss is None and (path / "metrics.json").exists():  # evaluate.py records its head's loss there
-        loss = json.loads((path / "metrics.json").read_text()).get("loss")
+    if loss is None:  # the file records its head's loss; files written before it did: evaluate.py's metrics.json
+        loss = C.predictions_meta(path).get("loss")
+        if loss is None and (path / "metrics.json").exists():
+            print(f"--preds {path}: no loss in predictions.safetensors (an older file): taking it from metrics.json")
+            loss = json.loads((path / "metrics.json").read_text()).get("loss")
         loss = loss if loss in C.LOSSES else None
     if loss is None:
         if eta is not None:

@@ -5,6 +5,7 @@ the marginal (averaged) leaderboard fit, prompt tokenization with a CLS token, t
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
@@ -85,14 +86,16 @@ def _parse_battle(row, where):
             "category": row.get("category"), "id": row.get("id", where), "where": where}
 
 
-def read_jsonl(path):
+def read_jsonl(path, keep_blank=False):
     """Yield (where, row) for each non-blank line of a JSONL(.gz) file, where = "path:line"; a line
-    that is not a JSON object raises ValueError naming it."""
+    that is not a JSON object raises ValueError naming it. keep_blank: blank lines yield row None."""
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             where = f"{path}:{lineno}"
+            if not line.strip():
+                if keep_blank:
+                    yield where, None
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -477,38 +480,122 @@ def load_checkpoint(path, loss=None, dtype=torch.float32):
     return model.to(dtype).eval(), tok
 
 
-def save_predictions(out, beta, eta, model_list, rows):
-    """Per-prompt coefficients: predictions.safetensors holds beta [N, M] (and eta [N]) with the
-    model list in its metadata, so names travel with the numbers; predictions.jsonl holds one
-    metadata row per prompt (prompt, id, category, ...), row i describing beta[i]."""
+def save_predictions(out, beta, eta, model_list, rows, loss=None, checkpoint=None):
+    """Per-prompt coefficients: predictions.safetensors holds beta [N, M] (and eta [N]) and, in its
+    metadata, the model list, the loss of the head that produced them and its checkpoint, so the file
+    says how to read itself; predictions.jsonl holds one metadata row per prompt (prompt, id,
+    category, ...), line i describing beta[i]."""
     from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"beta": beta.float().contiguous()}
     if eta is not None:
         tensors["eta"] = eta.float().contiguous()
+    meta = {"model_list": json.dumps(model_list)}
+    if loss is not None:
+        meta["loss"] = loss
+    if checkpoint is not None:
+        meta["checkpoint"] = os.path.abspath(checkpoint)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".predictions.")
     os.close(fd)
-    save_file(tensors, tmp, metadata={"model_list": json.dumps(model_list)})
+    save_file(tensors, tmp, metadata=meta)
     os.chmod(tmp, 0o644)
     atomic_write(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     os.replace(tmp, out / "predictions.safetensors")
 
 
+def predictions_meta(path):
+    """The metadata of predictions.safetensors: model_list (a list), and loss and checkpoint when the
+    writer recorded them (files from before they were recorded have neither)."""
+    from safetensors import safe_open
+    f = Path(path) / "predictions.safetensors"
+    if not f.exists():
+        raise ValueError(f"{path}: no predictions.safetensors")
+    with safe_open(f, "pt") as g:
+        meta = dict(g.metadata() or {})
+    if "model_list" not in meta:
+        raise ValueError(f"{f}: no model_list in its metadata (not written by save_predictions)")
+    meta["model_list"] = json.loads(meta["model_list"])
+    return meta
+
+
 def load_predictions(path):
-    """Returns (beta [N, M], eta [N] or None, model_list, rows)."""
+    """Returns (beta [N, M], eta [N] or None, model_list, rows). Line i of predictions.jsonl is row i
+    (trailing blank lines are allowed, others would shift the rows); a bad line is named file:line."""
     from safetensors import safe_open
     path = Path(path)
+    model_list = predictions_meta(path)["model_list"]
     with safe_open(path / "predictions.safetensors", "pt") as f:
-        model_list = json.loads(f.metadata()["model_list"])
         beta = f.get_tensor("beta")
         eta = f.get_tensor("eta") if "eta" in f.keys() else None
-    with open(path / "predictions.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+    jl = path / "predictions.jsonl"
+    if not jl.exists():
+        raise ValueError(f"{path}: no predictions.jsonl")
+    rows, blank = [], None
+    for where, row in read_jsonl(jl, keep_blank=True):
+        if row is None:
+            blank = blank or where
+        elif blank:
+            raise ValueError(f"{blank}: blank line before the last row (line i describes beta[i])")
+        else:
+            rows.append(row)
     if len(rows) != beta.shape[0] or beta.shape[1] != len(model_list):
         raise ValueError(f"{path}: predictions.jsonl has {len(rows)} rows, predictions.safetensors {tuple(beta.shape)} "
                          f"for {len(model_list)} models")
     return beta, eta, model_list, rows
+
+
+def file_ref(path, base):
+    """Where a file is, for a record kept in directory `base` that must survive moving it: the path
+    relative to base, the absolute path, and the content's size and sha256 (to find it again and to
+    refuse a different file under the same name)."""
+    path = os.path.abspath(path)
+    return {"path": os.path.relpath(path, os.path.abspath(base)), "abs": path,
+            "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_ref(ref, base):
+    """A file_ref (or a bare path, as older records kept it) -> (an existing path whose content is the
+    recorded one, None) or (None, why not). Tried in order: relative to base (both moved together),
+    then the absolute path (only base moved)."""
+    if isinstance(ref, str):  # older records: the path as given, as before
+        ref = {"abs": ref}
+    tried = []
+    for cand in dict.fromkeys(str(Path(base) / p) if k == "path" else p for k, p in ref.items() if k in ("path", "abs")):
+        if not os.path.isfile(cand):
+            tried.append(f"{cand} (missing)")
+        elif "sha256" in ref and (os.path.getsize(cand) != ref.get("bytes") or sha256_file(cand) != ref["sha256"]):
+            tried.append(f"{cand} (other content)")
+        else:
+            return cand, None
+    return None, "tried " + ", ".join(tried)
+
+
+def read_marginal(ckpt):
+    """A checkpoint's marginal.json (the averaged leaderboard its head started from: model_list,
+    beta, eta, loss, and `train`, the training votes), with `train` resolved to a file that exists
+    and has the recorded content; None when the checkpoint has none. An unresolved `train` is kept
+    as recorded, with `train_missing` saying where it was looked for."""
+    f = Path(ckpt) / "marginal.json"
+    if not f.exists():
+        return None
+    mj = json.loads(f.read_text())
+    if mj.get("train") is not None:
+        found, why = resolve_ref(mj["train"], ckpt)
+        if found:
+            mj["train"] = found
+        else:
+            rec = mj["train"]
+            mj["train"], mj["train_missing"] = rec if isinstance(rec, str) else rec.get("abs", rec.get("path")), why
+    return mj
 
 
 def autodetect_device():

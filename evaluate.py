@@ -182,8 +182,7 @@ if unknown and args.strict:
              f"({len(unknown)} unknown models in all; drop --strict to skip and count such votes)")
 
 # the marginal leaderboard and the training votes behind it (read only when a baseline needs them)
-mj_path = Path(args.checkpoint or "") / "marginal.json"
-mj = json.loads(mj_path.read_text()) if args.checkpoint and mj_path.exists() else None
+mj = C.read_marginal(args.checkpoint) if args.checkpoint else None  # its `train` found again if the checkpoint moved
 train_path = args.train_votes or (mj or {}).get("train")
 if train_path is None:
     sys.exit(f"error: {f'--checkpoint {args.checkpoint} has no marginal.json' if args.checkpoint else 'no --checkpoint'} "

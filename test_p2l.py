@@ -148,6 +148,32 @@ def test_bad_input_exits_with_file_line_and_writes_nothing(tmp_path):
     assert r.returncode != 0 and "bad.jsonl:2: unknown winner 'draw'" in r.stderr
     assert not (tmp_path / "out").exists()
 
+def test_predictions_say_how_to_read_them_and_name_bad_lines(tmp_path, capsys):
+    """predictions.safetensors records its loss, checkpoint and model list; aggregate.py takes the loss
+    from there (older files: metrics.json, saying so); a bad predictions.jsonl line is named file:line
+    and a trailing blank line is fine."""
+    d = tmp_path / "p"
+    C.save_predictions(d, torch.zeros(3, 2), torch.zeros(3), ["x", "y"], [{"prompt": ["q"]}] * 3, loss="grk", checkpoint=tmp_path / "ck")
+    meta = C.predictions_meta(d)
+    assert meta["model_list"] == ["x", "y"] and meta["loss"] == "grk" and meta["checkpoint"] == str(tmp_path / "ck")
+    assert not (d / "metrics.json").exists() and AG.load_preds(d, None)[4] == "grk"
+    lines = (d / "predictions.jsonl").read_text().splitlines()
+    (d / "predictions.jsonl").write_text("\n".join(lines) + "\n\n")  # trailing blank line
+    assert len(C.load_predictions(d)[3]) == 3
+    for text, msg in (("\n".join(lines[:1] + [""] + lines[1:]) + "\n", "predictions.jsonl:2: blank line"),
+                      ("\n".join(lines[:2] + ["{not json"]) + "\n", "predictions.jsonl:3: malformed JSON"),
+                      ("\n".join(lines[:2] + ["[1]"]) + "\n", "predictions.jsonl:3: expected a JSON object")):
+        (d / "predictions.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            C.load_predictions(d)
+    old = tmp_path / "old"  # written before the loss was recorded
+    C.save_predictions(old, torch.zeros(3, 2), torch.zeros(3), ["x", "y"], [{"prompt": ["q"]}] * 3)
+    assert "loss" not in C.predictions_meta(old)
+    with pytest.raises(ValueError, match="say which with --loss"):
+        AG.load_preds(old, None)
+    (old / "metrics.json").write_text(json.dumps({"loss": "rk"}))
+    assert AG.load_preds(old, None)[4] == "rk" and "taking it from metrics.json" in capsys.readouterr().out
+
 # -----------------------------------------------------------------------------
 # backbones: a tiny random Qwen2 with the real Qwen2.5 tokenizer, and the real MiniLM
 
@@ -489,6 +515,40 @@ def test_bad_input_fails_with_file_line_and_writes_nothing(tmp_path):
     missing = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "never predicted", "model_a": "x", "model_b": "y", "winner": "model_a"}])
     err, _ = evaluate("--checkpoint", ck, "--preds", preds, "--train-votes", train, "--data", missing, "--out", tmp_path / "ev")
     assert "other.jsonl:1: prompt not in --preds" in err and not (tmp_path / "ev").exists()
+
+@pytest.mark.slow
+def test_moved_checkpoint_still_finds_its_training_votes(tiny_qwen, small_data, tmp_path):
+    """marginal.json keeps the training votes by relative path + sha256: move the checkpoint together
+    with its data and evaluate (category baselines need the votes), aggregate and route still work, with
+    the same numbers; a different file under the recorded name is refused, not used."""
+    import shutil
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    for src, name in zip(small_data, ("train.jsonl", "val.jsonl")):  # votes with a category, so evaluate reads the training votes
+        rows = [dict(json.loads(x), category="c1" if i % 2 else "c2") for i, x in enumerate(Path(src).read_text().splitlines())]
+        write_jsonl(home / "data" / name, rows)
+    data = (str(home / "data/train.jsonl"), str(home / "data/val.jsonl"))
+    run_train(tiny_qwen, data, home / "ck", "--max-steps", "1")
+    ref = json.loads((home / "ck/marginal.json").read_text())["train"]
+    assert ref["path"] == "../data/train.jsonl" and len(ref["sha256"]) == 64
+    before = ok(evaluate("--checkpoint", home / "ck", "--data", home / "data/val.jsonl", "--out", tmp_path / "ev0"))
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(home), str(moved))
+    assert not Path(ref["abs"]).exists() and C.read_marginal(moved / "ck")["train"] == str(moved / "ck/../data/train.jsonl")
+    after = ok(evaluate("--checkpoint", moved / "ck", "--data", moved / "data/val.jsonl", "--out", tmp_path / "ev1"))
+    m0, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ev0", "ev1"))
+    for k in ("p2l", "marginal", "category", "uniform"):
+        assert m1[k] == pytest.approx(m0[k], abs=1e-6), k
+    assert "refitted" not in after and before.count("\n") == after.count("\n")
+    run_agg("--preds", tmp_path / "ev1", "--by", "category", "--out", tmp_path / "agg")
+    run_agg("--checkpoint", moved / "ck", "--prompt", "Write a haiku", "--out", tmp_path / "agg1")
+    run_route("--checkpoint", moved / "ck", "--prompts", moved / "data/val.jsonl", "--budget", "inf", "--out", tmp_path / "route")
+    assert (tmp_path / "route/routes.jsonl").exists()
+    (moved / "data/train.jsonl").write_text((moved / "data/train.jsonl").read_text().replace("model_a", "model_b", 1))
+    mj = C.read_marginal(moved / "ck")
+    assert "other content" in mj["train_missing"] and mj["train"] == ref["abs"]
+    err, _ = evaluate("--checkpoint", moved / "ck", "--data", moved / "data/val.jsonl", "--out", tmp_path / "ev2")
+    assert "not found: pass --train-votes" in err and not (tmp_path / "ev2").exists()
 
 # =============================================================================
 # aggregate.py and the aggregation math: textbook BT fit, aggregation identities, CI coverage, CLI

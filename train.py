@@ -307,7 +307,7 @@ else:
 if master:
     # the averaged leaderboard the head started from, and where the training votes are: evaluate.py's baselines
     marginal = {"model_list": model_list, "beta": beta0.tolist(), "eta": eta0.item(), "loss": args.loss,
-                "train": os.path.abspath(args.train), "val_nll": marginal_nll}
+                "train": C.file_ref(args.train, args.out), "val_nll": marginal_nll}
     extra = {"training_args.json": json.dumps({"argv": sys.argv, "args": vars(args), "world_size": world}, indent=2) + "\n",
              "marginal.json": json.dumps(marginal, indent=1) + "\n"}
     C.save_checkpoint(args.out, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, tok, extra)
