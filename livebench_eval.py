@@ -1,4 +1,4 @@
-"""P2L as a router on LiveBench, an out-of-distribution check (DESIGN §2, §4): for each LiveBench
+"""P2L as a router on LiveBench, an out-of-distribution check (docs/design.md §2, §4): for each LiveBench
 question P2L's coefficients pick a model among those that have LiveBench scores (within a cost
 budget if given), and the picks are scored exactly as LiveBench scores a model: the mean score of
 each task, the mean of a category's task means, the mean of the categories, x100.
@@ -21,7 +21,7 @@ routed model is credited with its TASK MEAN on every question of the task, which
 Models: the P2L's names map to LiveBench's through --name-map ({p2l: livebench} or {p2l:
 {"livebench": name, "approximate": why}}; none = the same names). Each question is routed among the
 mapped models that have a score on it (and a cost, with --costs), with opponents q uniform over
-them: s = Wq, W_ab = σ(β_a − β_b) (rk/grk β used as BT coefficients, DESIGN §2), π* = argmax π·s
+them: s = Wq, W_ab = σ(β_a − β_b) (rk/grk β used as BT coefficients, docs/design.md §2), π* = argmax π·s
 s.t. c·π <= budget on every question (common.route_all, exact).
 Policies, each scored by its expected score Σ_m π_m s(question, m), at no budget and at each budget:
   router       P2L as above
@@ -39,20 +39,25 @@ question into K folds (stratified by task): every question is routed by the fold
 saw it. Outcomes: if a and b are right with probabilities s_a and s_b, independently, then a wins
 with s_a(1 − s_b), b with s_b(1 − s_a), both right is a tie (s_a s_b), both wrong is both-bad
 ((1 − s_a)(1 − s_b)): four votes of those weights per sampled pair (--pairs per question).
+Training goes through train.py's command line, and its checkpoint is read back through its files
+(config.json's model list, marginal.json), in a temporary directory: each fold<k>/ keeps
+questions.json (its train/test split) and train.log.
 Outputs in --out: table.csv, metrics.json, livebench.png, routes.jsonl, predictions.* (reusable with --preds).
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -247,7 +252,7 @@ def predict(ckpt, questions):
 
 
 def outcome_votes(zs, questions, S, models, pairs, rng):
-    """Weighted votes (DESIGN §3 rows) for questions zs: `pairs` random pairs of models scored on
+    """Weighted votes (docs/design.md §3 rows) for questions zs: `pairs` random pairs of models scored on
     each question, four outcomes each, weight = its probability (module docstring)."""
     rows = []
     for z in zs:
@@ -270,6 +275,38 @@ def heldout_nll(beta, eta, votes, row_of, index):
              "w": torch.tensor([v["weight"] for v in votes], dtype=torch.float64), "row": torch.tensor([row_of[v["id"]] for v in votes])}
     s, w = C.batch_nll(beta.double(), eta.double(), pairs, "grk")
     return (s / w).item()
+
+
+# train.py is called through its command line and read back through its checkpoint (config.json's model
+# list, marginal.json): the interface any user has. It validates every --eval-every steps and at the last
+# step; a period longer than any run means "only at the end" (the real held-out measure is ours, below).
+VALIDATE_ONLY_AT_END = "1000000000"
+
+
+@contextlib.contextmanager
+def train_fold(args, d, train_v, val_v):
+    """Train one fold's P2L with train.py into a temporary checkpoint dir inside d: `with` it to read
+    the checkpoint; the votes files and the checkpoint (with its resumable state) go afterwards."""
+    with tempfile.TemporaryDirectory(dir=d, prefix=".train.") as tmp:
+        tmp = Path(tmp)
+        for name, rows in (("train.jsonl", train_v), ("val.jsonl", val_v)):
+            C.atomic_write(tmp / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        cmd = [sys.executable, str(HERE / "train.py"), "--model", args.cv_model, "--loss", "grk", "--train", str(tmp / "train.jsonl"),
+               "--val", str(tmp / "val.jsonl"), "--out", str(tmp / "p2l"), "--epochs", str(args.cv_epochs), "--batch-size", "16",
+               "--max-len", str(args.cv_max_len), "--head-lr", str(args.cv_head_lr), "--eval-every", VALIDATE_ONLY_AT_END,
+               "--seed", str(args.seed)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        C.atomic_write(d / "train.log", " ".join(cmd) + "\n" + r.stdout + r.stderr)
+        if r.returncode != 0:
+            sys.exit(f"error: {d.name}: train.py failed (log: {d / 'train.log'}):\n{r.stderr[-2000:]}")
+        yield tmp / "p2l"
+
+
+def in_order(beta, have, want, where):
+    """The columns of beta [..., len(have)] for the models `want`, in that order."""
+    if sorted(have) != sorted(want):
+        sys.exit(f"error: {where}: its model list is not the {len(want)} scored models")
+    return beta[..., [have.index(m) for m in want]]
 
 
 def train_cv(args, questions, S, models, out):
@@ -296,28 +333,19 @@ def train_cv(args, questions, S, models, out):
                                              "test": [questions[z]["question_id"] for z in test_z]})
         # train.py wants a validation file: a few held-out questions (the real held-out measure is below, on all of fold k)
         few = {questions[z]["question_id"] for z in test_z[:16]}
-        for name, rows in (("train.jsonl", train_v), ("val.jsonl", [v for v in test_v if v["id"] in few])):
-            C.atomic_write(d / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        cmd = [sys.executable, str(HERE / "train.py"), "--model", args.cv_model, "--loss", "grk", "--train", str(d / "train.jsonl"),
-               "--val", str(d / "val.jsonl"), "--out", str(d / "p2l"), "--epochs", str(args.cv_epochs), "--batch-size", "16",
-               "--max-len", str(args.cv_max_len), "--head-lr", str(args.cv_head_lr), "--eval-every", "1000000000", "--seed", str(args.seed)]
         t0 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        C.atomic_write(d / "train.log", " ".join(cmd) + "\n" + r.stdout + r.stderr)
-        if r.returncode != 0:
-            sys.exit(f"error: fold {k}: train.py failed (log: {d / 'train.log'}):\n{r.stderr[-2000:]}")
-        b, e, _ = predict(d / "p2l", [questions[z] for z in test_z])  # same sorted model list as `models`
+        with train_fold(args, d, train_v, [v for v in test_v if v["id"] in few]) as ck:
+            b, e, ck_models = predict(ck, [questions[z] for z in test_z])
+            marg = C.read_marginal(ck)
+            b = in_order(b, ck_models, models, f"fold {k}'s checkpoint")
+            mb = in_order(torch.tensor(marg["beta"]), marg["model_list"], models, f"fold {k}'s marginal.json")
         beta[test_z], eta[test_z] = b, e
-        marg = json.loads((d / "p2l" / "marginal.json").read_text())
         row_of = {questions[z]["question_id"]: i for i, z in enumerate(test_z)}
         n = len(test_z)
         fold_nll = {"p2l": heldout_nll(b, e, test_v, row_of, index),
-                    "marginal": heldout_nll(torch.tensor(marg["beta"]).expand(n, -1), torch.full((n,), marg["eta"]), test_v, row_of, index)}
+                    "marginal": heldout_nll(mb.expand(n, -1), torch.full((n,), marg["eta"]), test_v, row_of, index)}
         for key in nll:
             nll[key] += fold_nll[key] * n / N
-        # ~100 MB of repeated prompt text and ~270 MB of optimizer state, neither needed again (a rerun rebuilds them)
-        (d / "train.jsonl").unlink()
-        shutil.rmtree(d / "p2l" / "resume", ignore_errors=True)
         print(f"fold {k + 1}/{K}: trained on {len(train_z)} questions ({len(train_v):,} weighted votes) in {time.time() - t0:.0f} s; "
               f"held-out grk NLL on its {n} questions: P2L {fold_nll['p2l']:.4f}, marginal {fold_nll['marginal']:.4f}")
     print(f"held-out grk NLL, all {N} questions: P2L {nll['p2l']:.4f} vs marginal {nll['marginal']:.4f} "
@@ -325,10 +353,12 @@ def train_cv(args, questions, S, models, out):
     return beta, eta, fold, nll
 
 # -----------------------------------------------------------------------------
+# the run: load -> pool -> coefficients -> score -> report
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Formats, policies and the --train-cv outcome "
+                                "model: the docstring of livebench_eval.py; the maths: docs/design.md §2, §4.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a P2L checkpoint dir: run it on the questions (predictions saved into --out for reuse)")
     src.add_argument("--preds", metavar="DIR", help="predictions saved by an earlier run (matched by question_id): no forward passes")
@@ -360,73 +390,75 @@ def main(argv=None):
         p.error("--train-cv needs K >= 2 and no --name-map (it trains on the LiveBench names)")
     if args.budget and not args.costs:
         p.error("--budget needs --costs")
-    t_start = time.time()
+    return args
 
-    # -------------------------------------------------------------------------
-    # everything that can fail on bad input fails here, before any output is written
+
+def load(args):
+    """Everything that can fail on bad input fails here, before any output is written (ValueError)."""
+    all_q = read_questions(args.questions)
+    release = args.release or max(q["release"] for q in all_q)
+    if not DATE.match(release):
+        raise ValueError(f"--release must be YYYY-MM-DD, got {release!r}")
+    questions = [q for q in all_q if in_release(q, release)]
+    if not questions:
+        raise ValueError(f"{args.questions}: no question is in release {release}")
+    lb_models, S, kind, note = read_scores(args.scores, questions)
+    scored = ~np.isnan(S).all(1)
+    dropped = [q["question_id"] for q, ok in zip(questions, scored) if not ok]
+    questions, S = [q for q, ok in zip(questions, scored) if ok], S[scored]
+    if not questions:
+        raise ValueError(f"{args.scores}: no model has a score on any question of release {release}")
+    preds, ck_loss = None, "grk"  # --train-cv trains grk
+    if args.preds:
+        pb, _, p2l_models, prow = C.load_predictions(args.preds)
+        where = {str(r.get("question_id")): i for i, r in enumerate(prow)}
+        missing = [q for q in questions if q["question_id"] not in where]
+        if missing:
+            raise ValueError(f"{missing[0]['line']}: question {missing[0]['question_id']} is not in --preds {args.preds} "
+                             f"({len(missing)} of {len(questions)} missing)")
+        preds = (pb, where)
+    elif args.checkpoint:
+        cfg = Path(args.checkpoint) / "model_list.json"
+        p2l_models = json.loads(cfg.read_text()) if cfg.exists() else None
+        if p2l_models is None:
+            raise ValueError(f"--checkpoint {args.checkpoint}: not a P2L checkpoint (no model_list.json)")
+        ck_loss = (json.loads((Path(args.checkpoint) / "config.json").read_text()).get("p2l") or {}).get("loss")
+    else:
+        p2l_models = sorted(m for m in lb_models if (~np.isnan(S[:, lb_models.index(m)])).any())  # as train.py sorts them
+    chosen = args.models.split(",") if args.models else None
+    if chosen and set(chosen) - set(lb_models):
+        raise ValueError(f"--models: not in {args.scores}: {', '.join(sorted(set(chosen) - set(lb_models)))}")
     try:
-        all_q = read_questions(args.questions)
-        release = args.release or max(q["release"] for q in all_q)
-        if not DATE.match(release):
-            raise ValueError(f"--release must be YYYY-MM-DD, got {release!r}")
-        questions = [q for q in all_q if in_release(q, release)]
-        if not questions:
-            raise ValueError(f"{args.questions}: no question is in release {release}")
-        lb_models, S, kind, note = read_scores(args.scores, questions)
-        scored = ~np.isnan(S).all(1)
-        dropped = [q["question_id"] for q, ok in zip(questions, scored) if not ok]
-        questions, S = [q for q, ok in zip(questions, scored) if ok], S[scored]
-        if not questions:
-            raise ValueError(f"{args.scores}: no model has a score on any question of release {release}")
-        if args.preds:
-            pb, pe, p2l_models, prow = C.load_predictions(args.preds)
-            where = {str(r.get("question_id")): i for i, r in enumerate(prow)}
-            missing = [q for q in questions if q["question_id"] not in where]
-            if missing:
-                raise ValueError(f"{missing[0]['line']}: question {missing[0]['question_id']} is not in --preds {args.preds} "
-                                 f"({len(missing)} of {len(questions)} missing)")
-        elif args.checkpoint:
-            cfg = Path(args.checkpoint) / "model_list.json"
-            p2l_models = json.loads(cfg.read_text()) if cfg.exists() else None
-            if p2l_models is None:
-                raise ValueError(f"--checkpoint {args.checkpoint}: not a P2L checkpoint (no model_list.json)")
-        else:
-            p2l_models = sorted(m for m in lb_models if (~np.isnan(S[:, lb_models.index(m)])).any())  # as train.py sorts them
-        name_map = read_name_map(args.name_map, p2l_models)
-        costs = read_costs(args.costs, lb_models) if args.costs else None
-        chosen = args.models.split(",") if args.models else None
-        if chosen and set(chosen) - set(lb_models):
-            raise ValueError(f"--models: not in {args.scores}: {', '.join(sorted(set(chosen) - set(lb_models)))}")
-        try:
-            budgets = [float(x) for x in args.budget.split(",")] if args.budget else None
-        except ValueError:
-            raise ValueError(f"--budget must be numbers separated by commas, got {args.budget!r}") from None
-        if any(not (b >= 0) for b in budgets or []):
-            raise ValueError(f"--budget must be >= 0 (inf: no budget), got {args.budget!r}")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        budgets = [float(x) for x in args.budget.split(",")] if args.budget else None
+    except ValueError:
+        raise ValueError(f"--budget must be numbers separated by commas, got {args.budget!r}") from None
+    if any(not (b >= 0) for b in budgets or []):
+        raise ValueError(f"--budget must be >= 0 (inf: no budget), got {args.budget!r}")
+    return SimpleNamespace(all_q=all_q, release=release, questions=questions, dropped=dropped, lb_models=lb_models, S=S,
+                           kind=kind, note=note, preds=preds, p2l_models=p2l_models, loss=ck_loss,
+                           name_map=read_name_map(args.name_map, p2l_models),
+                           costs=read_costs(args.costs, lb_models) if args.costs else None, chosen=chosen, budgets=budgets)
 
-    # the pool: P2L models with a LiveBench counterpart that has scores (and a cost)
-    lb_index = {m: i for i, m in enumerate(lb_models)}
-    pool = sorted((lb, p2l, why) for p2l, (lb, why) in name_map.items() if lb in lb_index
-                  and (chosen is None or lb in chosen) and (costs is None or lb in costs))
+
+def make_pool(args, inp):
+    """The models routed among: P2L models with a LiveBench counterpart that has scores (and a cost);
+    the questions where at least one of them has a score; the budgets, each feasible on every question."""
+    lb_index = {m: i for i, m in enumerate(inp.lb_models)}
+    pool = sorted((lb, p2l, why) for p2l, (lb, why) in inp.name_map.items() if lb in lb_index
+                  and (inp.chosen is None or lb in inp.chosen) and (inp.costs is None or lb in inp.costs))
     if not pool:
-        sys.exit(f"error: no P2L model has a LiveBench counterpart with scores{' and a cost' if costs else ''} "
-                 f"(check --name-map{', --costs' if costs else ''}{', --models' if chosen else ''})")
+        sys.exit(f"error: no P2L model has a LiveBench counterpart with scores{' and a cost' if inp.costs else ''} "
+                 f"(check --name-map{', --costs' if inp.costs else ''}{', --models' if inp.chosen else ''})")
     names = [lb for lb, _, _ in pool]
-    mapped = {lb for lb, _ in name_map.values()}
-    unmatched_p2l = sorted(p for p in p2l_models if p not in name_map or name_map[p][0] not in lb_index)
-    unmatched_lb = sorted(m for m in lb_models if m not in mapped)
-    no_cost = sorted(lb for p2l, (lb, _) in name_map.items() if lb in lb_index and costs is not None and lb not in costs)
-    Sp = S[:, [lb_index[m] for m in names]]
+    Sp = inp.S[:, [lb_index[m] for m in names]]
+    keep = (~np.isnan(Sp)).any(1)  # where no pooled model has a score, nothing can be routed
+    questions = [q for q, k in zip(inp.questions, keep) if k]
+    dropped = inp.dropped + [q["question_id"] for q, k in zip(inp.questions, keep) if not k]
+    S, Sp = inp.S[keep], Sp[keep]
     avail = ~np.isnan(Sp)
-    keep = avail.any(1)
-    if not keep.all():  # no pooled model has a score: nothing can be routed there
-        dropped += [q["question_id"] for q, k in zip(questions, keep) if not k]
-        questions, S, Sp, avail = [q for q, k in zip(questions, keep) if k], S[keep], Sp[keep], avail[keep]
-    N, M = Sp.shape
-    c = np.array([costs[m] for m in names]) if costs else np.zeros(M)
-    if costs and budgets is None:
+    c = np.array([inp.costs[m] for m in names]) if inp.costs else np.zeros(len(names))
+    budgets = inp.budgets
+    if inp.costs and budgets is None:
         budgets = sorted(set(np.round(np.geomspace(max(c.min(), 1e-9), c.max(), 5), 3).tolist()))
     budgets = [math.inf] + sorted(set(budgets or []) - {math.inf})
     for bgt in budgets:
@@ -434,125 +466,158 @@ def main(argv=None):
             if c[cols].min() > bgt:
                 sys.exit(f"error: budget {bgt:g} is infeasible on task {questions[rows[0]]['task']} ({questions[rows[0]]['line']}): "
                          f"the cheapest model scored there costs {c[cols].min():g} ({args.costs})")
+    mapped = {lb for lb, _ in inp.name_map.values()}
+    return SimpleNamespace(
+        pool=pool, names=names, questions=questions, dropped=dropped, S=S, Sp=Sp, avail=avail, c=c, budgets=budgets,
+        S_p2l=S[:, [lb_index[m] for m in inp.p2l_models]] if args.train_cv else None,  # --train-cv trains on every scored model
+        unmatched_p2l=sorted(p for p in inp.p2l_models if p not in inp.name_map or inp.name_map[p][0] not in lb_index),
+        unmatched_lb=sorted(m for m in inp.lb_models if m not in mapped),
+        no_cost=sorted(lb for lb, _ in inp.name_map.values() if lb in lb_index and inp.costs is not None and lb not in inp.costs))
 
-    # -------------------------------------------------------------------------
-    # P2L's coefficients for the questions, restricted to the pool
-    out = Path(args.out)
-    cv = None
+
+def coefficients(args, inp, pool, out):
+    """P2L's β [N, pooled models] for the routed questions: from --preds, or predicted (a checkpoint,
+    or the --train-cv fold models) and saved into out for reuse; and the --train-cv summary."""
     if args.preds:
-        beta_all = pb.double().numpy()[[where[q["question_id"]] for q in questions]]
+        pb, where = inp.preds
+        beta_all = pb.double().numpy()[[where[q["question_id"]] for q in pool.questions]]
+        cv = None
     else:
         if args.checkpoint:
-            raw_b, raw_e, _ = predict(args.checkpoint, questions)
-            fold = None
+            raw_b, raw_e, ck_models = predict(args.checkpoint, pool.questions)
+            raw_b = in_order(raw_b, ck_models, inp.p2l_models, f"--checkpoint {args.checkpoint}")
+            fold, cv = None, None
         else:
-            raw_b, raw_e, fold, nll = train_cv(args, questions, S[:, [lb_index[m] for m in p2l_models]], p2l_models, out)
+            raw_b, raw_e, fold, nll = train_cv(args, pool.questions, pool.S_p2l, inp.p2l_models, out)
             cv = {"folds": args.train_cv, "pairs_per_question": args.pairs, "backbone": args.cv_model, "epochs": args.cv_epochs,
                   "max_len": args.cv_max_len, "head_lr": args.cv_head_lr, "heldout_grk_nll": nll}
         rows = [{"question_id": q["question_id"], "task": q["task"], "category": q["category"], "prompt": q["turns"],
-                 **({"fold": int(fold[z])} if fold is not None else {})} for z, q in enumerate(questions)]
-        C.save_predictions(out, raw_b, raw_e, p2l_models, rows)
+                 **({"fold": int(fold[z])} if fold is not None else {})} for z, q in enumerate(pool.questions)]
+        C.save_predictions(out, raw_b, raw_e, inp.p2l_models, rows, loss=inp.loss,
+                           checkpoint=args.checkpoint)
         beta_all = raw_b.double().numpy()
-    p2l_index = {m: i for i, m in enumerate(p2l_models)}
-    beta = beta_all[:, [p2l_index[p2l] for _, p2l, _ in pool]]
+    p2l_index = {m: i for i, m in enumerate(inp.p2l_models)}
+    return beta_all[:, [p2l_index[p2l] for _, p2l, _ in pool.pool]], cv
 
-    # -------------------------------------------------------------------------
-    # every policy at every budget, scored the LiveBench way
+
+def score(pool, beta):
+    """Every policy at every budget, scored the LiveBench way: {(policy, budget): result}, the single
+    models' results, the rows of table.csv and routes.jsonl, and the router's π with no budget."""
+    names, Sp, avail, c, questions = pool.names, pool.Sp, pool.avail, pool.c, pool.questions
+    N, M = Sp.shape
     complete = avail.all(0)  # a single model is listed only where it has a score on every question, as LiveBench requires
     singles = {names[m]: livebench_score(Sp[:, m], questions) for m in range(M) if complete[m]}
-    p2l_bbar = C.aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()  # P2L's averaged leaderboard, DESIGN §2
-    table, routes, at = [], [], {}
-    for bgt in budgets:
+    p2l_bbar = C.aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()  # P2L's averaged leaderboard, docs/design.md §2
+    table, routes, at, router_pi = [], [], {}, {}
+    for bgt in pool.budgets:
         ok = c <= bgt
         pi = {"router": mixtures(p2l_router(beta, avail), avail, c, bgt),
               "oracle": mixtures(lambda r, k: Sp[np.ix_(r, k)], avail, c, bgt)}
         rand = avail & ok
         pi["random"] = rand / rand.sum(1, keepdims=True)
-        cand = [m for m in range(M) if complete[m] and ok[m]]
-        best = max(cand, key=lambda m: (singles[names[m]]["overall"], -c[m]), default=None)
-        top = max(cand, key=lambda m: p2l_bbar[m], default=None)
-        picked = {}
-        for name, m in (("best_single", best), ("p2l_single", top)):
-            if m is not None:
-                pi[name] = np.zeros((N, M))
-                pi[name][:, m] = 1
-                picked[name] = names[m]
-        comp = np.flatnonzero(complete)
-        if math.isfinite(bgt) and len(comp) and c[comp].min() <= bgt:
-            # the best prompt-independent mixture of two models at this cost, picked with the scores: LiveBench's
-            # score is linear in the per-question scores, so a mixture scores the mix of the two overall scores
-            sc = np.array([singles[names[m]]["overall"] for m in comp])
-            i, j, w = C.hull_route(sc, c[comp], bgt, np.argsort(c[comp], kind="stable").tolist())
-            pi["best_mixture"] = np.zeros((N, M))
-            pi["best_mixture"][:, comp[i]] += w
-            pi["best_mixture"][:, comp[j]] += 1 - w
-            picked["best_mixture"] = names[comp[i]] if w == 1 else f"{w:.2f} {names[comp[i]]} + {1 - w:.2f} {names[comp[j]]}"
+        picked = fixed_policies(pi, singles, names, c, complete, p2l_bbar, bgt, N)
         for name, P in pi.items():
             res = livebench_score((P * np.nan_to_num(Sp)).sum(1), questions)
             res = {**({"model": picked[name]} if name in picked else {}), "expected_cost": float((P @ c).mean()), **res}
             at[name, bgt] = res
             table.append({"policy": name, "budget": bgt, **res})
-        if not math.isfinite(bgt):
-            free = pi["router"]
+        router_pi[bgt] = pi["router"]
         for z, q in enumerate(questions):
             routes.append({"question_id": q["question_id"], "task": q["task"], "budget": bgt if math.isfinite(bgt) else "inf",
                            "pi": {names[m]: round(float(pi["router"][z, m]), 6) for m in np.flatnonzero(pi["router"][z] > 0)},
                            "score": float(pi["router"][z] @ np.nan_to_num(Sp[z]))})
     for m in sorted(singles, key=lambda m: -singles[m]["overall"]):
         table.append({"policy": "model", "model": m, "budget": "", "expected_cost": c[names.index(m)], **singles[m]})
+    return SimpleNamespace(at=at, singles=singles, table=table, routes=routes, free=router_pi[math.inf])
 
-    # -------------------------------------------------------------------------
-    # outputs, printed table
-    cats = sorted({q["category"] for q in questions})
-    tasks = sorted({q["task"] for q in questions})
-    exact = [lb for lb, p2l, why in pool if why is None]
-    approx = {p2l: {"livebench": lb, "why": why} for lb, p2l, why in pool if why is not None}
-    src = args.checkpoint or args.preds or f"--train-cv {args.train_cv} ({args.cv_model}, grk)"
+
+def fixed_policies(pi, singles, names, c, complete, p2l_bbar, bgt, N):
+    """Add the question-independent policies at budget bgt to pi (best_single, p2l_single,
+    best_mixture); returns {policy: the model(s) it picked}."""
+    M, ok = len(names), c <= bgt
+    cand = [m for m in range(M) if complete[m] and ok[m]]
+    best = max(cand, key=lambda m: (singles[names[m]]["overall"], -c[m]), default=None)
+    top = max(cand, key=lambda m: p2l_bbar[m], default=None)
+    picked = {}
+    for name, m in (("best_single", best), ("p2l_single", top)):
+        if m is not None:
+            pi[name] = np.zeros((N, M))
+            pi[name][:, m] = 1
+            picked[name] = names[m]
+    comp = np.flatnonzero(complete)
+    if math.isfinite(bgt) and len(comp) and c[comp].min() <= bgt:
+        # the best prompt-independent mixture of two models at this cost, picked with the scores: LiveBench's
+        # score is linear in the per-question scores, so a mixture scores the mix of the two overall scores
+        sc = np.array([singles[names[m]]["overall"] for m in comp])
+        i, j, w = C.hull_route(sc, c[comp], bgt, np.argsort(c[comp], kind="stable").tolist())
+        pi["best_mixture"] = np.zeros((N, M))
+        pi["best_mixture"][:, comp[i]] += w
+        pi["best_mixture"][:, comp[j]] += 1 - w
+        picked["best_mixture"] = names[comp[i]] if w == 1 else f"{w:.2f} {names[comp[i]]} + {1 - w:.2f} {names[comp[j]]}"
+    return picked
+
+
+def write_outputs(args, inp, pool, res, cv, src, out, seconds):
+    """metrics.json, table.csv, routes.jsonl, livebench.png, each replaced atomically."""
+    at, singles, names, budgets = res.at, res.singles, pool.names, pool.budgets
+    cats = sorted({q["category"] for q in pool.questions})
+    tasks = sorted({q["task"] for q in pool.questions})
     metrics = {k: strip(at.get((k, math.inf), {})) for k in ("router", "best_single", "random", "oracle", "p2l_single")}
     metrics.update({
         "budgets": [{"budget": b, **{k: strip(at[k, b]) for k in POLICIES if (k, b) in at}} for b in budgets[1:]],
         "models": {m: strip(s) for m, s in singles.items()},
-        "release": release, "questions": {"read": len(all_q), "in_release": len(questions) + len(dropped),
-                                          "routed": N, "dropped_no_score": len(dropped)},
-        "scores": {"file": args.scores, "kind": kind, "note": note}, "source": src, "pool": names,
-        "name_map": {"file": args.name_map, "exact": exact, "approximate": approx,
-                     "p2l_without_livebench_scores": unmatched_p2l, "livebench_not_in_p2l": unmatched_lb,
-                     "without_cost": no_cost},
+        "release": inp.release, "questions": {"read": len(inp.all_q), "in_release": len(pool.questions) + len(pool.dropped),
+                                              "routed": len(pool.questions), "dropped_no_score": len(pool.dropped)},
+        "scores": {"file": args.scores, "kind": inp.kind, "note": inp.note}, "source": src, "pool": names,
+        "name_map": {"file": args.name_map, "exact": [lb for lb, p2l, why in pool.pool if why is None],
+                     "approximate": {p2l: {"livebench": lb, "why": why} for lb, p2l, why in pool.pool if why is not None},
+                     "p2l_without_livebench_scores": pool.unmatched_p2l, "livebench_not_in_p2l": pool.unmatched_lb,
+                     "without_cost": pool.no_cost},
         "costs": args.costs, "opponents": "uniform over the pooled models scored on each question",
-        "cv": cv, "seconds": round(time.time() - t_start, 1), "seed": args.seed})
+        "cv": cv, "seconds": round(seconds, 1), "seed": args.seed})
     C.write_json(out / "metrics.json", metrics)
     buf = io.StringIO()
     cols = ["policy", "model", "budget", "expected_cost", "overall"] + cats + tasks
     wr = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
     wr.writeheader()
-    for t in table:
+    for t in res.table:
         wr.writerow({k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in {**t, **t["tasks"]}.items()})
     C.atomic_write(out / "table.csv", buf.getvalue())
-    C.atomic_write(out / "routes.jsonl", "".join(json.dumps(r) + "\n" for r in routes))
-    plot(at, singles, names, c, budgets, costs is not None, out / "livebench.png",
-         f"LiveBench {release}, {N} questions: P2L {Path(src).name if not args.train_cv else 'grk CV'} among {M} models")
+    C.atomic_write(out / "routes.jsonl", "".join(json.dumps(r) + "\n" for r in res.routes))
+    plot(at, singles, names, pool.c, budgets, inp.costs is not None, out / "livebench.png",
+         f"LiveBench {inp.release}, {len(pool.questions)} questions: P2L {Path(src).name if not args.train_cv else 'grk CV'} "
+         f"among {len(names)} models")
 
-    print(f"LiveBench release {release}: {len(questions) + len(dropped)} of {len(all_q)} questions are in it; {N} routed"
+
+def report(args, inp, pool, res, src, out, seconds):
+    """The printed summary: inputs, name matching, the policy table, the router's favourite per task."""
+    at, singles, names, c, questions = res.at, res.singles, pool.names, pool.c, pool.questions
+    cats = sorted({q["category"] for q in questions})
+    tasks = sorted({q["task"] for q in questions})
+    exact = [lb for lb, p2l, why in pool.pool if why is None]
+    approx = {p2l: (lb, why) for lb, p2l, why in pool.pool if why is not None}
+    dropped = pool.dropped
+    print(f"LiveBench release {inp.release}: {len(questions) + len(dropped)} of {len(inp.all_q)} questions are in it; {len(questions)} routed"
           f"{f' ({len(dropped)} have no score)' if dropped else ''}; {len(tasks)} tasks in {len(cats)} categories")
-    print(f"scores: {args.scores}: {note}")
-    print(f"P2L: {src}, {len(p2l_models)} models; routing among the {M} that have LiveBench scores"
-          f"{' and a cost' if costs else ''}: {len(exact)} exact name matches, {len(approx)} approximate")
-    for p2l, a in approx.items():
-        print(f"  approximate: {p2l} -> {a['livebench']} ({a['why']})")
+    print(f"scores: {args.scores}: {inp.note}")
+    print(f"P2L: {src}, {len(inp.p2l_models)} models; routing among the {len(names)} that have LiveBench scores"
+          f"{' and a cost' if inp.costs else ''}: {len(exact)} exact name matches, {len(approx)} approximate")
+    for p2l, (lb, why) in approx.items():
+        print(f"  approximate: {p2l} -> {lb} ({why})")
     if len(exact) <= 8:
         for m in exact:
             print(f"  exact: {m}")
-    print(f"  unmatched: {len(unmatched_p2l)} P2L models have no LiveBench scores, {len(unmatched_lb)} LiveBench models are not "
-          f"in the P2L (lists in metrics.json){f'; {len(no_cost)} have no cost: left out' if no_cost else ''}")
+    print(f"  unmatched: {len(pool.unmatched_p2l)} P2L models have no LiveBench scores, {len(pool.unmatched_lb)} LiveBench models are not "
+          f"in the P2L (lists in metrics.json){f'; {len(pool.no_cost)} have no cost: left out' if pool.no_cost else ''}")
     cw = [max(7, len(x)) for x in cats]
-    cost = (lambda x: f"{x:.2f}") if costs else (lambda x: "-")
+    cost = (lambda x: f"{x:.2f}") if inp.costs else (lambda x: "-")
     line = lambda label, bgt, r, who="": (f"{label:15s} {bgt:>7s} {cost(r['expected_cost']):>7s} {r['overall']:7.2f} "
                                           + " ".join(f"{r[x]:{n}.2f}" for x, n in zip(cats, cw)) + f"  {who}")
     print("\nLiveBench score x100 (task mean -> category mean -> overall mean of categories)")
     print(f"{'policy':15s} {'budget':>7s} {'cost':>7s} {'overall':>7s} " + " ".join(f"{x:>{n}s}" for x, n in zip(cats, cw)) + "  model")
     label = {"router": "P2L router", "oracle": "oracle", "best_single": "best single", "best_mixture": "best mixture",
              "p2l_single": "P2L top single", "random": "random"}
-    for bgt in budgets:
+    for bgt in pool.budgets:
         for k in POLICIES:
             if (k, bgt) in at:
                 print(line(label[k], "none" if not math.isfinite(bgt) else f"{bgt:g}", at[k, bgt], at[k, bgt].get("model", "")))
@@ -564,15 +629,29 @@ def main(argv=None):
         print(f"... {len(ranked) - 10} more in {out / 'table.csv'}")
     picks = {}
     for z, q in enumerate(questions):  # which model the unconstrained router favours on each task
-        top_m = names[int(np.argmax(free[z]))]
-        picks.setdefault(q["task"], []).append(top_m)
+        picks.setdefault(q["task"], []).append(names[int(np.argmax(res.free[z]))])
     top = {t: Counter(sorted(v)).most_common(1)[0] for t, v in sorted(picks.items())}  # ties: the first name
     print("router's most chosen model per task (unconstrained): " + "; ".join(f"{t} {m} {n}/{len(picks[t])}" for t, (m, n) in top.items()))
     r0, b0 = at["router", math.inf], at.get(("best_single", math.inf), {"overall": math.nan})
     print(f"unconstrained: router {r0['overall']:.2f} vs best single {b0['overall']:.2f} ({r0['overall'] - b0['overall']:+.2f}), "
-          f"oracle {at['oracle', math.inf]['overall']:.2f}, random {at['random', math.inf]['overall']:.2f}; "
-          f"{time.time() - t_start:.0f} s")
+          f"oracle {at['oracle', math.inf]['overall']:.2f}, random {at['random', math.inf]['overall']:.2f}; {seconds:.0f} s")
     print(f"-> {out / 'table.csv'}, {out / 'metrics.json'}, {out / 'livebench.png'}, {out / 'routes.jsonl'}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    try:
+        inp = load(args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    pool = make_pool(args, inp)
+    out = Path(args.out)
+    beta, cv = coefficients(args, inp, pool, out)
+    res = score(pool, beta)
+    src = args.checkpoint or args.preds or f"--train-cv {args.train_cv} ({args.cv_model}, grk)"
+    write_outputs(args, inp, pool, res, cv, src, out, time.time() - t_start)
+    report(args, inp, pool, res, src, out, time.time() - t_start)
 
 
 def strip(r):
