@@ -149,7 +149,7 @@ def load_preds(path, loss):
     if loss is None:  # the file records its head's loss; files written before it did: evaluate.py's metrics.json
         loss = C.predictions_meta(path).get("loss")
         if loss is None and (path / "metrics.json").exists():
-            print(f"--preds {path}: no loss in predictions.safetensors (an older file): taking it from metrics.json")
+            print(f"--preds {path}: predictions.safetensors records no loss (an older writer): taking it from metrics.json")
             loss = json.loads((path / "metrics.json").read_text()).get("loss")
         loss = loss if loss in C.LOSSES else None
     if loss is None:

@@ -172,7 +172,7 @@ def test_predictions_say_how_to_read_them_and_name_bad_lines(tmp_path, capsys):
     with pytest.raises(ValueError, match="say which with --loss"):
         AG.load_preds(old, None)
     (old / "metrics.json").write_text(json.dumps({"loss": "rk"}))
-    assert AG.load_preds(old, None)[4] == "rk" and "taking it from metrics.json" in capsys.readouterr().out
+    assert AG.load_preds(old, None)[4] == "rk" and "records no loss (an older writer): taking it from metrics.json" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
 # backbones: a tiny random Qwen2 with the real Qwen2.5 tokenizer, and the real MiniLM
