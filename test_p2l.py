@@ -1352,6 +1352,20 @@ def test_outcome_votes_are_the_independent_correctness_probabilities():
                                    "tie (bothbad)": (1 - s[a]) * (1 - s[b])}, abs=1e-6)
 
 
+def test_model_order_comes_from_the_checkpoint_and_help_is_one_paragraph(capsys):
+    """Coefficients are taken by the names the checkpoint lists, not by an assumed order; --help is
+    the docstring's first paragraph and the flags, not the whole docstring."""
+    b = torch.tensor([[1.0, 2.0, 3.0]])
+    assert L.in_order(b, ["z", "x", "y"], ["x", "y", "z"], "ck").tolist() == [[2.0, 3.0, 1.0]]
+    with pytest.raises(SystemExit, match="not the 3 scored models"):
+        L.in_order(b, ["z", "x", "w"], ["x", "y", "z"], "fold 0")
+    with pytest.raises(SystemExit):
+        L.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert L.__doc__.split("\n\n")[0].split()[:6] == out.split("\n\n")[1].split()[:6]
+    assert "--train-cv K" in out and "Policies, each scored" not in out
+
+
 @pytest.mark.slow
 def test_train_cv_every_question_routed_by_a_model_that_never_saw_it(tiny_qwen, setup, capsys):
     d = setup
