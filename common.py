@@ -145,7 +145,10 @@ def group_by_prompt(battles, model_index, loss):
 
 
 def cat_pairs(pairs, offsets=None):
-    """Concatenate per-prompt pair tensors; 'row' says which prompt (0..len-1) each pair belongs to."""
+    """Concatenate per-prompt pair tensors; 'row' says which prompt (0..len-1) each pair belongs to.
+    Flat pairs (a dict, e.g. index_votes' or pairs_of's) are already that and pass through."""
+    if isinstance(pairs, dict):
+        return pairs
     out = {k: torch.cat([pp[k] for pp in pairs]) for k in pairs[0]}
     out["row"] = torch.cat([torch.full((len(pp["a"]),), i) for i, pp in enumerate(pairs)])
     return out
