@@ -275,6 +275,23 @@ def test_token_batches_budget_cover_seed_and_padding():
     assert C.padding_fraction(L, fixed) > 3 * C.padding_fraction(L, b1)
     assert C.padding_fraction([3, 1], [np.array([0, 1])]) == pytest.approx(1 / 3)
 
+@pytest.mark.slow
+def test_bench_scale_scaled_down(tmp_path):
+    """bench_scale.py end to end at 20k battles (tokenizing 1,500 prompts, the rest extrapolated):
+    every stage reports, the index sees every battle and model, token budgets cut padding >= 3x."""
+    r = subprocess.run([sys.executable, "bench_scale.py", "--sizes", "20000", "--tokenize-prompts", "1500", "--steps", "1",
+                        "--train-len", "256", "--train-max-tokens", "2048", "--out", tmp_path], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())["results"]["20000"]
+    assert res["index"]["battles"] == 20000 and res["index"]["models"] == 130 and res["index"]["prompts"] == res["unique_prompts"] == 17000
+    assert res["tokenize"]["prompts"] == 1500 and res["tokenize"]["extrapolated"] and "EXTRAPOLATED" in r.stdout
+    assert res["sampler"]["prompts"] == 17000 and res["sampler"]["lengths_resampled"] == 15500
+    assert res["sampler"]["padding_cut"] >= 3 and res["sampler"]["max_len"] <= 8192
+    assert all(res[s]["peak_rss_mib"] > 0 for s in ("index", "tokenize", "sampler", "train"))
+    assert res["train"]["token_budget"]["padding"] < res["train"]["fixed"]["padding"]
+    assert not list(tmp_path.glob("battles-*"))  # the GiB-sized synthetic files are removed
+
 # -----------------------------------------------------------------------------
 # end to end: train.py on a slice of the bundled data, reload, compare
 
@@ -553,9 +570,10 @@ def test_torchrun_two_ranks_predict_as_one(tiny_qwen, tmp_path):
     marginal = {"model_list": models, "beta": [0.0] * 3, "eta": 0.0, "loss": "bt", "train": str(data)}
     ck = tmp_path / "ck"
     C.save_checkpoint(ck, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
+    (tmp_path / "costs.json").write_text(json.dumps({"m0": 1, "m1": 2, "m2": 3}))
     trun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741"]
     for script, extra in (("evaluate.py", ["--data", data, "--batch-size", "1", "--bootstrap", "10"]),
-                          ("route.py", ["--prompts", data, "--budget", "1"])):
+                          ("route.py", ["--prompts", data, "--budget", "2", "--costs", tmp_path / "costs.json"])):
         for launcher, out in (([sys.executable], "one"), (trun, "two")):
             r = subprocess.run([*launcher, script, "--checkpoint", ck, *extra, "--out", tmp_path / script / out],
                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
