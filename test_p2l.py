@@ -354,6 +354,16 @@ def test_minilm_trains_and_reloads_identically(small_data, tmp_path):
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["p2l"]["pooling"] == "first"
 
 
+def test_token_budget_training_runs_and_reloads(tiny_qwen, small_data, tmp_path):
+    m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "2", "--max-tokens", "256", "--head-lr", "1e-2")
+    assert m["steps"] == 2 and m["p2l"]["nll"] != pytest.approx(m["marginal"]["nll"], abs=1e-7)
+    assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
+    cmd = [sys.executable, "train.py", "--model", tiny_qwen, "--train", small_data[0], "--val", small_data[1],
+           "--out", str(tmp_path / "bad"), "--max-len", "64", "--max-tokens", "32"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--max-tokens must be >= --max-len" in r.stderr
+
+
 def test_resume_continues_from_saved_step(tiny_qwen, small_data, tmp_path):
     # 24 prompts in micro-batches of 4, 2 per step: 3 steps an epoch, so the resumed run crosses an epoch
     run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "2", "--save-every", "1", "--grad-accum", "2", "--epochs", "2")
