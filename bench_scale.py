@@ -162,7 +162,7 @@ def fixed_batches(n_prompts, epoch):
 
 def stage_sampler(n, n_unique):
     import common as C
-    L, _ = lengths_for(n, n_unique)
+    L, c = lengths_for(n, n_unique)
     t0 = time.perf_counter()
     tb = C.token_batches(L, args.max_tokens, seed=args.seed)
     secs = time.perf_counter() - t0
@@ -172,7 +172,7 @@ def stage_sampler(n, n_unique):
     pad_t, pad_f = C.padding_fraction(L, tb), C.padding_fraction(L, fb)
     return {"seconds": secs, "fixed_seconds": fixed_secs, "prompts": len(L), "batches": len(tb), "fixed_batches": len(fb),
             "padding_token_budget": pad_t, "padding_fixed": pad_f, "padding_cut": pad_f / pad_t,
-            "lengths_resampled": max(0, n_unique - len(L)), "mean_len": float(L.mean()), "max_len": int(L.max())}
+            "lengths_resampled": len(L) - len(c), "mean_len": float(L.mean()), "max_len": int(L.max())}
 
 
 def stage_train(n):
