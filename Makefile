@@ -36,7 +36,7 @@ bench: venv
 	$(PY) route.py --bench --out out/bench
 
 # scale: each data stage on synthetic battles at 10k and at the paper's size (1.5M battles, 130 models): time and
-# peak RSS per stage, growth as a ratio, padding and useful tokens/s of the two samplers (~45 min on 2 busy CPUs;
+# peak RSS per stage, growth as a ratio, padding and useful tokens/s of the two samplers (~12 min on 2 busy CPUs;
 # tokenization is measured on 100k prompts and extrapolated to the rest, as the output says)
 bench-scale: venv
 	$(PY) bench_scale.py --sizes 10000,1500000 --out out/bench-scale

@@ -7,6 +7,8 @@ One file, three launchers:
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
     deepspeed train.py --deepspeed ds_config.json --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
 On a CPU, deepspeed needs DS_ACCELERATOR=cpu. --bench prints grouped vs one-forward-per-pair speed.
+At Arena scale add --max-tokens 16384: length-grouped batches (make bench-scale: ~20x less padding); token ids
+come from an on-disk cache built once per battle file and tokenizer ($P2L_CACHE, default ~/.cache/p2l).
 """
 import argparse
 import json
