@@ -147,9 +147,98 @@ def group_by_prompt(battles, model_index, loss):
 
 
 def cat_pairs(pairs, offsets=None):
-    """Concatenate per-prompt pair tensors; 'row' says which prompt (0..len-1) each pair belongs to."""
+    """Concatenate per-prompt pair tensors; 'row' says which prompt (0..len-1) each pair belongs to.
+    Flat pairs (a dict, e.g. index_votes' or pairs_of's) are already that and pass through."""
+    if isinstance(pairs, dict):
+        return pairs
     out = {k: torch.cat([pp[k] for pp in pairs]) for k in pairs[0]}
     out["row"] = torch.cat([torch.full((len(pp["a"]),), i) for i, pp in enumerate(pairs)])
+    return out
+
+
+def prompt_digest(turns):
+    """16 bytes that stand for a prompt: what the vote index keeps instead of its text."""
+    return hashlib.blake2b(prompt_key(turns).encode("utf-8"), digest_size=16).digest()
+
+
+def vote_targets_of(outcome, p_a, weight, loss):
+    """(y, p, w) numpy arrays for the loss from raw outcomes, soft labels (NaN: none) and weights:
+    the BT target is the soft label when there is one, else 1/0 for decisive votes and 1/2 for
+    ties; plain bt drops hard-label ties (weight 0) as the paper's BT head does; rk has no
+    both-bad outcome, so it counts as a tie."""
+    y = outcome.astype(np.int64)
+    hard = np.isnan(p_a)
+    p = np.where(hard, np.select([y == A, y == B], [1.0, 0.0], 0.5), p_a)
+    w = weight.copy()
+    if loss == "bt":
+        w[hard & ((y == TIE) | (y == BOTHBAD))] = 0.0
+    if loss == "rk":
+        y[y == BOTHBAD] = TIE
+    return y, p, w
+
+
+def index_votes(path, loss, model_index=None):
+    """One streaming pass over a battle file, holding no prompt text: every vote as compact arrays.
+    Prompts are numbered 0..n_prompts-1 in first-seen order (the order group_by_prompt and the
+    token cache use). Returns a dict:
+      pairs: {a, b, y, p, w, row} torch tensors, votes sorted by prompt (file order within one),
+        exactly what cat_pairs(group_by_prompt(...)) gives but with `row` the prompt number;
+      start: numpy int64 [n_prompts + 1], the votes of prompt i are pairs[start[i]:start[i+1]];
+      models: the sorted model list when model_index is None (then taken from this file);
+      category: per-vote category index (-1: none) into `categories`;
+      n_prompts, n_battles, skipped (votes naming a model outside model_index).
+    Memory: ~60 bytes per vote and ~100 per unique prompt (the digest table), whatever the prompt
+    lengths; 1.5M Arena votes fit in well under 1 GiB."""
+    import array
+    seen, names, cats = {}, {}, {}
+    cols = {k: array.array(t) for k, t in (("row", "q"), ("a", "i"), ("b", "i"), ("y", "b"), ("p", "d"),
+                                          ("w", "d"), ("c", "i"))}
+    n_battles = 0
+    for where, row in read_jsonl(path):
+        bt = _parse_battle(row, where)  # the per-row validation every reader shares
+        n_battles += 1
+        r = seen.setdefault(prompt_digest(bt["prompt"]), len(seen))
+        cols["row"].append(r)
+        cols["a"].append(names.setdefault(bt["model_a"], len(names)))
+        cols["b"].append(names.setdefault(bt["model_b"], len(names)))
+        cols["y"].append(bt["outcome"])
+        cols["p"].append(math.nan if bt["p_a"] is None else bt["p_a"])
+        cols["w"].append(bt["weight"])
+        cols["c"].append(-1 if bt["category"] is None else cats.setdefault(str(bt["category"]), len(cats)))
+    if not n_battles:
+        raise ValueError(f"{path}: no battles")
+    del seen
+    col = {k: np.frombuffer(v, dtype={"q": np.int64, "i": np.int32, "b": np.int8, "d": np.float64}[v.typecode])
+           for k, v in cols.items()}
+    models = sorted(names) if model_index is None else None
+    target = model_index if model_index is not None else {m: i for i, m in enumerate(models)}
+    remap = np.array([target.get(m, -1) for m in names], dtype=np.int64)
+    a, b = remap[col["a"]], remap[col["b"]]
+    keep = (a >= 0) & (b >= 0)
+    order = np.flatnonzero(keep)
+    order = order[np.argsort(col["row"][order], kind="stable")]
+    y, p, w = vote_targets_of(col["y"][order], col["p"][order], col["w"][order], loss)
+    n_prompts = int(col["row"].max()) + 1
+    row = col["row"][order]
+    start = np.zeros(n_prompts + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=n_prompts), out=start[1:])
+    pairs = {"a": torch.from_numpy(a[order]), "b": torch.from_numpy(b[order]), "y": torch.from_numpy(y),
+             "p": torch.from_numpy(p), "w": torch.from_numpy(w), "row": torch.from_numpy(row)}
+    return {"pairs": pairs, "start": start, "models": models, "category": col["c"][order],
+            "categories": list(cats), "n_prompts": n_prompts, "n_battles": n_battles,
+            "skipped": int((~keep).sum())}
+
+
+def pairs_of(votes, prompts):
+    """The votes of these prompt numbers (an index_votes result), with `row` = position in `prompts`:
+    a batch's pairs for batch_nll, gathered from the flat arrays without per-prompt objects."""
+    prompts = np.asarray(prompts, dtype=np.int64)
+    s, e = votes["start"][prompts], votes["start"][prompts + 1]
+    n = e - s
+    row = np.repeat(np.arange(len(prompts)), n)
+    idx = torch.from_numpy(np.repeat(s - np.cumsum(n) + n, n) + np.arange(int(n.sum())))
+    out = {k: v[idx] for k, v in votes["pairs"].items() if k != "row"}
+    out["row"] = torch.from_numpy(row)
     return out
 
 # -----------------------------------------------------------------------------
@@ -277,12 +366,18 @@ def encode_prompts(tok, prompts, max_len, pooling, cls_id=None):
     conversation and the pooling token always survive.
     last: chat template + one appended CLS token (a literal CLS string typed in a prompt is
     re-tokenized as plain text, so the only CLS is the last position). first/mean: the
-    tokenizer's own special tokens ([CLS] ... [SEP]) around the left-truncated text."""
+    tokenizer's own special tokens ([CLS] ... [SEP]) around the left-truncated text.
+    The tokenizer is only read: truncation is done here, not by setting tok.truncation_side
+    (which would change the caller's tokenizer for every later call)."""
     texts = [render_prompt(tok, t) for t in prompts]
-    if pooling != "last":
-        tok.truncation_side = "left"
-        return tok(texts, truncation=True, max_length=max_len)["input_ids"]
     bodies = tok(texts, add_special_tokens=False)["input_ids"]
+    if pooling != "last":
+        # the tokenizer's own wrapping (e.g. [CLS] ... [SEP]), read off a probe, around the kept end
+        plain, wrapped = (tok("a", add_special_tokens=s)["input_ids"] for s in (False, True))
+        k = next(k for k in range(len(wrapped)) if wrapped[k:k + len(plain)] == plain)
+        pre, post = wrapped[:k], wrapped[k + len(plain):]
+        keep = max_len - len(pre) - len(post)
+        return [pre + ids[len(ids) - min(len(ids), keep):] + post for ids in bodies]
     literal = tok(CLS_TOKEN, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     out = []
     for ids in bodies:
@@ -293,14 +388,193 @@ def encode_prompts(tok, prompts, max_len, pooling, cls_id=None):
 
 
 def collate(seqs, pad_id):
-    """Right-pad token id lists into (input_ids, attention_mask)."""
+    """Right-pad token id sequences (lists or numpy arrays) into (input_ids, attention_mask)."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
+        ids[i, :len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
         mask[i, :len(s)] = 1
     return ids, mask
+
+# -----------------------------------------------------------------------------
+# the token cache: every unique prompt of a battle file tokenized once, on disk as one flat int32
+# array plus int64 offsets, memory-mapped. Keyed by the file's bytes, the tokenizer, the chat
+# template, max_len, pooling and CLS id, so a stale cache cannot be read; built by worker
+# processes, reused by every rank and every rerun. numpy memmaps are all this needs: pages are
+# shared between ranks through the OS page cache and read on demand (a rank holds its batches,
+# not the dataset); Arrow/HF datasets would add a dependency for the same two arrays.
+
+CACHE_VERSION = 1
+_ENC = None  # (tok, max_len, pooling, cls_id) in a worker process
+
+
+def cache_root():
+    return Path(os.environ.get("P2L_CACHE") or Path.home() / ".cache" / "p2l") / "tokens"
+
+
+def file_digest(path, chunk=1 << 24):
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_digest(tok):
+    """What decides the token ids: the full tokenizer (vocabulary, merges, added tokens,
+    normalizer) when it is a fast one, its chat template, and its special tokens."""
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else f"{type(tok).__name__}:{tok.name_or_path}:{len(tok)}".encode())
+    h.update(str(tok.chat_template).encode())
+    h.update(json.dumps(sorted(map(str, tok.all_special_ids))).encode())
+    return h.hexdigest()
+
+
+class TokenCache:
+    """Read side of a built cache: len(c), c[i] (int32 numpy view of prompt i's ids), c.lengths."""
+    def __init__(self, d):
+        self.dir = Path(d)
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
+        n_tok = int(self.offsets[-1])
+        self.tokens = (np.memmap(self.dir / "tokens.bin", dtype=np.int32, mode="r", shape=(n_tok,)) if n_tok
+                       else np.zeros(0, dtype=np.int32))
+        self.lengths = np.diff(self.offsets).astype(np.int32)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def _init_encoder(tok, max_len, pooling, cls_id):
+    global _ENC
+    _ENC = (tok, max_len, pooling, cls_id)
+
+
+def _encode_chunk(prompts):
+    ids = encode_prompts(_ENC[0], prompts, *_ENC[1:])
+    return np.array([len(x) for x in ids], dtype=np.int64), np.fromiter((t for x in ids for t in x), dtype=np.int32)
+
+
+def _unique_prompt_chunks(path, chunk):
+    """Lists of the unique prompts of a battle file in first-seen order, `chunk` at a time."""
+    seen, buf = set(), []
+    for where, row in read_jsonl(path):
+        bt = _parse_battle(row, where)
+        d = prompt_digest(bt["prompt"])
+        if d not in seen:
+            seen.add(d)
+            buf.append(bt["prompt"])
+            if len(buf) == chunk:
+                yield buf
+                buf = []
+    if buf:
+        yield buf
+
+
+def token_cache(path, tok, max_len, pooling, cls_id=None, workers=None, rank=0, root=None, chunk=512, log=print):
+    """The TokenCache of a battle file's unique prompts (numbered as index_votes numbers them),
+    building it first when absent. Rank 0 builds; other ranks wait for the finished directory
+    (it appears by an atomic rename, so a reader never sees half a cache). workers: tokenizer
+    processes (default: the CPU count); 1 tokenizes in this process."""
+    fields = {"version": CACHE_VERSION, "file": file_digest(path), "tokenizer": tokenizer_digest(tok),
+              "max_len": max_len, "pooling": pooling, "cls_id": cls_id}
+    key = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=12).hexdigest()
+    d = Path(root or cache_root()) / key
+    if (d / "meta.json").exists():
+        return TokenCache(d)
+    if rank != 0:
+        import time
+        while not (d / "meta.json").exists():  # no collective: a long build must not hit a barrier timeout
+            time.sleep(1.0)
+        return TokenCache(d)
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{key}-"))
+    workers = workers or os.cpu_count() or 1
+    t0, n_tok = time.perf_counter(), 0
+    offsets = [np.zeros(1, dtype=np.int64)]
+    with open(tmp / "tokens.bin", "wb") as f:
+        def write(res):
+            nonlocal n_tok
+            lens, flat = res
+            f.write(flat.tobytes())
+            offsets.append(n_tok + np.cumsum(lens))
+            n_tok += int(lens.sum())
+        chunks = _unique_prompt_chunks(path, chunk)
+        if workers == 1:
+            _init_encoder(tok, max_len, pooling, cls_id)
+            for c in chunks:
+                write(_encode_chunk(c))
+        else:  # fork: the workers inherit the tokenizer; no re-import of the calling script
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_encoder,
+                                     initargs=(tok, max_len, pooling, cls_id)) as ex:
+                pending = []
+                for c in chunks:  # at most 2 chunks per worker in flight: memory stays flat
+                    pending.append(ex.submit(_encode_chunk, c))
+                    if len(pending) >= 2 * workers:
+                        write(pending.pop(0).result())
+                for fut in pending:
+                    write(fut.result())
+    off = np.concatenate(offsets)
+    np.save(tmp / "offsets.npy", off)
+    secs = time.perf_counter() - t0
+    meta = dict(fields, path=str(path), prompts=len(off) - 1, tokens=n_tok, seconds=round(secs, 2),
+                tokens_per_s=round(n_tok / max(secs, 1e-9)), workers=workers)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    try:
+        os.rename(tmp, d)
+    except OSError:  # another process finished the same cache first: theirs is identical
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"token cache: {meta['prompts']} prompts, {n_tok} tokens in {secs:.1f} s ({meta['tokens_per_s']} tokens/s, "
+        f"{workers} workers) -> {d}")
+    return TokenCache(d)
+
+# -----------------------------------------------------------------------------
+# batches: a fixed number of prompts, or a token budget filled by length-grouped sampling
+
+
+def token_batches(lengths, max_tokens, seed=None, bucket_ratio=1.1):
+    """Micro-batches (numpy index arrays) whose padded size len(batch) * longest <= max_tokens (a
+    prompt longer than the budget goes alone). seed None: sorted by length, in order (prediction:
+    least padding). With a seed (training): prompts are bucketed by length (each bucket spans a
+    factor bucket_ratio, so padding within one is < 10%), shuffled within buckets, packed, and the
+    batches shuffled across buckets; reproducible from the seed."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if seed is None:
+        order = np.argsort(lengths, kind="stable")
+    else:
+        rng = np.random.default_rng(seed)
+        bucket = np.floor(np.log(np.maximum(lengths, 1)) / math.log(bucket_ratio)).astype(np.int64)
+        order = np.lexsort((rng.random(len(lengths)), bucket))
+    # greedy packing in order: lengths ascend (by bucket), so a batch's longest is its newest prompt
+    # up to the bucket's spread; the running max keeps the budget exact anyway
+    cuts, n, top = [0], 0, 0
+    for k, L in enumerate(lengths[order].tolist()):
+        t = max(top, L)
+        if n and (n + 1) * t > max_tokens:
+            cuts.append(k)
+            n, t = 0, L
+        n, top = n + 1, t
+    cuts.append(len(order))
+    batches = [order[cuts[i]:cuts[i + 1]] for i in range(len(cuts) - 1) if cuts[i + 1] > cuts[i]]
+    if seed is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def padding_fraction(lengths, batches):
+    """Pad tokens / all tokens fed, for right-padded batches of these prompt lengths."""
+    lengths = np.asarray(lengths)
+    fed = sum(len(b) * int(lengths[b].max()) for b in batches)
+    return 1.0 - sum(int(lengths[b].sum()) for b in batches) / max(fed, 1)
 
 # -----------------------------------------------------------------------------
 # the P2L model: backbone -> pooled hidden state -> beta (M coefficients) and eta
@@ -357,21 +631,82 @@ def encode_for(model, tok, prompts):
 
 
 @torch.no_grad()
-def predict(model, ids, pad_id, batch_size=16, device="cpu", autocast_dtype=None):
-    """Coefficients for each token-id list: batches sorted by length (little padding), results
-    returned in input order as (beta [N, M] float32 on CPU, eta [N] or None)."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    betas, etas = [None] * len(ids), [None] * len(ids)
-    for s in range(0, len(ids), batch_size):
-        idx = order[s:s + batch_size]
+def predict(model, ids, pad_id, batch_size=16, device="cpu", autocast_dtype=None, max_tokens=0):
+    """Coefficients for each token-id sequence (lists, arrays or a TokenCache), batched by length
+    (little padding): batch_size prompts at a time, or with max_tokens as many as fit that padded
+    size. Results in input order as (beta [N, M] float32 on CPU, eta [N] or None), written into
+    preallocated tensors (no per-prompt objects)."""
+    lengths = getattr(ids, "lengths", None)
+    lengths = np.array([len(x) for x in ids]) if lengths is None else lengths
+    if max_tokens:
+        batches = token_batches(lengths, max_tokens)
+    else:
+        order = np.argsort(lengths, kind="stable")
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    betas = etas = None
+    for idx in batches:
         x, m = collate([ids[i] for i in idx], pad_id)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             beta, eta = model(x.to(device), m.to(device))
-        for j, i in enumerate(idx):
-            betas[i] = beta[j].cpu()
-            etas[i] = eta[j].cpu() if eta is not None else None
-    return torch.stack(betas), (torch.stack(etas) if etas[0] is not None else None)
+        if betas is None:
+            betas = torch.empty(len(lengths), beta.shape[1])
+            etas = torch.empty(len(lengths)) if eta is not None else None
+        t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        betas[t] = beta.float().cpu()
+        if eta is not None:
+            etas[t] = eta.float().cpu()
+    return betas, etas
+
+
+def dist_env():
+    """(rank, world, local_rank) from the launcher's environment (torchrun, deepspeed); (0, 1, 0) alone."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+
+
+def predict_prompts(model, tok, prompts, shard_dir, batch_size=16, device="cpu", autocast_dtype=None, max_tokens=0):
+    """predict() for prompts (lists of turns), split over the ranks of a torchrun launch: rank r
+    tokenizes and runs prompts r, r+N, ..., writes its shard into shard_dir, and rank 0 merges the
+    shards into the (beta, eta) one process would have computed. Other ranks get None back and
+    should exit. Alone (no launcher) it is plain encode + predict."""
+    rank, world, local_rank = dist_env()
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{local_rank}"
+    model.to(device)
+    mine = list(range(rank, len(prompts), world))
+    beta, eta = predict(model, encode_for(model, tok, [prompts[i] for i in mine]), tok.pad_token_id,
+                        batch_size, device, autocast_dtype, max_tokens)
+    if world == 1:
+        return beta, eta
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=shard_dir, prefix=f".shard-{rank}.")
+    os.close(fd)
+    torch.save({"rows": torch.tensor(mine, dtype=torch.long), "beta": beta, "eta": eta}, tmp)
+    os.replace(tmp, shard_dir / f".shard-{rank}-of-{world}.pt")
+    dist.barrier()  # every shard is on disk
+    out = None
+    if rank == 0:
+        out = [None, None]
+        for r in range(world):
+            f = shard_dir / f".shard-{r}-of-{world}.pt"
+            sh = torch.load(f, weights_only=True)
+            f.unlink()
+            if sh["beta"] is None:  # more ranks than prompts
+                continue
+            if out[0] is None:
+                out = [torch.empty(len(prompts), sh["beta"].shape[1]), torch.empty(len(prompts)) if sh["eta"] is not None else None]
+            if len(sh["rows"]):
+                out[0][sh["rows"]] = sh["beta"]
+                if out[1] is not None:
+                    out[1][sh["rows"]] = sh["eta"]
+        out = tuple(out)
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
 
 # -----------------------------------------------------------------------------
 # files: atomic writes and checkpoints (DESIGN §3)

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
-from tqdm import tqdm
 
 import common as C
 
@@ -59,6 +58,8 @@ p.add_argument("--strict", action="store_true", help="a vote naming a model the 
 p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts for the P2L − marginal NLL CI")
 p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the CI is reproducible")
 p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (batched by length, little padding)")
+p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: as many prompts (sorted by length) as fit "
+               "this many padded tokens per forward pass; `torchrun --nproc_per_node N evaluate.py ...` splits prompts over N ranks")
 p.add_argument("--device", default=C.autodetect_device(), help="cuda / mps / cpu (default: what is there)")
 p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on GPUs; fp32 "
                "reproduces the NLL train.py reported to ~1e-6")
@@ -235,20 +236,14 @@ else:
         model, tok = C.load_checkpoint(args.checkpoint, loss)
     except (ValueError, OSError) as e:
         sys.exit(f"error: --checkpoint {args.checkpoint}: {e}")
-    model.to(args.device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    ids = C.encode_for(model, tok, prompts)
-    order = sorted(range(P), key=lambda i: len(ids[i]))
-    beta, eta = torch.zeros(P, M), (torch.zeros(P) if head != "bt" else None)
-    chunk = 64 * args.batch_size  # C.predict sorts within a call; chunks of the globally sorted order give a progress bar
-    for s in tqdm(range(0, P, chunk), desc="predict", disable=P <= chunk):
-        idx = order[s:s + chunk]
-        b_, e_ = C.predict(model, [ids[i] for i in idx], tok.pad_token_id, args.batch_size, args.device,
-                           torch.bfloat16 if args.dtype == "bf16" else None)
-        beta[idx] = b_
-        if eta is not None:
-            eta[idx] = e_
+    # under torchrun each rank runs every N-th prompt; rank 0 merges the shards and carries on alone
+    res = C.predict_prompts(model, tok, prompts, args.out, args.batch_size, args.device,
+                            torch.bfloat16 if args.dtype == "bf16" else None, args.max_tokens)
+    if res is None:
+        sys.exit(0)
+    beta, eta = res
     rows = []
     for k, t in zip(keys, prompts):
         cats = sorted({str(b["category"]) for b in by_prompt[k] if b["category"] is not None})

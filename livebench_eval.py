@@ -241,13 +241,22 @@ def p2l_router(beta, avail):
 # P2L coefficients: a checkpoint, saved predictions, or K-fold training on LiveBench outcomes
 
 
-def predict(ckpt, questions):
+def predict(ckpt, questions, shard_dir=None):
+    """(beta, eta, model list) of a checkpoint on the questions. With shard_dir, a torchrun launch
+    splits the questions over its ranks (C.predict_prompts): rank 0 gets the merged result, the
+    other ranks exit here."""
     model, tok = C.load_checkpoint(ckpt)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     device = C.autodetect_device()
-    ids = C.encode_for(model, tok, [q["turns"] for q in questions])
-    beta, eta = C.predict(model.to(device), ids, tok.pad_token_id, batch_size=16, device=device)
+    turns = [q["turns"] for q in questions]
+    if shard_dir is None:
+        beta, eta = C.predict(model.to(device), C.encode_for(model, tok, turns), tok.pad_token_id, batch_size=16, device=device)
+    else:
+        res = C.predict_prompts(model, tok, turns, shard_dir, 16, device)
+        if res is None:
+            sys.exit(0)
+        beta, eta = res
     return beta, eta, model.p2l["model_list"]
 
 
@@ -484,7 +493,7 @@ def coefficients(args, inp, pool, out):
         cv = None
     else:
         if args.checkpoint:
-            raw_b, raw_e, ck_models = predict(args.checkpoint, pool.questions)
+            raw_b, raw_e, ck_models = predict(args.checkpoint, pool.questions, shard_dir=out)
             raw_b = in_order(raw_b, ck_models, inp.p2l_models, f"--checkpoint {args.checkpoint}")
             fold, cv = None, None
         else:

@@ -203,10 +203,11 @@ def load_betas(args, prompts, preds):
     model, tok = C.load_checkpoint(args.checkpoint)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    device = C.autodetect_device()
-    ids = C.encode_for(model, tok, [p["prompt"] for p in prompts])
-    beta, eta = C.predict(model.to(device), ids, tok.pad_token_id, batch_size=16, device=device)
-    return beta.double().numpy(), (beta, eta)
+    # under torchrun each rank runs every N-th prompt and rank 0 merges (C.predict_prompts); the others stop here
+    res = C.predict_prompts(model, tok, [p["prompt"] for p in prompts], args.out, 16, C.autodetect_device())
+    if res is None:
+        sys.exit(0)
+    return res[0].double().numpy(), res
 
 
 def main(argv=None):

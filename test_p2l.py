@@ -232,6 +232,94 @@ def test_encoder_left_truncation_keeps_cls_and_sep():
     assert len(ids) == 16 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert "finale" in tok.decode(ids) and "start" not in tok.decode(ids)
 
+
+def test_encode_prompts_leaves_the_callers_tokenizer_alone():
+    tok, _ = C.load_backbone("minilm")
+    before = (tok.truncation_side, tok.padding_side, tok.model_max_length)
+    assert tok.truncation_side == "right"  # what a truncation_side = "left" side effect would change
+    ids = C.encode_prompts(tok, [["a b c " * 50]], 16, "mean")
+    assert len(ids[0]) == 16 and (tok.truncation_side, tok.padding_side, tok.model_max_length) == before
+
+# -----------------------------------------------------------------------------
+# scale: votes as flat arrays, the token cache, token-budget batches
+
+
+def test_index_votes_equals_group_by_prompt_for_every_loss():
+    for path in ("data/alpaca_eval/train.jsonl.gz", "data/arena_catalog/train.jsonl.gz"):
+        battles = C.read_battles(ROOT / path)
+        for loss in C.LOSSES:
+            v = C.index_votes(ROOT / path, loss)
+            index = {m: i for i, m in enumerate(v["models"])}
+            prompts, pairs, skipped = C.group_by_prompt(battles, index, loss)
+            ref = C.cat_pairs(pairs)
+            assert all(torch.equal(ref[k], v["pairs"][k]) for k in ("a", "b", "y", "p", "w")), (path, loss)
+            assert v["n_battles"] == len(battles) and skipped == v["skipped"] == 0
+            assert len(np.unique(v["pairs"]["row"].numpy())) == len(prompts)
+    v = C.index_votes(ROOT / "data/alpaca_eval/train.jsonl.gz", "bt")
+    _, pairs, _ = C.group_by_prompt(C.read_battles(ROOT / "data/alpaca_eval/train.jsonl.gz"),
+                                    {m: i for i, m in enumerate(v["models"])}, "bt")
+    got, ref = C.pairs_of(v, [7, 0, 3]), C.cat_pairs([pairs[i] for i in (7, 0, 3)])
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_index_votes_skips_unknown_models_and_numbers_prompts_first_seen(tmp_path):
+    f = write_jsonl(tmp_path / "v.jsonl", [
+        {"prompt": "p", "model_a": "x", "model_b": "y", "winner": "model_a"},
+        {"prompt": "q", "model_a": "x", "model_b": "zz", "winner": "tie", "category": "c"},
+        {"prompt": ["p"], "model_a": "y", "model_b": "x", "winner": "tie (bothbad)", "weight": 2.0}])
+    v = C.index_votes(f, "rk", {"x": 0, "y": 1})
+    pr = v["pairs"]
+    assert v["n_prompts"] == 2 and v["skipped"] == 1 and v["start"].tolist() == [0, 2, 2]
+    assert pr["row"].tolist() == [0, 0] and pr["a"].tolist() == [0, 1] and pr["y"].tolist() == [C.A, C.TIE]
+    assert pr["w"].tolist() == [1.0, 2.0]
+
+
+def test_token_cache_matches_encode_prompts_and_is_built_once(tmp_path):
+    tok, _ = C.load_backbone("minilm")
+    path = ROOT / "data/alpaca_eval/val.jsonl.gz"
+    keys = list(dict.fromkeys(C.prompt_key(b["prompt"]) for b in C.read_battles(path)))
+    ref = C.encode_prompts(tok, [json.loads(k) for k in keys], 64, "mean")
+    built = []
+    c = C.token_cache(path, tok, 64, "mean", workers=2, root=tmp_path, chunk=50, log=built.append)
+    assert len(c) == len(ref) and all(c[i].tolist() == ref[i] for i in range(len(ref)))
+    assert c.lengths.tolist() == [len(r) for r in ref] and c.tokens.dtype == np.int32
+    again = C.token_cache(path, tok, 64, "mean", workers=2, root=tmp_path, log=built.append)
+    assert len(built) == 1 and np.array_equal(again.tokens, c.tokens)  # reused, not rebuilt
+    C.token_cache(path, tok, 32, "mean", workers=1, root=tmp_path, log=built.append)
+    assert len(built) == 2 and len(list(tmp_path.iterdir())) == 2  # another max_len is another cache
+
+
+def test_token_batches_budget_cover_seed_and_padding():
+    L = np.random.default_rng(0).lognormal(4.5, 1.2, 3000).astype(int).clip(1, 8192)
+    b1, b2 = C.token_batches(L, 8192, seed=1), C.token_batches(L, 8192, seed=2)
+    for bs in (b1, b2, C.token_batches(L, 8192)):
+        assert sorted(np.concatenate(bs).tolist()) == list(range(len(L)))  # every prompt exactly once
+        assert all(len(b) * L[b].max() <= 8192 or len(b) == 1 for b in bs)
+    assert [x.tolist() for x in C.token_batches(L, 8192, seed=1)] == [x.tolist() for x in b1]  # reproducible
+    assert [x.tolist() for x in b1] != [x.tolist() for x in b2]
+    order = np.random.default_rng(0).permutation(len(L))
+    fixed = [order[i:i + 16] for i in range(0, len(L), 16)]
+    assert C.padding_fraction(L, fixed) > 3 * C.padding_fraction(L, b1)
+    assert C.padding_fraction([3, 1], [np.array([0, 1])]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.slow
+def test_bench_scale_scaled_down(tmp_path):
+    """bench_scale.py end to end at 20k battles (tokenizing 1,500 prompts, the rest extrapolated):
+    every stage reports, the index sees every battle and model, token budgets cut padding >= 3x."""
+    r = subprocess.run([sys.executable, "bench_scale.py", "--sizes", "20000", "--tokenize-prompts", "1500", "--steps", "1",
+                        "--train-len", "256", "--train-max-tokens", "2048", "--out", tmp_path], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())["results"]["20000"]
+    assert res["index"]["battles"] == 20000 and res["index"]["models"] == 130 and res["index"]["prompts"] == res["unique_prompts"] == 17000
+    assert res["tokenize"]["prompts"] == 1500 and res["tokenize"]["extrapolated"] and "EXTRAPOLATED" in r.stdout
+    assert res["sampler"]["prompts"] == 17000 and res["sampler"]["lengths_resampled"] == 15500
+    assert res["sampler"]["padding_cut"] >= 3 and res["sampler"]["max_len"] <= 8192
+    assert all(res[s]["peak_rss_mib"] > 0 for s in ("index", "tokenize", "sampler", "train"))
+    assert res["train"]["token_budget"]["padding"] < res["train"]["fixed"]["padding"]
+    assert not list(tmp_path.glob("battles-*"))  # the GiB-sized synthetic files are removed
+
 # -----------------------------------------------------------------------------
 # end to end: train.py on a slice of the bundled data, reload, compare
 
@@ -295,6 +383,17 @@ def test_minilm_trains_and_reloads_identically(small_data, tmp_path):
     m, _ = run_train("minilm", small_data, tmp_path / "ck", "--max-steps", "2", "--pooling", "first")
     assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["p2l"]["pooling"] == "first"
+
+
+@pytest.mark.slow
+def test_token_budget_training_runs_and_reloads(tiny_qwen, small_data, tmp_path):
+    m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "2", "--max-tokens", "256", "--head-lr", "1e-2")
+    assert m["steps"] == 2 and m["p2l"]["nll"] != pytest.approx(m["marginal"]["nll"], abs=1e-7)
+    assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
+    cmd = [sys.executable, "train.py", "--model", tiny_qwen, "--train", small_data[0], "--val", small_data[1],
+           "--out", str(tmp_path / "bad"), "--max-len", "64", "--max-tokens", "32"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--max-tokens must be >= --max-len" in r.stderr
 
 
 @pytest.mark.slow
@@ -500,6 +599,36 @@ def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
     assert "pass --loss" in err and not (tmp_path / "authors").exists()
     ok(evaluate("--checkpoint", ck, "--loss", "grk", "--data", data, "--out", tmp_path / "authors"))
     assert torch.equal(C.load_predictions(tmp_path / "authors")[0], beta.expand(10, 3))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_predict_as_one(tiny_qwen, tmp_path):
+    """evaluate.py and route.py --checkpoint under torchrun with 2 CPU ranks (gloo): each rank runs
+    half the prompts, rank 0 merges; the predictions files equal a single process's."""
+    models = ["m0", "m1", "m2"]
+    rows = [{"prompt": " ".join(["word"] * (1 + 7 * i)) + f" {i}", "model_a": models[i % 3], "model_b": models[(i + 1) % 3],
+             "winner": "model_a" if i % 2 else "model_b"} for i in range(9)]
+    data = write_jsonl(tmp_path / "val.jsonl", rows)
+    tok, backbone = C.load_backbone(tiny_qwen)
+    C.add_cls_token(tok, backbone)
+    model = C.P2LModel(backbone, {"model_list": models, "loss": "bt", "pooling": "last", "cls_token": C.CLS_TOKEN, "max_len": 64})
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.head.head.weight, std=0.5)  # predictions differ by prompt
+    marginal = {"model_list": models, "beta": [0.0] * 3, "eta": 0.0, "loss": "bt", "train": str(data)}
+    ck = tmp_path / "ck"
+    C.save_checkpoint(ck, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
+    (tmp_path / "costs.json").write_text(json.dumps({"m0": 1, "m1": 2, "m2": 3}))
+    trun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741"]
+    for script, extra in (("evaluate.py", ["--data", data, "--batch-size", "1", "--bootstrap", "10"]),
+                          ("route.py", ["--prompts", data, "--budget", "2", "--costs", tmp_path / "costs.json"])):
+        for launcher, out in (([sys.executable], "one"), (trun, "two")):
+            r = subprocess.run([*launcher, script, "--checkpoint", ck, *extra, "--out", tmp_path / script / out],
+                               cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        b1, _, _, rows1 = C.load_predictions(tmp_path / script / "one")
+        b2, _, _, rows2 = C.load_predictions(tmp_path / script / "two")
+        assert rows1 == rows2 and b1.shape == (9, 3) and torch.allclose(b1, b2, atol=1e-6) and b1.std(0).min() > 0
+        assert not list((tmp_path / script / "two").glob(".shard-*"))  # shards merged and removed
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ One file, three launchers:
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
     deepspeed train.py --deepspeed ds_config.json --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
 On a CPU, deepspeed needs DS_ACCELERATOR=cpu. --bench prints grouped vs one-forward-per-pair speed.
+At Arena scale add --max-tokens 16384: length-grouped batches (make bench-scale: ~20x less padding); token ids
+come from an on-disk cache built once per battle file and tokenizer ($P2L_CACHE, default ~/.cache/p2l).
 """
 import argparse
 import json
@@ -17,6 +19,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,6 +35,10 @@ p.add_argument("--loss", default="bt", choices=C.LOSSES, help="bt uses soft labe
                "tie as 1/2; rk / grk (the paper's best) model ties (and grk both-bad) explicitly")
 p.add_argument("--epochs", type=float, default=1, help="passes over the training prompts (the paper trains 1)")
 p.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch per rank; all votes of a prompt share its forward pass")
+p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: micro-batches of prompts of similar length "
+               "filling this many padded tokens (len x longest); on an Arena-like length mix it cuts padding >3x (make bench-scale)")
+p.add_argument("--tokenize-workers", type=int, default=0, help="processes that build the token cache (0: one per CPU); "
+               "the cache is built once per battle file + tokenizer + max-len and reused by every rank and rerun")
 p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
 p.add_argument("--lr", type=float, default=2e-5, help="backbone learning rate")
 p.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate: the head is new, the backbone is pretrained")
@@ -57,6 +64,8 @@ args = p.parse_args()
 for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8)):
     if value < least:
         p.error(f"{flag} must be >= {least}, got {value}")
+if args.max_tokens and args.max_tokens < args.max_len:
+    p.error(f"--max-tokens must be >= --max-len ({args.max_len}) so the longest prompt fits, got {args.max_tokens}")
 
 # -----------------------------------------------------------------------------
 # distributed setup: deepspeed, torchrun, or a plain single process
@@ -78,22 +87,25 @@ random.seed(args.seed)
 log = print if master else (lambda *a, **k: None)
 
 # -----------------------------------------------------------------------------
-# data: votes grouped by prompt, the averaged leaderboard as the baseline and the head's start
+# data: votes as flat arrays (no prompt text held), the averaged leaderboard as the baseline and the head's start
 try:
-    train_battles, val_battles = C.read_battles(args.train), C.read_battles(args.val)
+    train_votes = C.index_votes(args.train, args.loss)
+    model_list = train_votes["models"]
+    index = {m: i for i, m in enumerate(model_list)}
+    val_votes = C.index_votes(args.val, args.loss, index)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-model_list = sorted({m for b in train_battles for m in (b["model_a"], b["model_b"])})
-index = {m: i for i, m in enumerate(model_list)}
-train_prompts, train_pairs, _ = C.group_by_prompt(train_battles, index, args.loss)
-val_prompts, val_pairs, val_skipped = C.group_by_prompt(val_battles, index, args.loss)
-if not val_pairs:
+# prompt numbers (first-seen order in the file) that have votes: what the sampler draws from
+train_prompts = np.unique(train_votes["pairs"]["row"].numpy())
+val_prompts = np.unique(val_votes["pairs"]["row"].numpy())
+if not len(val_prompts):
     sys.exit(f"error: {args.val}: none of its votes is between two models of the training votes")
-beta0, eta0 = C.fit_marginal(train_pairs, len(model_list), args.loss)
-val_all = C.cat_pairs(val_pairs)
-s, w = C.batch_nll(beta0.expand(len(val_prompts), -1), eta0.expand(len(val_prompts)), val_all, args.loss)
+beta0, eta0 = C.fit_marginal(train_votes["pairs"], len(model_list), args.loss)
+n_val = val_votes["n_prompts"]
+s, w = C.batch_nll(beta0.expand(n_val, -1), eta0.expand(n_val), val_votes["pairs"], args.loss)
 marginal_nll = (s / w).item()
-log(f"{len(train_battles)} train votes on {len(train_prompts)} prompts, {len(val_battles)} val votes on "
+val_skipped = val_votes["skipped"]
+log(f"{train_votes['n_battles']} train votes on {len(train_prompts)} prompts, {val_votes['n_battles']} val votes on "
     f"{len(val_prompts)} prompts ({val_skipped} skipped: unknown model), {len(model_list)} models; marginal val NLL {marginal_nll:.4f}")
 
 # -----------------------------------------------------------------------------
@@ -112,16 +124,23 @@ model = C.P2LModel(backbone, p2l)
 model.init_head(beta0, eta0)
 if args.grad_checkpointing:
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-train_ids = C.encode_prompts(tok, train_prompts, args.max_len, pooling, cls_id)
-val_ids = C.encode_prompts(tok, val_prompts, args.max_len, pooling, cls_id)
+# token ids from the on-disk cache (C.token_cache): local rank 0 of each node builds it, the others wait
+train_ids, val_ids = (C.token_cache(f, tok, args.max_len, pooling, cls_id, workers=args.tokenize_workers or None,
+                                   rank=local_rank, log=log) for f in (args.train, args.val))
 
 
 def epoch_batches(epoch):
-    """This rank's micro-batches (lists of prompt indices); every rank gets the same count,
-    because collectives (DDP all-reduce, ZeRO gathers) hang if one rank runs an extra step."""
-    order = list(range(len(train_ids)))
-    random.Random(args.seed + epoch).shuffle(order)
-    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    """This rank's micro-batches (arrays of prompt numbers); every rank gets the same count,
+    because collectives (DDP all-reduce, ZeRO gathers) hang if one rank runs an extra step.
+    --batch-size: a fixed number of prompts in random order. --max-tokens: length-grouped
+    batches under a padded-token budget (C.token_batches), shuffled, reproducible by seed."""
+    if args.max_tokens:
+        batches = [train_prompts[b] for b in C.token_batches(train_ids.lengths[train_prompts], args.max_tokens,
+                                                             seed=args.seed + epoch)]
+    else:
+        order = list(range(len(train_prompts)))
+        random.Random(args.seed + epoch).shuffle(order)
+        batches = [train_prompts[order[i:i + args.batch_size]] for i in range(0, len(order), args.batch_size)]
     return batches[rank:len(batches) // world * world:world]
 
 
@@ -138,6 +157,7 @@ groups = [{"params": [q for q in model.parameters() if id(q) not in head_ids], "
 opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))))
 
+zero_stage = 0
 if args.deepspeed:
     with open(args.deepspeed) as f:
         ds_cfg = json.load(f)
@@ -175,7 +195,7 @@ else:
 def batch_loss(batch, per_pair=False):
     """Mean weighted NLL of the votes of these prompts. per_pair: the obvious baseline that
     runs one forward pass per vote (the prompt repeated), for --bench only."""
-    pairs = C.cat_pairs([train_pairs[i] for i in batch])
+    pairs = C.pairs_of(train_votes, batch)
     seqs = [train_ids[i] for i in batch]
     if per_pair:
         seqs = [seqs[r] for r in pairs["row"].tolist()]
@@ -192,13 +212,16 @@ def val_nll():
     """Validation NLL over all val votes; prompts are sharded over ranks, shards padded to one
     length (padding votes weigh 0) so ZeRO-3 ranks run the same number of forwards."""
     model.eval()
-    per = math.ceil(len(val_ids) / world)
-    shard = [i * world + rank for i in range(per)]
-    real = [i < len(val_ids) for i in shard]
-    shard = [i if r else 0 for i, r in zip(shard, real)]
+    per = math.ceil(len(val_prompts) / world)
+    shard = np.arange(per) * world + rank
+    real = shard < len(val_prompts)
+    shard = val_prompts[np.where(real, shard, 0)]
+    # token-budget batches give ranks different forward counts: fine, except under ZeRO-3 (its gathers are collective)
     beta, eta = C.predict(model, [val_ids[i] for i in shard], tok.pad_token_id, 2 * args.batch_size, device,
-                          torch.bfloat16 if bf16 and not args.deepspeed else None)
-    pairs = C.cat_pairs([dict(val_pairs[i], w=val_pairs[i]["w"] * r) for i, r in zip(shard, real)])
+                          torch.bfloat16 if bf16 and not args.deepspeed else None,
+                          max_tokens=args.max_tokens if zero_stage != 3 else 0)
+    pairs = C.pairs_of(val_votes, shard)
+    pairs["w"] = pairs["w"] * torch.from_numpy(real)[pairs["row"]]
     s, w = C.batch_nll(beta.double(), eta.double() if eta is not None else None, pairs, args.loss)
     t = torch.stack([s, w]).to(device)
     if world > 1:
@@ -311,8 +334,8 @@ if master:
     extra = {"training_args.json": json.dumps({"argv": sys.argv, "args": vars(args), "world_size": world}, indent=2) + "\n",
              "marginal.json": json.dumps(marginal, indent=1) + "\n"}
     C.save_checkpoint(args.out, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, tok, extra)
-    metrics = {"p2l": {"nll": last_val}, "marginal": {"nll": marginal_nll}, "val_votes": len(val_battles) - val_skipped,
-               "val_prompts": len(val_prompts), "train_votes": len(train_battles), "train_prompts": len(train_prompts),
+    metrics = {"p2l": {"nll": last_val}, "marginal": {"nll": marginal_nll}, "val_votes": val_votes["n_battles"] - val_skipped,
+               "val_prompts": len(val_prompts), "train_votes": train_votes["n_battles"], "train_prompts": len(train_prompts),
                "models": len(model_list), "steps": step, "train_seconds": round(train_seconds, 1),
                "prompts_per_s": round(n_prompts / max(train_seconds, 1e-9), 2), "backbone": args.model, "loss": args.loss,
                "device": device, "world_size": world, "dtype": "bf16" if bf16 else "fp32"}
