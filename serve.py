@@ -47,6 +47,7 @@ event loop keeps streaming other answers.
 """
 import argparse
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -165,7 +166,7 @@ class Service:
         self.keys = None  # client key digests (None: --no-auth)
         self.ready = False
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="p2l-forward")  # one forward at a time
-        self.batches = []  # sizes of the forward passes run (for tests and --bench)
+        self.stats = {"batches": 0, "forward_passes": 0, "prompts": 0, "largest_batch": 0}  # counters: memory stays flat
         self.queue = self.worker = self.http = None
 
     def check_budget(self, budget, where):
@@ -181,7 +182,7 @@ class Service:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(a.upstream_timeout, connect=a.connect_timeout),
                                       limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
         await self.coefficients(["warm-up"])  # the first forward allocates; do it before /health says ready
-        self.batches.clear()
+        self.stats = dict.fromkeys(self.stats, 0)
         self.ready = True
 
     async def stop(self):
@@ -224,15 +225,31 @@ class Service:
                     if not f.done():
                         f.set_exception(e)
                 continue
-            self.batches.append(len(items))
+            st = self.stats
+            st["batches"], st["prompts"], st["largest_batch"] = st["batches"] + 1, st["prompts"] + len(items), max(st["largest_batch"], len(items))
             for k, (_, f) in enumerate(items):
                 if not f.done():
-                    f.set_result((beta[k], None if eta is None else float(eta[k])))
+                    f.set_result((beta[k], eta[k]))
 
     def forward(self, prompts):
+        """One gathered batch. Real prompts differ in length (AlpacaEval's: 12 to 256+ tokens), and one padded
+        tensor for all of them spends most of its compute on padding; so the batch runs as length-sorted
+        groups whose padding stays under --max-padding of their tokens (a group per forward pass)."""
         ids = C.encode_for(self.model, self.tok, prompts)
-        beta, eta = C.predict(self.model, ids, self.tok.pad_token_id, batch_size=len(ids), device=self.device)
-        return beta.double().numpy(), (None if eta is None else eta.double().numpy())
+        groups, cur = [], []
+        for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+            if cur and (len(cur) + 1) * len(ids[i]) > (1 + self.args.max_padding) * (sum(len(ids[k]) for k in cur) + len(ids[i])):
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        groups.append(cur)
+        beta, eta = [None] * len(ids), [None] * len(ids)
+        for g in groups:
+            b, e = C.predict(self.model, [ids[i] for i in g], self.tok.pad_token_id, batch_size=len(g), device=self.device)
+            for k, i in enumerate(g):
+                beta[i], eta[i] = b[k].double().numpy(), (None if e is None else float(e[k]))
+        self.stats["forward_passes"] += len(groups)
+        return beta, eta
 
     # -- routing (Algorithm 1 is common.route_all; here one prompt, one budget, one draw) -------------
 
@@ -438,7 +455,7 @@ def build_app(svc):
     @app.get("/health")
     async def health():
         body = {"status": "ok" if svc.ready else "starting", "model_loaded": True, "upstream_table": args.models,
-                "routable": len(svc.names), "checkpoint": args.checkpoint, "router": args.name}
+                "routable": len(svc.names), "checkpoint": args.checkpoint, "router": args.name, **svc.stats}
         return JSONResponse(body, 200 if svc.ready else 503)
 
     @app.get("/v1/models")
@@ -561,7 +578,7 @@ def fake_upstream_app():
     one per 50 ms). app.state.seen records each request (in memory), app.state.hung_up the streams
     whose client went away before the end."""
     app = FastAPI(title="fake upstream")
-    app.state.seen, app.state.hung_up = [], []
+    app.state.seen, app.state.hung_up = collections.deque(maxlen=1000), []
 
     @app.post("/{behaviour}/v1/chat/completions")
     async def chat(behaviour: str, request: Request):
@@ -607,7 +624,7 @@ def fake_upstream_app():
 
 
 async def bench_cell(svc, prompts, budget, clients, n):
-    """n routing decisions by `clients` concurrent callers: (decisions/s, p50 ms, p99 ms, mean batch)."""
+    """n routing decisions by `clients` concurrent callers: (decisions/s, latencies in ms, forward-pass counters)."""
     await svc.start()
     lat, nxt = [], iter(range(n))
 
@@ -619,10 +636,9 @@ async def bench_cell(svc, prompts, budget, clients, n):
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - t0
-    sizes = list(svc.batches)
+    stats = dict(svc.stats)
     await svc.stop()
-    ms = np.array(lat) * 1000
-    return n / wall, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), float(np.mean(sizes))
+    return n / wall, [1000 * x for x in lat], stats
 
 
 def bench(args, model, tok):
@@ -641,27 +657,37 @@ def bench(args, model, tok):
     threads = torch.get_num_threads()
     print(f"routing decisions on {args.checkpoint} ({model.model.config.model_type}, {len(ml)} models, "
           f"{len(ups)} routable), {next(model.parameters()).device.type}, {threads} torch threads; budget {budget:g}; "
-          f"prompts from {args.bench_prompts}; {args.bench_requests} decisions per cell after a warm-up")
+          f"prompts from {args.bench_prompts}; {args.bench_requests} decisions per run, {args.bench_reps} runs per "
+          f"cell alternating the two modes (median decisions/s; p50/p99 over all runs)")
     for clients in args.bench_clients:
+        runs = {"single": [], "batched": []}
+        for _ in range(args.bench_reps):  # alternate, so that a busy spell on the machine hits both modes
+            for mode, most, wait in (("single", 1, 0.0), ("batched", args.max_batch, args.batch_wait_ms)):
+                a = argparse.Namespace(**{**vars(args), "max_batch": most, "batch_wait_ms": wait})
+                runs[mode].append(asyncio.run(bench_cell(Service(model, tok, a, ups), prompts, budget, clients,
+                                                         args.bench_requests)))
         cell = {"clients": clients}
-        for mode, most, wait in (("single", 1, 0.0), ("batched", args.max_batch, args.batch_wait_ms)):
-            a = argparse.Namespace(**{**vars(args), "max_batch": most, "batch_wait_ms": wait})
-            svc = Service(model, tok, a, ups)
-            rate, p50, p99, mean_batch = asyncio.run(bench_cell(svc, prompts, budget, clients, args.bench_requests))
-            cell[mode] = {"decisions_per_s": round(rate, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-                          "mean_batch": round(mean_batch, 2)}
+        for mode, rs in runs.items():
+            ms = np.concatenate([r[1] for r in rs])
+            cell[mode] = {"decisions_per_s": round(float(np.median([r[0] for r in rs])), 2),
+                          "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+                          "mean_batch": round(sum(r[2]["prompts"] for r in rs) / sum(r[2]["batches"] for r in rs), 2),
+                          "prompts_per_forward": round(sum(r[2]["prompts"] for r in rs) / sum(r[2]["forward_passes"] for r in rs), 2),
+                          "runs_decisions_per_s": [round(r[0], 2) for r in rs]}
         cell["ratio"] = round(cell["batched"]["decisions_per_s"] / cell["single"]["decisions_per_s"], 2)
         rows.append(cell)
-    print(f"{'clients':>7s} | {'one forward per request':^30s} | {f'batched (<= {args.max_batch}, {args.batch_wait_ms:g} ms wait)':^40s} | ratio")
+    print(f"{'clients':>7s} | {'one forward per request':^30s} | "
+          f"{f'batched (<= {args.max_batch}, {args.batch_wait_ms:g} ms wait, padding <= {args.max_padding:.0%})':^51s} | ratio")
     print(f"{'':7s} | {'dec/s':>8s} {'p50 ms':>10s} {'p99 ms':>10s} | {'dec/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} "
-          f"{'mean batch':>10s} | (dec/s)")
+          f"{'batch':>6s} {'per fwd':>7s} | (dec/s)")
     for r in rows:
         s, b = r["single"], r["batched"]
         print(f"{r['clients']:7d} | {s['decisions_per_s']:8.1f} {s['p50_ms']:10.1f} {s['p99_ms']:10.1f} | "
-              f"{b['decisions_per_s']:8.1f} {b['p50_ms']:9.1f} {b['p99_ms']:9.1f} {b['mean_batch']:10.1f} | {r['ratio']:.2f}x")
+              f"{b['decisions_per_s']:8.1f} {b['p50_ms']:9.1f} {b['p99_ms']:9.1f} {b['mean_batch']:6.1f} "
+              f"{b['prompts_per_forward']:7.1f} | {r['ratio']:.2f}x")
     out = {"checkpoint": args.checkpoint, "models": len(ml), "routable": len(ups), "device": next(model.parameters()).device.type,
-           "torch_threads": threads, "budget": budget, "requests_per_cell": args.bench_requests,
-           "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "cells": rows}
+           "torch_threads": threads, "budget": budget, "requests_per_run": args.bench_requests, "runs": args.bench_reps,
+           "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "max_padding": args.max_padding, "cells": rows}
     C.write_json(Path(args.out) / "bench.json", out)
     print(f"-> {Path(args.out) / 'bench.json'}")
     return out
@@ -693,6 +719,8 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=32, help="most prompts in one P2L forward pass")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long the first request of a batch waits for "
                    "others: more gathers bigger batches under load, but adds up to this much latency when idle")
+    p.add_argument("--max-padding", type=float, default=0.25, help="a gathered batch runs as length-sorted groups "
+                   "whose padding is at most this fraction of their tokens (padding is wasted compute)")
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to an upstream before trying the fallback")
     p.add_argument("--upstream-timeout", type=float, default=120.0, help="seconds an upstream may take to answer (or "
                    "between two streamed chunks) before it counts as down")
@@ -703,7 +731,8 @@ def parse_args(argv=None):
     p.add_argument("--bench", action="store_true", help="time routing decisions (P2L forward + Algorithm 1, no upstream "
                    "calls) at --bench-clients concurrent callers, batched vs one forward per request, then exit")
     p.add_argument("--bench-clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32], metavar="N,N,...")
-    p.add_argument("--bench-requests", type=int, default=256, help="decisions timed per cell")
+    p.add_argument("--bench-requests", type=int, default=128, help="decisions timed per run")
+    p.add_argument("--bench-reps", type=int, default=2, help="runs per mode and client count")
     p.add_argument("--bench-prompts", default="data/alpaca_eval/val.jsonl.gz", help="real prompts for --bench")
     p.add_argument("--bench-costs", default="data/costs/alpaca_eval.json", help="--bench without --models: these costs")
     p.add_argument("--out", default="out/serve", help="--bench writes bench.json here")

@@ -1523,7 +1523,7 @@ def test_serve_burst_keeps_every_answer_and_the_budget(serve_ck, upstream):
     import asyncio
     with router(serve_ck, upstream[0]) as (url, svc):
         got = asyncio.run(run(url))
-        batches = list(svc.batches)
+        stats = dict(svc.stats)
     assert sorted(k for k, *_ in got) == list(range(n))
     cost, expected, var = [], [], []
     for k, text, content, h in got:
@@ -1535,7 +1535,7 @@ def test_serve_burst_keeps_every_answer_and_the_budget(serve_ck, upstream):
         var.append(np.prod(list(pi.values())) * (np.ptp([COSTS[m] for m in pi]) ** 2) if len(pi) == 2 else 0.0)
     se = math.sqrt(sum(var)) / n
     assert se > 0 and abs(np.mean(cost) - np.mean(expected)) <= 4 * se
-    assert max(batches) > 1 and sum(batches) == n  # concurrent requests shared forward passes, none ran twice
+    assert stats["largest_batch"] > 1 and stats["prompts"] == n  # concurrent requests shared forward passes, none ran twice
 
 
 def drop_server():
@@ -1708,7 +1708,7 @@ def test_serve_bench_prints_ratio(serve_ck, tmp_path, capsys):
     (tmp_path / "m.json").write_text(json.dumps({m: {"base_url": "http://127.0.0.1:9/v1", "cost": COSTS[m]} for m in MODELS}))
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"bench prompt {i} " + "more " * i} for i in range(10)])
     S.main(["--checkpoint", str(d / "ck"), "--models", str(tmp_path / "m.json"), "--budget", "4", "--bench",
-            "--bench-clients", "1,8", "--bench-requests", "24", "--bench-prompts", str(tmp_path / "p.jsonl"),
+            "--bench-clients", "1,8", "--bench-requests", "24", "--bench-reps", "1", "--bench-prompts", str(tmp_path / "p.jsonl"),
             "--out", str(tmp_path)])
     b = json.loads((tmp_path / "bench.json").read_text())
     assert [c["clients"] for c in b["cells"]] == [1, 8] and "ratio" in capsys.readouterr().out
