@@ -754,8 +754,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     if args.fake_upstream:
         uvicorn.run(fake_upstream_app(), host=args.host, port=args.port, log_level="warning")
         return
@@ -778,6 +776,8 @@ def main(argv=None):
             return
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     svc = Service(model, tok, args, ups)
     svc.keys = keys
     left = [m for m in ml if m not in ups]
