@@ -439,6 +439,7 @@ def number(body, key, integer=False):
 
 
 def build_app(svc):
+    """The FastAPI app: the handlers below, with svc in app.state; svc starts and stops with the server."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await svc.start()
@@ -446,114 +447,127 @@ def build_app(svc):
         await svc.stop()
 
     app = FastAPI(title="P2L router", lifespan=lifespan)
-    args = svc.args
-
-    @app.exception_handler(Problem)
-    async def problem(request, e):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status, **e.extra}}, e.status)
-
-    @app.get("/health")
-    async def health():
-        body = {"status": "ok" if svc.ready else "starting", "model_loaded": True, "upstream_table": args.models,
-                "routable": len(svc.names), "checkpoint": args.checkpoint, "router": args.name, **svc.stats}
-        return JSONResponse(body, 200 if svc.ready else 503)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(svc, request)
-        data = [{"id": args.name, "object": "model", "created": 0, "owned_by": "p2l",
-                 "routes_over": svc.names, "budget": jnum(args.budget), "max_budget": jnum(args.max_budget)}]
-        data += [{"id": m, "object": "model", "created": 0, "owned_by": "p2l", "cost": svc.ups[m]["cost"]} for m in svc.names]
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/leaderboard")
-    async def leaderboard(request: Request):
-        check_key(svc, request)
-        body = await read_json(svc, request)
-        if ("prompt" in body) == ("prompts" in body):
-            raise Problem(400, "send 'prompt' (a string or a list of user turns) or 'prompts' (a list of those)")
-        raw = [body["prompt"]] if "prompt" in body else body["prompts"]
-        if not isinstance(raw, list) or not 1 <= len(raw) <= args.max_prompts:
-            raise Problem(400, f"'prompts' must be a list of 1 to {args.max_prompts} prompts (--max-prompts)")
-        try:
-            prompts = [C.parse_turns({"prompt": p}, f"prompts[{k}]") for k, p in enumerate(raw)]
-        except ValueError as e:
-            raise Problem(400, str(e)) from None
-        got = await asyncio.gather(*(svc.coefficients(p) for p in prompts))
-        beta = torch.from_numpy(np.stack([g[0] for g in got]))
-        eta = torch.tensor([g[1] for g in got], dtype=torch.float64) if got[0][1] is not None else None
-        head = C.HEAD_OF_LOSS[svc.loss]
-        bb, ee = await asyncio.to_thread(C.aggregate, beta, eta, svc.loss)  # aggregate.py --prompt's computation
-        rows = C.leaderboard_rows(svc.model_list, bb, ee if head != "bt" else None, head)
-        per = [{"coefficients": dict(zip(svc.model_list, map(float, g[0]))),
-                "ratings": {m: round(float(C.rating(x)), 2) for m, x in zip(svc.model_list, g[0])}}
-               | ({"eta": g[1]} if g[1] is not None else {}) for g in got]
-        return {"models": svc.model_list, "loss": svc.loss, "prompts": per, "leaderboard": rows,
-                **({"eta": ee} if head != "bt" else {})}
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        t0 = time.perf_counter()
-        check_key(svc, request)
-        body = await read_json(svc, request)
-        model, stream = body.get("model"), body.get("stream", False)
-        if not isinstance(model, str) or not model:
-            raise Problem(400, "'model' is required: 'p2l' to route, or a model name", param="model")
-        if not isinstance(stream, bool):
-            raise Problem(400, f"'stream' must be true or false, got {stream!r}", param="stream")
-        turns = user_turns(body.get("messages"))
-        if "budget" in body and "cost" in body:
-            raise Problem(400, "send 'budget' or 'cost' (the same thing), not both", param="budget")
-        budget = number(body, "budget") if "budget" in body else number(body, "cost")
-        seed = number(body, "route_seed", integer=True)
-        payload = {k: v for k, v in body.items() if k not in EXTRA_FIELDS}
-        headers, d = {}, None
-        if model in svc.router_names:
-            if not turns:
-                raise Problem(400, "no user message with text: P2L routes on the user turns", param="messages")
-            if budget is None:
-                budget = args.budget
-            elif budget > args.max_budget:
-                raise Problem(400, f"budget {budget:g} is above this server's limit of {args.max_budget:g} per query "
-                                   f"(--max-budget)", param="budget")
-            d = await svc.route(turns, svc.check_budget(budget, "budget"), seed)
-            tries = [d["chosen"]] + ([d["fallback"]] if d["fallback"] else [])
-            headers = {"x-p2l-pi": json.dumps(d["pi"]), "x-p2l-theta": f"{d['theta']:.6f}",
-                       "x-p2l-rating": f"{d['rating']:.2f}", "x-p2l-win-rate": f"{d['win_rate']:.6f}",
-                       "x-p2l-expected-cost": f"{d['expected_cost']:.6g}", "x-p2l-budget": f"{budget:g}",
-                       "x-p2l-router": args.name}
-        elif model in svc.ups:
-            tries = [model]
-        else:
-            raise Problem(404, f"model {model!r} not found: use {args.name!r} (or 'p2l') to route, or one of "
-                               f"{', '.join(svc.names)}", param="model", kind="not_found_error")
-        failed = []
-        for name in tries:
-            try:
-                got = await svc.attempt(name, payload, stream)
-                break
-            except UpstreamFault as e:
-                failed.append({"model": name, "error": str(e)})
-        else:
-            msg = "no upstream answered: " + "; ".join(f"{f['model']} ({f['error']})" for f in failed)
-            note(svc, d, model, None, failed, 502, t0, turns)
-            raise Problem(502, msg, "upstream_error", tried=failed)
-        if failed:
-            headers["x-p2l-fallback"] = f"{failed[0]['model']} failed ({failed[0]['error']}); answered by {name}"
-        headers["x-p2l-model"] = name
-        headers["x-p2l-cost"] = f"{svc.ups[name]['cost']:g}"
-        if isinstance(got, tuple) and got[0] == "pass":
-            note(svc, d, model, name, failed, got[1], t0, turns)
-            return JSONResponse(got[2], got[1], headers=headers)
-        if not stream:
-            note(svc, d, model, name, failed, 200, t0, turns)
-            return JSONResponse(got, headers=headers)
-        resp, lines, first = got
-        done = lambda status: note(svc, d, model, name, failed, status, t0, turns)
-        return StreamingResponse(svc.relay(name, resp, lines, first, done), media_type="text/event-stream",
-                                 headers=headers)
-
+    app.state.svc = svc
+    app.add_exception_handler(Problem, problem)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/leaderboard", leaderboard, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     return app
+
+
+async def problem(request, e):
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status, **e.extra}}, e.status)
+
+
+async def health(request: Request):
+    svc, args = request.app.state.svc, request.app.state.svc.args
+    body = {"status": "ok" if svc.ready else "starting", "model_loaded": True, "upstream_table": args.models,
+            "routable": len(svc.names), "checkpoint": args.checkpoint, "router": args.name, **svc.stats}
+    return JSONResponse(body, 200 if svc.ready else 503)
+
+
+async def models(request: Request):
+    svc, args = request.app.state.svc, request.app.state.svc.args
+    check_key(svc, request)
+    data = [{"id": args.name, "object": "model", "created": 0, "owned_by": "p2l",
+             "routes_over": svc.names, "budget": jnum(args.budget), "max_budget": jnum(args.max_budget)}]
+    data += [{"id": m, "object": "model", "created": 0, "owned_by": "p2l", "cost": svc.ups[m]["cost"]} for m in svc.names]
+    return {"object": "list", "data": data}
+
+
+async def leaderboard(request: Request):
+    svc, args = request.app.state.svc, request.app.state.svc.args
+    check_key(svc, request)
+    body = await read_json(svc, request)
+    if ("prompt" in body) == ("prompts" in body):
+        raise Problem(400, "send 'prompt' (a string or a list of user turns) or 'prompts' (a list of those)")
+    raw = [body["prompt"]] if "prompt" in body else body["prompts"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= args.max_prompts:
+        raise Problem(400, f"'prompts' must be a list of 1 to {args.max_prompts} prompts (--max-prompts)")
+    try:
+        prompts = [C.parse_turns({"prompt": p}, f"prompts[{k}]") for k, p in enumerate(raw)]
+    except ValueError as e:
+        raise Problem(400, str(e)) from None
+    got = await asyncio.gather(*(svc.coefficients(p) for p in prompts))
+    beta = torch.from_numpy(np.stack([g[0] for g in got]))
+    eta = torch.tensor([g[1] for g in got], dtype=torch.float64) if got[0][1] is not None else None
+    head = C.HEAD_OF_LOSS[svc.loss]
+    bb, ee = await asyncio.to_thread(C.aggregate, beta, eta, svc.loss)  # aggregate.py --prompt's computation
+    rows = C.leaderboard_rows(svc.model_list, bb, ee if head != "bt" else None, head)
+    per = [{"coefficients": dict(zip(svc.model_list, map(float, g[0]))),
+            "ratings": {m: round(float(C.rating(x)), 2) for m, x in zip(svc.model_list, g[0])}}
+           | ({"eta": g[1]} if g[1] is not None else {}) for g in got]
+    return {"models": svc.model_list, "loss": svc.loss, "prompts": per, "leaderboard": rows,
+            **({"eta": ee} if head != "bt" else {})}
+
+
+async def chat(request: Request):
+    svc, args = request.app.state.svc, request.app.state.svc.args
+    t0 = time.perf_counter()
+    check_key(svc, request)
+    body = await read_json(svc, request)
+    model, stream = body.get("model"), body.get("stream", False)
+    if not isinstance(model, str) or not model:
+        raise Problem(400, "'model' is required: 'p2l' to route, or a model name", param="model")
+    if not isinstance(stream, bool):
+        raise Problem(400, f"'stream' must be true or false, got {stream!r}", param="stream")
+    turns = user_turns(body.get("messages"))
+    if "budget" in body and "cost" in body:
+        raise Problem(400, "send 'budget' or 'cost' (the same thing), not both", param="budget")
+    budget = number(body, "budget") if "budget" in body else number(body, "cost")
+    seed = number(body, "route_seed", integer=True)
+    payload = {k: v for k, v in body.items() if k not in EXTRA_FIELDS}
+    tries, headers, d = await plan(svc, model, turns, budget, seed)
+    failed = []
+    for name in tries:
+        try:
+            got = await svc.attempt(name, payload, stream)
+            break
+        except UpstreamFault as e:
+            failed.append({"model": name, "error": str(e)})
+    else:
+        msg = "no upstream answered: " + "; ".join(f"{f['model']} ({f['error']})" for f in failed)
+        note(svc, d, model, None, failed, 502, t0, turns)
+        raise Problem(502, msg, "upstream_error", tried=failed)
+    if failed:
+        headers["x-p2l-fallback"] = f"{failed[0]['model']} failed ({failed[0]['error']}); answered by {name}"
+    headers["x-p2l-model"] = name
+    headers["x-p2l-cost"] = f"{svc.ups[name]['cost']:g}"
+    if isinstance(got, tuple) and got[0] == "pass":
+        note(svc, d, model, name, failed, got[1], t0, turns)
+        return JSONResponse(got[2], got[1], headers=headers)
+    if not stream:
+        note(svc, d, model, name, failed, 200, t0, turns)
+        return JSONResponse(got, headers=headers)
+    resp, lines, first = got
+    done = lambda status: note(svc, d, model, name, failed, status, t0, turns)
+    return StreamingResponse(svc.relay(name, resp, lines, first, done), media_type="text/event-stream",
+                             headers=headers)
+
+
+async def plan(svc, model, turns, budget, seed):
+    """Which upstreams to try, in order, and the routing headers: P2L's draw from π and its fallback,
+    or the one model asked for."""
+    args = svc.args
+    if model in svc.ups:
+        return [model], {}, None
+    if model not in svc.router_names:
+        raise Problem(404, f"model {model!r} not found: use {args.name!r} (or 'p2l') to route, or one of "
+                           f"{', '.join(svc.names)}", param="model", kind="not_found_error")
+    if not turns:
+        raise Problem(400, "no user message with text: P2L routes on the user turns", param="messages")
+    if budget is None:
+        budget = args.budget
+    elif budget > args.max_budget:
+        raise Problem(400, f"budget {budget:g} is above this server's limit of {args.max_budget:g} per query "
+                           f"(--max-budget)", param="budget")
+    d = await svc.route(turns, svc.check_budget(budget, "budget"), seed)
+    headers = {"x-p2l-pi": json.dumps(d["pi"]), "x-p2l-theta": f"{d['theta']:.6f}",
+               "x-p2l-rating": f"{d['rating']:.2f}", "x-p2l-win-rate": f"{d['win_rate']:.6f}",
+               "x-p2l-expected-cost": f"{d['expected_cost']:.6g}", "x-p2l-budget": f"{budget:g}",
+               "x-p2l-router": args.name}
+    return [d["chosen"]] + ([d["fallback"]] if d["fallback"] else []), headers, d
 
 
 def note(svc, d, asked, answered, failed, status, t0, turns):
