@@ -42,8 +42,9 @@ below the cheapest model 400, body over --max-body-kb 413. Keys and prompt text 
 (--log-prompts adds the prompts).
 
 Batching: concurrent requests share forward passes. A queue gathers requests for --batch-wait-ms
-after the first, or up to --max-batch, and one worker thread runs them as one forward while the
-event loop keeps streaming other answers.
+after the first, or up to --max-batch, and one worker thread runs them while the event loop keeps
+streaming other answers: as one forward when their lengths are alike, else as length-sorted groups
+whose padding stays under --max-padding (padding is wasted compute; --bench measures both modes).
 """
 import argparse
 import asyncio
