@@ -227,7 +227,9 @@ class Service:
                         f.set_exception(e)
                 continue
             st = self.stats
-            st["batches"], st["prompts"], st["largest_batch"] = st["batches"] + 1, st["prompts"] + len(items), max(st["largest_batch"], len(items))
+            st["batches"] += 1
+            st["prompts"] += len(items)
+            st["largest_batch"] = max(st["largest_batch"], len(items))
             for k, (_, f) in enumerate(items):
                 if not f.done():
                     f.set_result((beta[k], eta[k]))
@@ -239,7 +241,8 @@ class Service:
         ids = C.encode_for(self.model, self.tok, prompts)
         groups, cur = [], []
         for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
-            if cur and (len(cur) + 1) * len(ids[i]) > (1 + self.args.max_padding) * (sum(len(ids[k]) for k in cur) + len(ids[i])):
+            real = sum(len(ids[k]) for k in cur) + len(ids[i])  # sorted: ids[i] is the longest, all pad to it
+            if cur and (len(cur) + 1) * len(ids[i]) > (1 + self.args.max_padding) * real:
                 groups.append(cur)
                 cur = []
             cur.append(i)
@@ -613,17 +616,21 @@ def fake_upstream_app():
                 "usage": {"prompt_tokens": 1, "completion_tokens": len(answer.split()), "total_tokens": 1 + len(answer.split())}}
         words = [f"tick{k} " for k in range(200)] if behaviour == "trickle" else answer.split(" ")
 
+        def chunk(delta, finish=None):
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+
         async def events():
             finished = False
             try:
                 for k, w in enumerate(words):
                     if behaviour == "cut" and k == 2:
                         raise ConnectionAbortedError("fake upstream drops the connection mid-stream")
-                    delta = {"content": w if k == len(words) - 1 or behaviour == "trickle" else w + " "}
-                    yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [{'index': 0, 'delta': ({'role': 'assistant'} if k == 0 else {}) | delta, 'finish_reason': None}]})}\n\n"
+                    text = w if k == len(words) - 1 or behaviour == "trickle" else w + " "
+                    yield chunk(({"role": "assistant"} if k == 0 else {}) | {"content": text})
                     if behaviour == "trickle":
                         await asyncio.sleep(0.05)
-                yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+                yield chunk({}, "stop")
                 yield "data: [DONE]\n\n"
                 finished = True
             finally:
