@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.special import expit
 
 import common as C
 import contextlib
@@ -22,7 +23,6 @@ from scipy.optimize import minimize
 import aggregate as AG
 import numpy as np
 from scipy.optimize import linprog
-from scipy.special import expit
 import route
 import csv
 import livebench_eval as L
@@ -86,6 +86,33 @@ def test_outcome_probs_sum_to_one_and_gradients_finite(head):
         assert all(torch.isfinite(t).all() for t in grads)
 
 
+def test_exact_normalisation_past_softplus_threshold_and_rk_eta_gradient():
+    # torch's softplus turns linear past 20, so grk's θ and rk's η were off by ~e^-20 there (ΣP − 1 ~ 4e-9)
+    D = torch.float64
+    for head in ("rk", "grk"):
+        lp = C.outcome_logprobs(T([0.3, 2.0], dtype=D), T([-0.4, 2.5], dtype=D), T([20.5, 21.0], dtype=D), head)
+        assert torch.allclose(lp.exp().sum(-1), torch.ones(2, dtype=D), atol=1e-14, rtol=0)
+    # rk: no floor on η, so a tie-free fit that drives eta far below 0 still has a gradient to come back with
+    eta = T([-25.0, -19.0], dtype=D, requires_grad=True)
+    lp = C.outcome_logprobs(T([0.3, 0.3], dtype=D), T([0.0, 0.0], dtype=D), eta, "rk")
+    (g,) = torch.autograd.grad(lp[:, C.TIE].sum(), eta)
+    assert (g > 0.99).all()  # d log P(tie) / d eta -> 1 as eta -> -inf (P(tie) ∝ η ≈ e^eta)
+    e = math.log1p(math.exp(-19.0))
+    want = 1 - expit(0.3 - e) - expit(-0.3 - e)
+    assert lp[1, C.TIE].exp().item() == pytest.approx(want, rel=1e-6)
+
+
+def test_authors_rk_eta_transform_known_answer():
+    # the authors' RK head: η = max(0.02, 10·softplus(0.1·(r − 22.5))). At r = 0, Δ = 0: η = 10·softplus(−2.25)
+    # = 1.0020, P(tie) = 1 − 2σ(−η) = 0.4629; read with this project's softplus it would be 1/3.
+    raw = T([0.0, -100.0, 40.0], dtype=torch.float64)
+    eta = C.authors_rk_eta(raw)
+    eta_true = (10 * torch.nn.functional.softplus(0.1 * (raw - 22.5))).clamp_min(0.02)
+    assert torch.allclose(torch.nn.functional.softplus(eta), eta_true, atol=1e-6)
+    z = torch.zeros(1, dtype=torch.float64)
+    assert C.outcome_logprobs(z, z, eta[:1], "rk").exp()[0, C.TIE].item() == pytest.approx(0.46293, abs=1e-5)
+
+
 def test_marginal_fit_known_answer():
     # two models, x beats y three times out of four: the BT maximum-likelihood gap is ln 3
     battles = [{"prompt": [f"q{i}"], "model_a": "x", "model_b": "y", "outcome": C.A if i < 3 else C.B,
@@ -138,6 +165,51 @@ def test_bad_battles_name_file_and_line(tmp_path, bad, msg):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD], [bad])
     with pytest.raises(ValueError, match=rf"bad\.jsonl:2: .*{msg}"):
         C.read_battles(path)
+
+
+@pytest.mark.parametrize("row,msg", [
+    (dict(GOOD, winner=None, winner_model_a="yes"), "winner_model_a must be 0 or 1, got \"yes\""),
+    ({**{k: v for k, v in GOOD.items() if k != "winner"}, "winner_model_a": None}, "winner_model_a must be 0 or 1, got null"),
+    ({**{k: v for k, v in GOOD.items() if k != "winner"}, "winner_model_a": 2, "winner_model_b": -1}, "winner_model_a must be 0 or 1, got 2"),
+    ({**{k: v for k, v in GOOD.items() if k != "winner"}, "winner_model_b": -1, "winner_tie": 1}, "winner_model_b must be 0 or 1, got -1"),
+    (dict(GOOD, winner=["model_a"]), "unknown winner"),
+    (dict(GOOD, p_a=True), "p_a must be a number in \\[0, 1\\], got true"),
+    (dict(GOOD, weight=True), "weight must be"),
+    (dict(GOOD, prompt=3), "prompt must be a string or list of strings, got 3"),
+    (dict(GOOD, prompt=["ok", 5]), "prompt must be a string or list of strings"),
+])
+def test_bad_arena_flags_and_types_name_file_and_line(tmp_path, row, msg):
+    row = {k: v for k, v in row.items() if v is not None or k != "winner"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, row])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:2: {msg}"):
+        C.read_battles(path)
+
+
+def test_bom_extra_fields_and_empty_turns(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_text(json.dumps(dict(GOOD, language="de", prompt=["first", ""])) + "\n", encoding="utf-8-sig")
+    b = C.read_battles(p)[0]
+    assert b["language"] == "de"  # every field of a row travels along (aggregate.py --by language)
+    assert b["prompt"] == ["first", ""]  # an empty turn inside a conversation is kept as sent
+    p.write_text(json.dumps(dict(GOOD, prompt=["", " "])) + "\n")
+    with pytest.raises(ValueError, match="bom.jsonl:1: empty prompt"):
+        C.read_battles(p)
+
+
+def test_truncated_gzip_and_directory_name_the_file(tmp_path):
+    raw = gzip.compress("".join(json.dumps(dict(GOOD, prompt=f"p{i}")) + "\n" for i in range(3000)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz:\d+: truncated or corrupt gzip"):
+        C.read_battles(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "junk.jsonl.gz").write_bytes(raw[:10] + b"not deflate data" * 50)
+    with pytest.raises(ValueError, match=r"junk\.jsonl\.gz:1: truncated or corrupt gzip"):
+        C.read_battles(tmp_path / "junk.jsonl.gz")
+    with pytest.raises(ValueError, match="is a directory"):
+        C.read_battles(tmp_path)
+    r = subprocess.run([sys.executable, "train.py", "--train", str(tmp_path / "cut.jsonl.gz"), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "truncated or corrupt gzip" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_input_exits_with_file_line_and_writes_nothing(tmp_path):
@@ -557,6 +629,40 @@ def test_two_model_votes_closed_form_all_heads():
     d, e = (beta[0, 0] - beta[0, 1]).item(), torch.nn.functional.softplus(eta[0]).item()
     # σ(d − e) = 1/2 -> d = e; σ(−d − e) = 1/6 -> d + e = ln 5
     assert d == pytest.approx(math.log(5) / 2, abs=1e-7) and e == pytest.approx(math.log(5) / 2, abs=1e-7)
+
+
+def test_separated_votes_are_detected_not_called_converged(tmp_path):
+    # x never lost: the maximum-likelihood fit does not exist (β_x -> +inf); a gradient test alone stopped
+    # at an arbitrary finite β and called it converged
+    rows = [("x", "y", C.A, 3), ("y", "z", C.A, 2), ("y", "z", C.B, 2), ("x", "z", C.A, 1)]
+    pairs = votes_to_pairs(rows, ["x", "y", "z"])
+    beta, _, info = C.fit_votes(pairs, 3, "bt", names=["x", "y", "z"])
+    assert not info["converged"] and torch.isnan(beta).all()
+    assert "never lost: 'x' (4 wins, 0 losses" in info["separated"][0]
+    beta, _, info = C.fit_votes(pairs, 3, "bt", l2=1e-3)  # a ridge makes it well posed
+    assert info["converged"] and torch.isfinite(beta).all()
+    # grk: without a both-bad vote every β runs to +inf (the grounding competitor is never preferred)
+    rows = [("x", "y", C.A, 2), ("x", "y", C.B, 2), ("x", "y", C.TIE, 1)]
+    assert "grounding" in C.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk", names=["x", "y"])[2]["separated"][0]
+    rows.append(("x", "y", C.BOTHBAD, 1))
+    assert C.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk")[2]["converged"]
+
+
+def test_aggregate_votes_separated_group_refuses_or_states_its_ridge(tmp_path):
+    rows = [{"prompt": f"p{i}", "model_a": a, "model_b": b, "winner": w, "language": lang}
+            for i, (a, b, w, lang) in enumerate([("x", "y", "model_a", "de"), ("y", "x", "model_a", "de"),
+                                                 ("y", "z", "model_a", "de"), ("z", "y", "model_a", "de"),
+                                                 ("x", "z", "model_a", "de"), ("z", "x", "model_a", "de"),
+                                                 ("x", "z", "model_a", "en"), ("z", "y", "model_b", "en")])]
+    votes = write_jsonl(tmp_path / "v.jsonl", rows)
+    r = run_agg("--votes", votes, "--by", "language", "--bootstrap", "0", "--l2", "0", "--out", tmp_path / "o", check=False)
+    assert r.returncode != 0 and "'en'" in r.stderr and "never lost: 'x' (1 wins, 0 losses" in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = run_agg("--votes", votes, "--by", "language", "--bootstrap", "0", "--out", tmp_path / "o")
+    assert "fitted with ridge" in r.stdout
+    by = json.loads((tmp_path / "o" / "leaderboard_by_language.json").read_text())
+    assert by["l2_by_group"] and set(by["l2_by_group"]) == {"en"} and by["notes"]
+    assert all(abs(row["coefficient"]) < 40 for row in by["leaderboard"])  # finite, held by the stated prior
 
 
 @pytest.mark.parametrize("loss", ["bt", "rk", "grk"])
