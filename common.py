@@ -462,6 +462,23 @@ def check_out(out, flag="--out"):
     return out
 
 
+def lock_dir(out, flag="--out"):
+    """Create out, take its lock (held until the returned file is closed or the process ends, even
+    by kill -9), and remove leftovers of an interrupted save. A second run on the same dir gets an
+    error, not a wait: two runs would interleave their files."""
+    import fcntl
+    out = check_out(out, flag)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"{flag} {out}: another run is writing there (it holds {out}/.lock)") from None
+    clean_leftovers(out)
+    return lock
+
+
 class OutputSet:
     """One stage's outputs in --out as one consistent set. `with OutputSet(out) as o:` locks out
     against a concurrent run (an error, not a wait: two runs would interleave their files) and
@@ -475,15 +492,7 @@ class OutputSet:
         self.out, self.flag = check_out(out, flag), flag
 
     def __enter__(self):
-        import fcntl
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.out / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ValueError(f"{self.flag} {self.out}: another run is writing there (it holds {self.out}/.lock)") from None
-        clean_leftovers(self.out)
+        self._lock = lock_dir(self.out, self.flag)
         self.stage = Path(tempfile.mkdtemp(dir=self.out, prefix=".partial-"))
         return self
 

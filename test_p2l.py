@@ -348,6 +348,71 @@ def test_resume_continues_from_saved_step(tiny_qwen, small_data, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def train_cmd(model, data, out, *extra):
+    return [sys.executable, "train.py", "--model", model, "--train", data[0], "--val", data[1], "--out", str(out),
+            "--batch-size", "4", "--max-len", "64", *extra]
+
+
+@pytest.mark.slow
+def test_resume_refuses_state_of_another_run(tiny_qwen, small_data, tmp_path):
+    """A finished run copied into a dir, then a different run (seed, lr) resumed there: it used to report
+    "resumed at step 2", train 0 steps and ship the old weights under the new arguments."""
+    import shutil
+    run_train(tiny_qwen, small_data, tmp_path / "a", "--max-steps", "2", "--save-every", "1")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    before = (tmp_path / "b" / "model.safetensors").read_bytes()
+    r = subprocess.run(train_cmd(tiny_qwen, small_data, tmp_path / "b", "--max-steps", "2", "--resume", "--seed", "1", "--lr", "1e-4"),
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "other training arguments" in r.stderr and "--seed 0 -> 1" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == before
+    rows = [json.loads(x) for x in Path(small_data[0]).read_text().splitlines()]
+    drop = rows[0]["model_a"]
+    other = write_jsonl(tmp_path / "other.jsonl", [x for x in rows if drop not in (x["model_a"], x["model_b"])])
+    r = subprocess.run(train_cmd(tiny_qwen, (str(other), small_data[1]), tmp_path / "b", "--max-steps", "2", "--resume"),
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "another model list" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(train_cmd(tiny_qwen, small_data, tmp_path / "empty", "--resume"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "no resumable state" in r.stderr and not (tmp_path / "empty").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_checkpoint(tiny_qwen, small_data, tmp_path):
+    """kill -9 during a step, during the resume-state save and during the checkpoint save; --resume then ends
+    with exactly the weights of the run that was never interrupted (RNG states restored: MiniLM-style dropout
+    would differ otherwise), one log row per step and the training time of both processes."""
+    import signal
+    import time
+    from safetensors.torch import load_file
+    args = ("--max-steps", "5", "--save-every", "1", "--head-lr", "1e-2", "--eval-every", "2")
+    run_train(tiny_qwen, small_data, tmp_path / "whole", *args)
+    want = load_file(tmp_path / "whole" / "model.safetensors")
+
+    def kill_when(out, ready):
+        proc = subprocess.Popen(train_cmd(tiny_qwen, small_data, out, *args), cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not ready(out):
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait() == -signal.SIGKILL  # False: it finished before the moment came
+
+    log_rows = lambda out: len((out / "train_log.jsonl").read_text().splitlines()) if (out / "train_log.jsonl").exists() else 0
+    moments = {"step": lambda out: log_rows(out) >= 2,  # step 2 logged: step 3 (or its state save) is running
+               # a later state save (a kill during the first one leaves nothing to resume: --resume refuses that)
+               "state save": lambda out: (out / "resume" / "state.pt").exists() and (out / "resume" / ".state.pt.tmp").exists(),
+               "checkpoint save": lambda out: any(out.glob(".partial-*"))}
+    for name, ready in moments.items():
+        out = tmp_path / name.replace(" ", "-")
+        assert kill_when(out, ready), f"the run ended before the {name} could be interrupted"
+        assert not (out / "metrics.json").exists()  # an interrupted run never looks complete
+        m, log = run_train(tiny_qwen, small_data, out, *args, "--resume")
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+        assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+        assert m["steps"] == 5 and m["train_seconds"] > 0
+        assert not list(out.glob(".partial-*")) and not list(out.glob("resume/.*.tmp"))  # leftovers removed
+
+
 def test_bench_prints_grouped_vs_per_pair(tiny_qwen, small_data, tmp_path):
     cmd = [sys.executable, "train.py", "--model", tiny_qwen, "--train", small_data[0], "--val", small_data[1],
            "--out", str(tmp_path), "--bench", "2", "--batch-size", "2", "--max-len", "64"]
