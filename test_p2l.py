@@ -533,7 +533,7 @@ def test_bt_metrics_match_hand_computed_values(tmp_path):
     assert m["nll_diff_ci"] == pytest.approx(sorted([d1, d2]), abs=1e-6)
     assert m["nll_diff"] == pytest.approx(sum(p2l) / 3 - sum(marg) / 3, abs=1e-6)
     assert "c2" in out and "P2L − marginal NLL" in out
-    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["metrics.json"]  # --preds: no new predictions
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir() if not p.name.startswith(".")) == ["metrics.json"]  # --preds: no new predictions
 
 
 @pytest.mark.parametrize("loss,uniform_nll", [("rk", 1.5 * math.log(2)), ("grk", math.log(4))])
@@ -602,6 +602,43 @@ def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
     assert "pass --loss" in err and not (tmp_path / "authors").exists()
     ok(evaluate("--checkpoint", ck, "--loss", "grk", "--data", data, "--out", tmp_path / "authors"))
     assert torch.equal(C.load_predictions(tmp_path / "authors")[0], beta.expand(10, 3))
+
+
+def test_outputs_are_one_consistent_set_and_inputs_fail_before_any_write(tmp_path):
+    """Bad inputs fail before --out is touched (a malformed --train-votes used to fail after the new predictions
+    were written beside the old metrics); a run writes metrics.json last, tied to its predictions by sha256;
+    a second run on a locked --out is refused; flags are checked up front."""
+    import hashlib
+    import evaluate as EV  # importing does no work: everything is in main(argv)
+    data, train, preds, ck = bt_case(tmp_path)
+    ok(evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--out", preds))
+    m = json.loads((preds / "metrics.json").read_text())
+    assert m["predictions_sha256"] == hashlib.sha256((preds / "predictions.safetensors").read_bytes()).hexdigest()
+    before = {p.name: p.read_bytes() for p in preds.iterdir() if p.is_file()}
+    bad = write_jsonl(tmp_path / "badtrain.jsonl", [], ['{"prompt": "t", "model_a": "x"'])
+    err, _ = evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--train-votes", bad, "--out", preds)
+    assert "badtrain.jsonl:1: malformed JSON" in err
+    assert {p.name: p.read_bytes() for p in preds.iterdir() if p.is_file()} == before  # untouched
+    (tmp_path / "afile").write_text("x")
+    for argv, msg in ((("--out", tmp_path / "afile"), "exists and is not a directory"),
+                      (("--out", tmp_path / "afile" / "sub"), "exists and is not a directory"),
+                      (("--out", tmp_path / "o", "--bootstrap", "0"), "--bootstrap must be >= 1"),
+                      (("--out", tmp_path / "o", "--batch-size", "0"), "--batch-size must be >= 1")):
+        r = cli("--checkpoint", ck, "--preds", preds, "--data", data, *argv)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+    if not torch.cuda.is_available():
+        r = cli("--checkpoint", ck, "--data", data, "--device", "cuda", "--out", tmp_path / "o")
+        assert r.returncode != 0 and "--device cuda: no CUDA device" in r.stderr and not (tmp_path / "o").exists()
+    lock = C.lock_dir(tmp_path / "busy")  # another run holds --out
+    try:
+        err, _ = evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--out", tmp_path / "busy")
+        assert "another run is writing there" in err and not (tmp_path / "busy" / "metrics.json").exists()
+    finally:
+        lock.close()
+    with contextlib.redirect_stdout(io.StringIO()):
+        EV.main(["--checkpoint", str(ck), "--preds", str(preds), "--data", str(data), "--out", str(tmp_path / "busy")])
+    assert (tmp_path / "busy" / "metrics.json").exists()
 
 
 def test_bad_input_fails_with_file_line_and_writes_nothing(tmp_path):
