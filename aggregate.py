@@ -14,6 +14,7 @@ coefficients whose pairwise outcome probabilities best match a target, to a grad
     python aggregate.py --bench
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -153,7 +154,12 @@ def load_preds(path, loss):
     if not torch.isfinite(beta).all() or (eta is not None and not torch.isfinite(eta).all()):
         raise ValueError(f"{path / 'predictions.safetensors'}: non-finite coefficients")
     if loss is None and (path / "metrics.json").exists():  # evaluate.py records its head's loss there
-        loss = json.loads((path / "metrics.json").read_text()).get("loss")
+        mj = C.read_json_object(path / "metrics.json", "evaluate.py metrics")
+        digest = mj.get("predictions_sha256")
+        if digest and digest != hashlib.sha256((path / "predictions.safetensors").read_bytes()).hexdigest():
+            raise ValueError(f"--preds {path}: metrics.json belongs to other predictions (its predictions_sha256 differs); "
+                             "rerun evaluate.py there, or pass --loss")
+        loss = mj.get("loss")
         loss = loss if loss in C.LOSSES else None
     if loss is None:
         if eta is not None:
@@ -366,7 +372,7 @@ def plot_curve(curve, path):
 
 
 def run_prompt(args):
-    model, tok = C.load_checkpoint(args.checkpoint, loss=args.loss)
+    model, tok = C.load_checkpoint(args.checkpoint, loss=args.loss, max_len=args.max_len)
     loss = model.p2l["loss"]
     head = C.HEAD_OF_LOSS[loss]
     prompts = [[p] for p in args.prompt]
@@ -546,8 +552,8 @@ def main(argv=None):
     src.add_argument("--bench", action="store_true", help="time the exact Newton aggregation against a plain torch L-BFGS")
     p.add_argument("--prompt", action="append", help="with --checkpoint; repeat it to aggregate several prompts into one board")
     p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes)")
-    p.add_argument("--loss", choices=C.LOSSES, help="the head's outcome model; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
-                   "--votes: default bt-tie, Arena's own convention (a tie is half a win)")
+    C.add_checkpoint_options(p, "; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
+                             "--votes: default bt-tie, Arena's own convention (a tie is half a win)")
     p.add_argument("--by", help="also a leaderboard per value of this field (e.g. category); with --preds, the strengths report")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (prompts, or votes with --votes) for 95%% CIs; 0 = none")
     p.add_argument("--truth", help="--preds: held-out votes on the same prompts; their fits are the ground truth of the aggregation-scale curve")
@@ -580,6 +586,8 @@ def main(argv=None):
         p.error("--official goes with --votes")
     torch.manual_seed(args.seed)
     try:
+        if args.out:  # an --out that cannot be a directory fails before any work; held locked to the end
+            C.check_out(args.out)
         if args.preds:
             run_preds(args)
         elif args.checkpoint:

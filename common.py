@@ -541,6 +541,18 @@ def read_model_numbers(path, what):
     return {k: float(v) for k, v in vals.items()}
 
 
+def finite_or_none(obj):
+    """obj with every NaN or infinite float replaced by None (JSON has no NaN/Infinity), recursively;
+    for outputs where "no value" is a legitimate answer (e.g. an unconstrained budget)."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(path, obj):
     """JSON only: a NaN or infinity raises ValueError instead of writing the invalid tokens NaN/Infinity."""
     atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

@@ -236,10 +236,8 @@ def p2l_router(beta, avail):
 # P2L coefficients: a checkpoint, saved predictions, or K-fold training on LiveBench outcomes
 
 
-def predict(ckpt, questions):
-    model, tok = C.load_checkpoint(ckpt)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+def predict(ckpt, questions, loss=None, max_len=None):
+    model, tok = C.load_checkpoint(ckpt, loss, max_len=max_len)
     device = C.autodetect_device()
     ids = C.encode_for(model, tok, [q["turns"] for q in questions])
     beta, eta = C.predict(model.to(device), ids, tok.pad_token_id, batch_size=16, device=device)
@@ -355,6 +353,7 @@ def main(argv=None):
     p.add_argument("--cv-head-lr", type=float, default=1e-2, help="--train-cv head learning rate")
     p.add_argument("--seed", type=int, default=0, help="folds and pair sampling (training seeds too): reruns agree")
     p.add_argument("--out", default="out/livebench", help="table.csv, metrics.json, livebench.png, routes.jsonl, predictions")
+    C.add_checkpoint_options(p)
     args = p.parse_args(argv)
     if args.train_cv is not None and (args.train_cv < 2 or args.name_map):
         p.error("--train-cv needs K >= 2 and no --name-map (it trains on the LiveBench names)")
@@ -365,6 +364,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # everything that can fail on bad input fails here, before any output is written
     try:
+        C.check_out(args.out)
         all_q = read_questions(args.questions)
         release = args.release or max(q["release"] for q in all_q)
         if not DATE.match(release):
@@ -443,7 +443,7 @@ def main(argv=None):
         beta_all = pb.double().numpy()[[where[q["question_id"]] for q in questions]]
     else:
         if args.checkpoint:
-            raw_b, raw_e, _ = predict(args.checkpoint, questions)
+            raw_b, raw_e, _ = predict(args.checkpoint, questions, args.loss, args.max_len)
             fold = None
         else:
             raw_b, raw_e, fold, nll = train_cv(args, questions, S[:, [lb_index[m] for m in p2l_models]], p2l_models, out)

@@ -1219,6 +1219,27 @@ def test_cli_errors_name_the_cause_and_write_nothing(preds, extra, costs, msg):
     assert not (preds / "out").exists()
 
 
+def test_sweep_zero_cost_nan_coefficients_unknown_costs_and_out_file(preds, capsys):
+    strict_json = lambda path: json.loads(Path(path).read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))
+    costs = dict(COSTS, cheap=0.0, typo_model=2.0)  # a free model; a name the predictions do not know
+    (preds / "free.json").write_text(json.dumps(costs))
+    run_route("--preds", preds / "preds", "--prompts", preds / "votes.jsonl", "--costs", preds / "free.json",
+              "--sweep", "--budget", "inf", "--out", preds / "o")
+    assert "typo_model" in capsys.readouterr().err
+    strict_json(preds / "o" / "sweep.json")
+    strict_json(preds / "o" / "metrics.json")
+    (preds / "afile").write_text("")
+    err = run_route("--preds", preds / "preds", "--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json",
+                    "--budget", "5", "--out", preds / "afile", ok=False)
+    assert "exists and is not a directory" in err
+    beta, eta, models, rows = C.load_predictions(preds / "preds")
+    beta[2, 1] = math.nan
+    C.save_predictions(preds / "nan", beta, eta, models, rows)
+    err = run_route("--preds", preds / "nan", "--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json",
+                    "--budget", "5", "--out", preds / "o2", ok=False)
+    assert "non-finite coefficients for prompt 3" in err and not (preds / "o2").exists()
+
+
 def test_command_line_exit_status(preds):
     """The real command: non-zero exit, the message on stderr, no output dir."""
     r = subprocess.run([sys.executable, "route.py", "--preds", preds / "preds", "--prompts", preds / "votes.jsonl",
