@@ -315,6 +315,26 @@ def reloaded_val_nll(out, val):
     return (s / w).item()
 
 
+def test_train_refuses_weightless_votes_and_bad_flags_before_any_work(tmp_path, capsys):
+    ties = write_jsonl(tmp_path / "ties.jsonl", [dict(GOOD, winner="tie"), dict(GOOD, model_b="z", winner="tie")])
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD, dict(GOOD, model_b="z", winner="model_b")])
+    (tmp_path / "afile").write_text("")
+    for argv, msg in (((("--train", ties, "--val", good)), "ties.jsonl: no vote carries weight (plain bt drops hard-label ties"),
+                      ((("--train", good, "--val", ties)), "ties.jsonl: no vote carries weight"),
+                      (("--train", good, "--val", good, "--out", tmp_path / "afile"), "exists and is not a directory"),
+                      (("--train", good, "--val", good, "--batch-size", "0"), "--batch-size must be >= 1"),
+                      (("--train", good, "--val", good, "--epochs", "nan"), "--epochs must be >= 0")):
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "o")]
+        r = subprocess.run([sys.executable, "train.py", *map(str, argv), *out], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert not (tmp_path / "o").exists()
+    for main in (route.main, L.main):  # every stage that loads a checkpoint takes the same loading options
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "--loss" in capsys.readouterr().out
+
+
 def test_head_starts_at_marginal_leaderboard(tiny_qwen, small_data, tmp_path):
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--epochs", "0", "--loss", "grk")
     assert m["steps"] == 0 and m["p2l"]["nll"] == pytest.approx(m["marginal"]["nll"], abs=1e-6)
@@ -411,6 +431,46 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_checkpoint(tiny_qwe
         assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
         assert m["steps"] == 5 and m["train_seconds"] > 0
         assert not list(out.glob(".partial-*")) and not list(out.glob("resume/.*.tmp"))  # leftovers removed
+
+
+def test_checkpoint_loading_authors_rk_template_max_len_and_damage(tiny_qwen, tmp_path):
+    """The authors' layout (no p2l section): their rk η transform and their template (no system turn); a
+    checkpoint without max_len gets the backbone's limit (512 here), not 8192; the pad token comes from the
+    loader; a truncated model.safetensors is an error naming it; files share one mode; leftovers go."""
+    import stat
+    tok, backbone = C.load_backbone(tiny_qwen)
+    C.add_cls_token(tok, backbone)
+    model = C.P2LModel(backbone, {"model_list": ["m0", "m1"], "loss": "rk", "pooling": "last", "cls_token": C.CLS_TOKEN, "max_len": 64})
+    model.init_head(torch.tensor([0.0, 0.0]), 0.0)  # raw η output 0 for every prompt
+    ck = tmp_path / "ck"
+    (ck / ".partial-old").mkdir(parents=True)  # what a killed save leaves
+    (ck / ".config.json.x.tmp").write_text("half")
+    C.save_checkpoint(ck, model.state_dict(), model, tok)
+    assert not list(ck.glob(".partial-*")) and not list(ck.glob("*.tmp")) and not list(ck.glob(".*.tmp"))
+    modes = {stat.S_IMODE(f.stat().st_mode) for f in ck.iterdir() if f.is_file()}
+    assert len(modes) == 1, modes  # model.safetensors was owner-only
+    cfg = json.loads((ck / "config.json").read_text())
+    own = C.load_checkpoint(ck)[0]
+    del cfg["p2l"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    # the authors' tokenizer: Qwen2.5's template with the default system block removed
+    tok.chat_template = QWEN25_TEMPLATE.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "DEFAULT")
+    tok.chat_template = tok.chat_template.replace("{%- else %}{{- '<|im_start|>system\\nDEFAULT<|im_end|>\\n' }}", "")
+    assert "DEFAULT" not in tok.chat_template
+    tok.save_pretrained(ck)
+    authors, atok = C.load_checkpoint(ck, loss="rk")
+    assert authors.p2l["eta_transform"] == C.AUTHORS_RK and own.p2l.get("eta_transform", "softplus") == "softplus"
+    assert authors.p2l["max_len"] == 512 and atok.pad_token is not None
+    ids = C.encode_for(authors, atok, [["hello"]])
+    assert atok.decode(ids[0]) == "<|im_start|>user\nhello<|im_end|>\n<|cls|>"  # no empty system turn: as they trained
+    _, eta = C.predict(authors, ids, atok.pad_token_id)
+    z = torch.zeros(1, dtype=torch.float64)
+    p_tie = C.outcome_logprobs(z, z, eta.double(), "rk").exp()[0, C.TIE].item()
+    assert p_tie == pytest.approx(0.46293, abs=1e-4)  # the authors' head at raw 0, Δ = 0 (1/3 under softplus)
+    raw = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read the weights, truncated or corrupt"):
+        C.load_checkpoint(ck, loss="rk")
 
 
 def test_bench_prints_grouped_vs_per_pair(tiny_qwen, small_data, tmp_path):
