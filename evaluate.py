@@ -54,10 +54,13 @@ def checkpoint_info(ckpt):
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").exists():
         sys.exit(f"error: --checkpoint {ckpt}: not a checkpoint directory (no config.json)")
-    p2l = json.loads((ckpt / "config.json").read_text()).get("p2l") or {}
-    models = p2l.get("model_list")
-    if models is None and (ckpt / "model_list.json").exists():
-        models = json.loads((ckpt / "model_list.json").read_text())
+    try:
+        p2l = C.read_json_object(ckpt / "config.json", "checkpoint config").get("p2l") or {}
+        models = p2l.get("model_list")
+        if models is None and (ckpt / "model_list.json").exists():
+            models = json.loads((ckpt / "model_list.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: --checkpoint {ckpt}: {e}")
     return p2l.get("loss"), models
 
 

@@ -394,6 +394,17 @@ def test_resume_refuses_state_of_another_run(tiny_qwen, small_data, tmp_path):
     r = subprocess.run(train_cmd(tiny_qwen, small_data, tmp_path / "empty", "--resume"), cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "no resumable state" in r.stderr and not (tmp_path / "empty").exists()
+    # a fresh run killed inside the finished dir must not leave it looking complete (old weights + metrics)
+    import signal
+    import time
+    proc = subprocess.Popen(train_cmd(tiny_qwen, small_data, tmp_path / "b", "--max-steps", "2"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "b" / "train_log.jsonl"  # the old run's log has 2 rows; the new run starts it afresh
+    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) == 1):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "metrics.json").exists() and not (tmp_path / "b" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
