@@ -250,6 +250,7 @@ def run_preds(args):
     curve = scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, fits["all"][0][0]) if args.truth else None
     # every number is computed: only now write, each file atomically
     out = Path(args.out)
+    lock = C.lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
     for name, (rws, m) in outputs.items():
         C.write_leaderboard(out / name, rws, m)
     if report:
@@ -431,6 +432,7 @@ def run_votes(args):
     meta = {"source": [str(p) for p in args.votes], "loss": loss, "votes": len(battles), "bootstrap": args.bootstrap,
             "l2": args.l2 or 0.0, "l2_by_group": l2, "notes": notes}
     out = Path(args.out)
+    lock = C.lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
     C.write_leaderboard(out / "leaderboard", boards["all"], meta)
     if args.by:
         C.write_leaderboard(out / f"leaderboard_by_{args.by}", [{"group": g, **r} for g in sorted(boards) if g != "all"
