@@ -14,7 +14,7 @@ coefficients whose pairwise outcome probabilities best match a target, to a grad
     python aggregate.py --bench
 """
 import argparse
-import json
+import hashlib
 import math
 import sys
 import time
@@ -149,8 +149,13 @@ def load_preds(path, loss):
     if loss is None:  # the file records its head's loss; files written before it did: evaluate.py's metrics.json
         loss = C.predictions_meta(path).get("loss")
         if loss is None and (path / "metrics.json").exists():
+            mj = C.read_json_object(path / "metrics.json", "evaluate.py metrics")
+            digest = mj.get("predictions_sha256")
+            if digest and digest != hashlib.sha256((path / "predictions.safetensors").read_bytes()).hexdigest():
+                raise ValueError(f"--preds {path}: metrics.json belongs to other predictions (its predictions_sha256 differs); "
+                                 "rerun evaluate.py there, or pass --loss")
             print(f"--preds {path}: predictions.safetensors records no loss (an older writer): taking it from metrics.json")
-            loss = json.loads((path / "metrics.json").read_text()).get("loss")
+            loss = mj.get("loss")
         loss = loss if loss in C.LOSSES else None
     if loss is None:
         if eta is not None:
@@ -190,7 +195,10 @@ def fit_truth(votes_path, models, loss, prompt_group, l2):
     for g, bs in sets.items():
         _, pairs, _ = C.group_by_prompt(bs, index, loss)
         allp = C.cat_pairs(pairs)
-        beta, _, info = C.fit_votes(allp, len(models), loss, l2=l2)
+        beta, _, info = C.fit_votes(allp, len(models), loss, l2=l2 or 0.0, names=models)
+        if info["separated"][0] and l2 is None:  # as --votes: a weak N(0, 10²) prior where the MLE does not exist
+            print(f"note: --truth '{g}': {info['separated'][0]}; fitted with ridge l2 = {1 / (200 * len(allp['a'])):.3g}")
+            beta, _, info = C.fit_votes(allp, len(models), loss, l2=1.0 / (200 * len(allp["a"])))
         if not info["converged"]:
             raise ValueError(f"--truth {votes_path}: the vote fit for '{g}' has no finite maximum (a model never won "
                              f"or never lost); pass a small --l2, e.g. 1e-6")
@@ -238,6 +246,7 @@ def run_preds(args):
     curve = scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, fits["all"][0][0]) if args.truth else None
     # every number is computed: only now write, each file atomically
     out = Path(args.out)
+    lock = C.lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
     for name, (rws, m) in outputs.items():
         C.write_leaderboard(out / name, rws, m)
     if report:
@@ -360,7 +369,7 @@ def plot_curve(curve, path):
 
 
 def run_prompt(args):
-    model, tok = C.load_checkpoint(args.checkpoint, loss=args.loss)
+    model, tok = C.load_checkpoint(args.checkpoint, loss=args.loss, max_len=args.max_len)
     loss = model.p2l["loss"]
     head = C.HEAD_OF_LOSS[loss]
     prompts = [[p] for p in args.prompt]
@@ -386,14 +395,24 @@ def run_votes(args):
             if b.get(args.by) is None:
                 raise ValueError(f"{b.get('where', b['id'])}: no '{args.by}' field to group by (--by {args.by})")
             sets.setdefault(str(b[args.by]), []).append(b)
-    boards = {}
+    boards, l2, notes = {}, {}, []
     for g in ["all"] + sorted(s for s in sets if s != "all"):
         models = sorted({m for b in sets[g] for m in (b["model_a"], b["model_b"])})  # only models with votes here
         _, pairs, _ = C.group_by_prompt(sets[g], {m: i for i, m in enumerate(models)}, loss)
         allp = C.cat_pairs(pairs)
         V = len(allp["a"])
         W = bootstrap_weights(V, args.bootstrap, gen)  # votes resampled, as Arena's own CIs do
-        bb, ee, info = C.fit_votes(allp, len(models), loss, l2=args.l2, weights=W)
+        bb, ee, info = C.fit_votes(allp, len(models), loss, l2=args.l2 or 0.0, weights=W, names=models)
+        why = [w for w in info["separated"] if w]
+        if why and args.l2 == 0:
+            raise ValueError(f"--votes: the {loss} maximum-likelihood fit for '{g}' does not exist"
+                             f"{' (in ' + str(len(why)) + ' of ' + str(1 + args.bootstrap) + ' vote resamples)' if info['separated'][0] is None else ''}: "
+                             f"{why[0]}. Drop --l2 0 for a small ridge, or pass --l2 > 0")
+        if why:  # the default: a weak Gaussian prior, sd 10 on every coefficient (l2 per vote = 1 / (2·10²·V))
+            l2[g] = 1.0 / (200.0 * V)
+            notes.append(f"'{g}': no maximum-likelihood fit ({why[0]}{'' if info['separated'][0] else ', in a resample'}); "
+                         f"fitted with ridge l2 = {l2[g]:.3g} (a N(0, 10²) prior on each coefficient)")
+            bb, ee, info = C.fit_votes(allp, len(models), loss, l2=l2[g], weights=W)
         if not info["converged"]:
             bad = (info["grad_norm"] > 1e-8).sum().item()
             raise ValueError(f"--votes: the {loss} fit for '{g}' has no finite maximum in {bad} of {1 + args.bootstrap} "
@@ -404,8 +423,12 @@ def run_votes(args):
     print_table(boards["all"], f"{loss} maximum-likelihood leaderboard from {len(battles)} votes "
                 f"({', '.join(map(str, args.votes))}; 95% CI from {args.bootstrap} vote resamples)", args.show)
     check = official_check(args, boards, sets) if args.official else None
-    meta = {"source": [str(p) for p in args.votes], "loss": loss, "votes": len(battles), "bootstrap": args.bootstrap, "l2": args.l2}
+    for n in notes:
+        print(f"note: {n}")
+    meta = {"source": [str(p) for p in args.votes], "loss": loss, "votes": len(battles), "bootstrap": args.bootstrap,
+            "l2": args.l2 or 0.0, "l2_by_group": l2, "notes": notes}
     out = Path(args.out)
+    lock = C.lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
     C.write_leaderboard(out / "leaderboard", boards["all"], meta)
     if args.by:
         C.write_leaderboard(out / f"leaderboard_by_{args.by}", [{"group": g, **r} for g in sorted(boards) if g != "all"
@@ -527,8 +550,8 @@ def main(argv=None):
     src.add_argument("--bench", action="store_true", help="time the exact Newton aggregation against a plain torch L-BFGS")
     p.add_argument("--prompt", action="append", help="with --checkpoint; repeat it to aggregate several prompts into one board")
     p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes)")
-    p.add_argument("--loss", choices=C.LOSSES, help="the head's outcome model; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
-                   "--votes: default bt-tie, Arena's own convention (a tie is half a win)")
+    C.add_checkpoint_options(p, "; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
+                             "--votes: default bt-tie, Arena's own convention (a tie is half a win)")
     p.add_argument("--by", help="also a leaderboard per value of this field (e.g. category); with --preds, the strengths report")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (prompts, or votes with --votes) for 95%% CIs; 0 = none")
     p.add_argument("--truth", help="--preds: held-out votes on the same prompts; their fits are the ground truth of the aggregation-scale curve")
@@ -536,8 +559,9 @@ def main(argv=None):
     p.add_argument("--min-group", type=int, default=10, help="strengths: ignore groups with fewer prompts, too noisy to call a strength")
     p.add_argument("--examples", type=int, default=3, help="strengths: prompts shown per strength/weakness")
     p.add_argument("--official", help="--votes: official leaderboards CSV (model_name, rating, category, style_control) to check the fits against")
-    p.add_argument("--l2", type=float, default=0.0, help="ridge on vote fits (mean-NLL scale): 0 = the pure MLE, which does not exist "
-                   "if a model never lost or never won")
+    p.add_argument("--l2", type=float, help="ridge on vote fits (mean-NLL scale). Default: the pure MLE, and where it does not "
+                   "exist (a model never lost or never won) a weak N(0, 10^2) prior on each coefficient, stated in the output; "
+                   "0 = refuse there instead, naming the models")
     p.add_argument("--show", type=int, default=20, help="leaderboard rows to print")
     p.add_argument("--show-group", type=int, default=5, help="rows to print of each --by group's leaderboard (all are in the CSV)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap and curve draws are seeded: reruns give identical files")
@@ -552,7 +576,7 @@ def main(argv=None):
         p.error("--checkpoint needs --prompt")
     if args.prompt and not args.checkpoint:
         p.error("--prompt needs --checkpoint")
-    if args.bootstrap < 0 or args.curve_reps < 1 or args.l2 < 0:
+    if args.bootstrap < 0 or args.curve_reps < 1 or (args.l2 or 0) < 0:
         p.error("--bootstrap and --l2 must be >= 0, --curve-reps >= 1")
     if args.truth and not args.preds:
         p.error("--truth goes with --preds")
@@ -560,6 +584,8 @@ def main(argv=None):
         p.error("--official goes with --votes")
     torch.manual_seed(args.seed)
     try:
+        if args.out:  # an --out that cannot be a directory fails before any work; held locked to the end
+            C.check_out(args.out)
         if args.preds:
             run_preds(args)
         elif args.checkpoint:

@@ -36,25 +36,45 @@ def rating(beta):
 # battles: one vote per JSONL line (DESIGN §3), also the public Arena column forms
 
 def open_text(path):
-    """A text file, gunzipped on the fly when its name ends in .gz."""
-    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+    """A text file, gunzipped on the fly when its name ends in .gz; a UTF-8 byte-order mark (as
+    Windows tools write) is skipped. A directory or an unreadable file is a ValueError naming it."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory, expected a file")
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def parse_turns(row, where):
     """The user turns of a row: `prompt` (a string or a list of strings) or, in the Arena form,
-    the user turns of `conversation_a`."""
+    the user turns of `conversation_a`. An empty turn inside a list is kept as it is (the user did
+    send an empty message, and the chat template renders it); only a prompt whose every turn is
+    empty is refused, because the model would see no text at all."""
     prompt = row.get("prompt")
     if prompt is None and "conversation_a" in row:  # Arena form: keep the user turns only
         conv = row["conversation_a"]
         if not isinstance(conv, list):
             raise ValueError(f"{where}: conversation_a must be a list of {{role, content}}")
         prompt = [t.get("content") for t in conv if isinstance(t, dict) and t.get("role") == "user"]
+    if prompt is None:
+        raise ValueError(f"{where}: missing 'prompt' (a string or a list of strings)")
     turns = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-        raise ValueError(f"{where}: missing 'prompt' (a string or a list of strings)")
+        raise ValueError(f"{where}: prompt must be a string or list of strings, got {json.dumps(prompt)[:60]}")
     if not any(t.strip() for t in turns):
         raise ValueError(f"{where}: empty prompt")
     return turns
+
+
+ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
+# fields a battle carries under its own names; every other field of a row travels along (e.g. for --by)
+_BATTLE_KEYS = {"prompt", "conversation_a", "conversation_b", "model_a", "model_b", "winner", *ARENA_FLAGS,
+                "p_a", "weight", "id", "where", "outcome"}
+
+
+def _number(x):
+    """True for an int or float that is not a bool (JSON true would otherwise read as 1)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _parse_battle(row, where):
@@ -65,44 +85,64 @@ def _parse_battle(row, where):
     if row["model_a"] == row["model_b"]:
         raise ValueError(f"{where}: model_a and model_b are both '{row['model_a']}'")
     if "winner" in row:
-        if row["winner"] not in WINNERS:
-            raise ValueError(f"{where}: unknown winner {row['winner']!r}; expected one of {list(WINNERS)}")
-        outcome = WINNERS[row["winner"]]
-    elif "winner_model_a" in row:  # Arena 0/1 columns
-        flags = [int(row.get(k, 0)) for k in ("winner_model_a", "winner_model_b", "winner_tie")]
+        w = row["winner"]
+        if not isinstance(w, str) or w not in WINNERS:
+            raise ValueError(f"{where}: unknown winner {w!r}; expected one of {list(WINNERS)}")
+        outcome = WINNERS[w]
+    elif any(k in row for k in ARENA_FLAGS):  # Arena 0/1 columns: each must be 0 or 1 (false/true too), one of them 1
+        flags = []
+        for k in ARENA_FLAGS:
+            v = row.get(k, 0)
+            if v not in (0, 1) or not isinstance(v, (int, float, bool)):
+                raise ValueError(f"{where}: {k} must be 0 or 1, got {json.dumps(v)}")
+            flags.append(int(v))
         if sum(flags) != 1:
-            raise ValueError(f"{where}: exactly one of winner_model_a/winner_model_b/winner_tie must be 1")
+            raise ValueError(f"{where}: exactly one of winner_model_a/winner_model_b/winner_tie must be 1, got {flags}")
         outcome = flags.index(1)
     else:
         raise ValueError(f"{where}: missing 'winner' (or the winner_model_a/b/tie columns)")
     p_a = row.get("p_a")
-    if p_a is not None and not (isinstance(p_a, (int, float)) and 0.0 <= p_a <= 1.0):
-        raise ValueError(f"{where}: p_a must be a number in [0, 1], got {p_a!r}")
+    if p_a is not None and not (_number(p_a) and 0.0 <= p_a <= 1.0):
+        raise ValueError(f"{where}: p_a must be a number in [0, 1], got {json.dumps(p_a)}")
     weight = row.get("weight", 1.0)
-    if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
-        raise ValueError(f"{where}: weight must be a finite number >= 0, got {weight!r}")
-    return {"prompt": turns, "model_a": row["model_a"], "model_b": row["model_b"], "outcome": outcome,
+    if not (_number(weight) and weight >= 0 and math.isfinite(weight)):
+        raise ValueError(f"{where}: weight must be a finite number >= 0, got {json.dumps(weight)}")
+    extra = {k: v for k, v in row.items() if k not in _BATTLE_KEYS}
+    return {**extra, "prompt": turns, "model_a": row["model_a"], "model_b": row["model_b"], "outcome": outcome,
             "p_a": None if p_a is None else float(p_a), "weight": float(weight),
             "category": row.get("category"), "id": row.get("id", where), "where": where}
 
 
 def read_jsonl(path, keep_blank=False):
     """Yield (where, row) for each non-blank line of a JSONL(.gz) file, where = "path:line"; a line
-    that is not a JSON object raises ValueError naming it. keep_blank: blank lines yield row None."""
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                if keep_blank:
-                    yield where, None
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+    that is not a JSON object, a truncated or corrupt .gz, bytes that are not UTF-8, or a path that
+    is not a readable file raise ValueError naming the file (and line). keep_blank: blank lines
+    yield row None."""
+    import zlib
+    lineno = 0
+    try:
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                if not line.strip():
+                    if keep_blank:
+                        yield where, None
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                yield where, row
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}:{lineno + 1}: truncated or corrupt gzip file ({e or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_battles(path):
@@ -247,7 +287,7 @@ def pairs_of(votes, prompts):
 def outcome_logprobs(beta_a, beta_b, eta, head):
     """log P(outcome) for outcomes (a wins, b wins, tie, both bad) along a new last axis.
     bt:  P(a) = σ(Δ); no ties.
-    rk:  η = softplus(eta) ≥ 0; P(a) = σ(Δ−η), P(b) = σ(−Δ−η), P(tie) = 1 − both; no both-bad.
+    rk:  η = softplus(eta) ≥ 0 (the authors' checkpoints map their raw output to this eta on load: P2LModel); P(a) = σ(Δ−η), P(b) = σ(−Δ−η), P(tie) = 1 − both; no both-bad.
     grk: φ = exp β, θ = 1 + exp(eta); P(a) = φa/(φa+θφb+1), P(b) = φb/(φb+θφa+1),
          P(both bad) = 1/(1+φa+φb), P(tie) = the rest = t·φa·φb·(2+(2+t)(φa+φb)) / (D0·Da·Db)
          with t = exp(eta) (derived by putting the four terms over one denominator).
@@ -257,14 +297,24 @@ def outcome_logprobs(beta_a, beta_b, eta, head):
     if head == "bt":
         return torch.stack([F.logsigmoid(d), F.logsigmoid(-d), ninf, ninf], -1)
     if head == "rk":
-        e = F.softplus(eta).clamp_min(1e-8)  # eta -> -inf would make log P(tie) = log 0
-        # 1 − σ(d−η) − σ(−d−η) = (e^{2η}−1)·φaφb / ((φa+e^η φb)(φb+e^η φa)); log(e^{2η}−1) = 2η + log(−expm1(−2η))
-        log_tie = (2 * e + torch.log(-torch.expm1(-2 * e)) + beta_a + beta_b
+        zero = torch.zeros_like(d)
+        e = torch.logaddexp(zero, eta)  # η = softplus(eta), exact (torch's softplus turns linear past 20)
+        # 1 − σ(d−η) − σ(−d−η) = (e^{2η}−1)·φaφb / ((φa+e^η φb)(φb+e^η φa)), with log(e^{2η}−1) = 2η + log(1 − e^{−2η}).
+        # For small η, log(1 − e^{−u}) = log u + log((1 − e^{−u})/u) (u = 2η, series) and log η = eta − e^eta/2 + ...
+        # for eta < −20: no floor on η, so the gradient in eta never vanishes (a floor zeroed it below eta ≈ −18.4)
+        far = eta < -20
+        log_e = torch.where(far, eta - torch.exp(torch.where(far, eta, zero - 20)) / 2, torch.log(torch.where(far, zero + 1, e)))
+        u = 2 * e
+        small = u < 1e-3
+        us = torch.where(small, zero + 1, u)
+        series = torch.log1p(-u / 2 + u ** 2 / 6 - u ** 3 / 24 + u ** 4 / 120)
+        log_1m = torch.where(small, math.log(2.0) + log_e + series, torch.log(-torch.expm1(-us)))
+        log_tie = (u + log_1m + beta_a + beta_b
                    - torch.logaddexp(beta_a, e + beta_b) - torch.logaddexp(beta_b, e + beta_a))
         return torch.stack([F.logsigmoid(d - e), F.logsigmoid(-d - e), log_tie, ninf], -1)
     if head == "grk":
         zero = torch.zeros_like(d)
-        log_theta = F.softplus(eta)  # log(1 + e^eta)
+        log_theta = torch.logaddexp(zero, eta)  # log(1 + e^eta), exact where torch's softplus turns linear past 20
         log_da = torch.logsumexp(torch.stack([beta_a, log_theta + beta_b, zero]), 0)
         log_db = torch.logsumexp(torch.stack([beta_b, log_theta + beta_a, zero]), 0)
         log_d0 = torch.logsumexp(torch.stack([zero, beta_a, beta_b]), 0)
@@ -349,19 +399,23 @@ def add_cls_token(tok, model):
     return tok.convert_tokens_to_ids(CLS_TOKEN)
 
 
-def render_prompt(tok, turns):
+def render_prompt(tok, turns, system_turn=True):
     """The user turns as the backbone saw chats in pre-training. An empty system turn stops
-    templates (Qwen, SmolLM2) from injecting their default system prompt into every prompt."""
+    templates (Qwen, SmolLM2) from injecting their default system prompt into every prompt.
+    system_turn=False renders the user turns alone: the authors' released checkpoints ship a
+    template with the default system block removed and were trained without any system turn."""
     if not tok.chat_template:
         return "\n\n".join(turns)
     msgs = [{"role": "user", "content": t} for t in turns]
+    if not system_turn:
+        return tok.apply_chat_template(msgs, tokenize=False)
     try:
         return tok.apply_chat_template([{"role": "system", "content": ""}] + msgs, tokenize=False)
     except Exception:  # templates with no system role (e.g. Gemma)
         return tok.apply_chat_template(msgs, tokenize=False)
 
 
-def encode_prompts(tok, prompts, max_len, pooling, cls_id=None):
+def encode_prompts(tok, prompts, max_len, pooling, cls_id=None, system_turn=True):
     """Token ids for each prompt (a list of turns), truncated on the LEFT so the end of the
     conversation and the pooling token always survive.
     last: chat template + one appended CLS token (a literal CLS string typed in a prompt is
@@ -369,7 +423,7 @@ def encode_prompts(tok, prompts, max_len, pooling, cls_id=None):
     tokenizer's own special tokens ([CLS] ... [SEP]) around the left-truncated text.
     The tokenizer is only read: truncation is done here, not by setting tok.truncation_side
     (which would change the caller's tokenizer for every later call)."""
-    texts = [render_prompt(tok, t) for t in prompts]
+    texts = [render_prompt(tok, t, system_turn) for t in prompts]
     bodies = tok(texts, add_special_tokens=False)["input_ids"]
     if pooling != "last":
         # the tokenizer's own wrapping (e.g. [CLS] ... [SEP]), read off a probe, around the kept end
@@ -593,6 +647,18 @@ class P2LHead(nn.Module):
             return self.head(x).float(), eta
 
 
+AUTHORS_RK = "authors-rk"  # p2l.eta_transform of the authors' rk checkpoints; this project's is "softplus" (the default)
+
+
+def authors_rk_eta(raw):
+    """The authors' RK head maps its raw output r to η = max(0.02, 10·softplus(0.1·(r − 22.5))); this
+    returns the eta whose softplus is that η (outcome_logprobs' convention), so predictions files and
+    every stage read one convention. softplus⁻¹(η) = η + log(1 − e^{−η}), finite since η >= 0.02."""
+    t = 0.1 * (raw - 22.5)
+    e = (10 * torch.logaddexp(torch.zeros_like(t), t)).clamp_min(0.02)
+    return e + torch.log(-torch.expm1(-e))
+
+
 class P2LModel(nn.Module):
     """Attribute names give the state-dict layout of the authors' checkpoints:
     backbone under 'model.', head under 'head.head.' and 'head.eta_head.'."""
@@ -611,7 +677,10 @@ class P2LModel(nn.Module):
         else:
             m = attention_mask.unsqueeze(-1).to(h.dtype)
             x = (h * m).sum(1) / m.sum(1)
-        return self.head(x)
+        beta, eta = self.head(x)
+        if eta is not None and self.p2l.get("eta_transform") == AUTHORS_RK:
+            eta = authors_rk_eta(eta)
+        return beta, eta
 
     def init_head(self, beta, eta):
         """Start at the averaged leaderboard: zero weights, bias = the marginal fit."""
@@ -627,7 +696,7 @@ def encode_for(model, tok, prompts):
     """Token ids for prompts exactly as this P2L model was trained to read them."""
     p = model.p2l
     cls = tok.convert_tokens_to_ids(p["cls_token"]) if p["pooling"] == "last" else None
-    return encode_prompts(tok, prompts, p["max_len"], p["pooling"], cls)
+    return encode_prompts(tok, prompts, p["max_len"], p["pooling"], cls, p.get("system_turn", True))
 
 
 @torch.no_grad()
@@ -715,11 +784,69 @@ def atomic_write(path, data):
     """Write text or bytes so that readers see the old file or the whole new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
     os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
     os.replace(tmp, path)
+
+
+def check_out(out, flag="--out"):
+    """Refuse an output path that cannot be a directory (an existing file, or a file on its path)
+    before any work is done."""
+    out = Path(out)
+    for p in [out, *out.parents]:
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{flag} {out}: {p} exists and is not a directory")
+    return out
+
+
+def lock_dir(out, flag="--out"):
+    """Create out, take its lock (held until the returned file is closed or the process ends, even
+    by kill -9), and remove leftovers of an interrupted save. A second run on the same dir gets an
+    error, not a wait: two runs would interleave their files."""
+    import fcntl
+    out = check_out(out, flag)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"{flag} {out}: another run is writing there (it holds {out}/.lock)") from None
+    clean_leftovers(out)
+    return lock
+
+
+class OutputSet:
+    """One stage's outputs in --out as one consistent set. `with OutputSet(out) as o:` locks out
+    against a concurrent run (an error, not a wait: two runs would interleave their files) and
+    removes leftovers of an interrupted save; files are written into o.stage (a hidden dir inside
+    out, so renames stay on one filesystem); o.commit(marker) first removes the old marker (a
+    stage's "this set is complete" file, e.g. metrics.json), then renames every staged file in,
+    the marker last. A crash at any point leaves either the old complete set, or files without a
+    marker (incomplete, and visibly so), never new files beside an old marker."""
+
+    def __init__(self, out, flag="--out"):
+        self.out, self.flag = check_out(out, flag), flag
+
+    def __enter__(self):
+        self._lock = lock_dir(self.out, self.flag)
+        self.stage = Path(tempfile.mkdtemp(dir=self.out, prefix=".partial-"))
+        return self
+
+    def commit(self, marker=None):
+        names = sorted(f.name for f in self.stage.iterdir())
+        if marker is not None:
+            (self.out / marker).unlink(missing_ok=True)
+        for name in sorted(names, key=lambda n: n == marker):
+            os.replace(self.stage / name, self.out / name)
+
+    def __exit__(self, *exc):
+        import shutil
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self._lock.close()  # releases the lock; the empty .lock file stays (removing it would race)
+        return False
 
 
 def save_png(fig, path):
@@ -753,23 +880,56 @@ def read_model_numbers(path, what):
     return {k: float(v) for k, v in vals.items()}
 
 
+def finite_or_none(obj):
+    """obj with every NaN or infinite float replaced by None (JSON has no NaN/Infinity), recursively;
+    for outputs where "no value" is a legitimate answer (e.g. an unconstrained budget)."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    """JSON only: a NaN or infinity raises ValueError instead of writing the invalid tokens NaN/Infinity."""
+    atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def clean_leftovers(out):
+    """Remove what an interrupted save left in out: `.partial-*` staging dirs and `*.tmp` files
+    (atomic_write's and the resume state's temp names). Call it holding out's lock (lock_out)."""
+    import shutil
+    out = Path(out)
+    for f in list(out.glob(".partial-*")) + list(out.glob("*.tmp")) + list(out.glob(".*.tmp")) + \
+            list(out.glob("resume/.*.tmp")):
+        shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+
+
+def _umask_mode():
+    """The mode open() gives a new file here (0o644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def save_checkpoint(out, state_dict, model, tok, extra=None):
     """A Hugging Face shaped directory: config.json (backbone config + 'p2l' section),
     model.safetensors, tokenizer files, model_list.json, plus extra {filename: text}. Everything
-    is written into a hidden temp dir first and then renamed in, so no file is ever half-written."""
+    is written into a hidden temp dir first and then renamed in, so no file is ever half-written;
+    leftovers of an earlier interrupted save are removed first."""
     from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors",
               metadata={"format": "pt"})
+    os.chmod(tmp / "model.safetensors", _umask_mode())  # safetensors creates it owner-only
     cfg = model.model.config.to_dict()
     cfg["p2l"] = model.p2l
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
     (tmp / "model_list.json").write_text(json.dumps(model.p2l["model_list"], indent=1) + "\n")
     tok.save_pretrained(tmp)
     for name, text in (extra or {}).items():
@@ -782,37 +942,98 @@ def save_checkpoint(out, state_dict, model, tok, extra=None):
 def _read_safetensors(path):
     from safetensors.torch import load_file
     index = path / "model.safetensors.index.json"
-    if index.exists():  # sharded, as larger released checkpoints are
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for s in shards for k, v in load_file(path / s).items()}
-    return load_file(path / "model.safetensors")
+    files = ([path / s for s in sorted(set(read_json_object(index, "shard index").get("weight_map", {}).values()))]
+             if index.exists() else [path / "model.safetensors"])  # sharded, as larger released checkpoints are
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except FileNotFoundError:
+            raise ValueError(f"{f}: missing") from None
+        except Exception as e:  # safetensors' own error type: truncated or corrupt file
+            raise ValueError(f"{f}: cannot read the weights, truncated or corrupt ({e})") from None
+    return state
 
 
-def load_checkpoint(path, loss=None, dtype=torch.float32):
-    """Load a P2L checkpoint: this project's, or the authors' released layout (no 'p2l' section
-    in config.json: model_list.json beside it, and the loss must be given). Returns (model, tok)."""
+def add_checkpoint_options(p, loss_help=""):
+    """The options every stage that loads a checkpoint shares (load_checkpoint's arguments)."""
+    p.add_argument("--loss", choices=LOSSES, help="the head's outcome model; needed for the authors' released "
+                   "layout, whose config.json does not say (default: the checkpoint's own)" + loss_help)
+    p.add_argument("--max-len", type=int, help="tokens per prompt when the checkpoint does not record it "
+                   "(default: the value stored at training, else the backbone's position limit)")
+
+
+def backbone_max_len(cfg, tok):
+    """The longest input the backbone takes: its position table, else the tokenizer's limit."""
+    for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) > 0:
+            return getattr(cfg, k)
+    limit = getattr(tok, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10 ** 7 else 512
+
+
+def load_checkpoint(path, loss=None, dtype=torch.float32, max_len=None):
+    """Load a P2L checkpoint: this project's, or the authors' released layout (no 'p2l' section in
+    config.json: model_list.json beside it, and the loss must be given). The ONE checkpoint reader:
+    it fills what the authors' layout does not record (their rk η transform, no system turn in
+    their template), max_len (stored, else max_len, else the backbone's limit), and a pad token.
+    Returns (model, tok); the model list is model.p2l["model_list"]. Any problem: ValueError."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     path = Path(path)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a checkpoint directory (no config.json)")
-    p2l = dict(json.loads((path / "config.json").read_text()).get("p2l") or {})
+    cfg_json = read_json_object(path / "config.json", "checkpoint config")
+    authors = not cfg_json.get("p2l")
+    p2l = dict(cfg_json.get("p2l") or {})
     if "model_list" not in p2l:
-        p2l["model_list"] = json.loads((path / "model_list.json").read_text())
+        if not (path / "model_list.json").is_file():
+            raise ValueError(f"{path}: no model list (config.json p2l.model_list or model_list.json)")
+        try:
+            p2l["model_list"] = json.loads((path / "model_list.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}/model_list.json: malformed JSON ({e.msg})") from None
+    ml = p2l["model_list"]
+    if not isinstance(ml, list) or not ml or not all(isinstance(m, str) for m in ml) or len(set(ml)) != len(ml):
+        raise ValueError(f"{path}: the model list must be a non-empty list of distinct names")
     p2l["loss"] = loss or p2l.get("loss")
     if p2l["loss"] not in LOSSES:
         raise ValueError(f"{path}/config.json has no p2l.loss: pass --loss ({'|'.join(LOSSES)})")
-    tok = AutoTokenizer.from_pretrained(path)
+    if authors:  # the authors' rk head has its own η transform; their template has no system block
+        p2l.setdefault("eta_transform", AUTHORS_RK if HEAD_OF_LOSS[p2l["loss"]] == "rk" else "softplus")
+        p2l.setdefault("system_turn", False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot load the tokenizer or config ({e})") from None
+    if tok.pad_token is None:  # decoders often have none; padding positions are masked anyway
+        tok.pad_token = tok.eos_token
     p2l.setdefault("pooling", "last" if CLS_TOKEN in tok.get_vocab() else default_pooling(tok))
     p2l.setdefault("cls_token", CLS_TOKEN)
-    p2l.setdefault("max_len", 8192)
-    backbone = AutoModel.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    model = P2LModel(backbone, p2l)
+    if not p2l.get("max_len"):
+        p2l["max_len"] = max_len or backbone_max_len(config, tok)
     state = _read_safetensors(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    backbone = AutoModel.from_config(config, dtype=dtype)
+    model = P2LModel(backbone, p2l)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit
+        raise ValueError(f"{path}/model.safetensors does not fit the model: {str(e)[:300]}") from None
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise ValueError(f"{path}/model.safetensors does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(dtype).eval(), tok
+
+
+def check_device(device, flag="--device"):
+    """A clear error for a device this machine does not have, before anything is loaded."""
+    kind = str(device).split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {device}: no CUDA device on this machine (use cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: no MPS device on this machine (use cpu)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {device}: expected cpu, cuda, cuda:N or mps")
 
 
 def save_predictions(out, beta, eta, model_list, rows, loss=None, checkpoint=None):
@@ -1001,9 +1222,9 @@ def _pair_objective(x, a, b, target, head, l2, derivs):
     beta = x[:, :M]
     local = [beta[:, a], beta[:, b]] + ([x[:, M:].expand(K, P)] if head != "bt" else [])
     if head == "bt" and derivs:  # closed form, 5x faster than autograd: d/dΔ of −t_a log σ(Δ) − t_b log σ(−Δ)
-        s = torch.sigmoid(local[0] - local[1])
-        n = target[:, 0] + target[:, 1]
-        g1, h11 = n * s - target[:, 0], n * s * (1 - s)
+        s, r = torch.sigmoid(local[0] - local[1]), torch.sigmoid(local[1] - local[0])  # σ(−Δ) itself, not 1 − σ(Δ):
+        n = target[:, 0] + target[:, 1]  # it keeps a far-off pair's gradient and curvature from rounding to 0
+        g1, h11 = target[:, 1] * s - target[:, 0] * r, n * s * r
         g, h = [g1, -g1], [[h11, -h11], [-h11, h11]]
     with torch.enable_grad():
         local = [v.detach().requires_grad_(derivs and head != "bt") for v in local]
@@ -1039,11 +1260,11 @@ def _pair_objective(x, a, b, target, head, l2, derivs):
     return f, G, H
 
 
-def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init=None):
+def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init=None, step_tol=1e-6):
     """Minimise Σ_p Σ_o target[k, p, o]·(−log P_o(β_a[p] vs β_b[p]; η)) + l2·|β|² over (β, η) for
     K problems at once (target [K, P, O], float64), by Newton's method with exact Hessians, a
     Levenberg shift where the Hessian is not positive definite, and a backtracking line search,
-    until every gradient's 2-norm is <= tol. Gauge: Σβ = 0 for bt and rk; grk needs none (the
+    until every gradient's 2-norm is <= tol and every Newton step's largest entry <= step_tol. Gauge: Σβ = 0 for bt and rk; grk needs none (the
     grounding competitor fixes the scale). init: a start [D] or [K, D] (β then η), e.g. a nearby
     solution; the default is all zeros. Returns (beta [K, M], eta [K] or None, info)."""
     target = target.double().permute(0, 2, 1).contiguous()  # [K, O, P]: see _pair_objective
@@ -1058,13 +1279,10 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
     gnorm = torch.full((K,), math.inf, dtype=torch.float64)
     fval = torch.zeros(K, dtype=torch.float64)
     act = torch.arange(K)  # problems still iterating: a converged one costs nothing more
+    step = torch.full((K,), math.inf, dtype=torch.float64)
     for it in range(max_iter + 1):
         f, G, H = _pair_objective(x[act], a, b, target[act], head, l2, derivs=True)
         gnorm[act], fval[act] = G.norm(dim=1), f
-        keep = gnorm[act] > tol
-        if not keep.any() or it == max_iter:
-            break
-        act, f, G, H = act[keep], f[keep], G[keep], H[keep]
         shift = torch.zeros(len(act), dtype=torch.float64)
         scale = H.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)
         for _ in range(60):  # Levenberg: the smallest shift that makes the Hessian positive definite
@@ -1074,6 +1292,14 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
                 break
             shift = torch.where(bad, torch.where(shift == 0, 1e-10 * scale, 10 * shift), shift)
         d = -torch.cholesky_solve(G.unsqueeze(-1), L).squeeze(-1)
+        step[act] = d.abs().amax(1)
+        # done when the gradient is small AND the Newton step is: where the maximum does not exist (a
+        # model that never lost) the gradient fades like e^-β while each step stays ~1, and a test on
+        # the gradient alone would call an arbitrary finite β converged
+        keep = (gnorm[act] > tol) | (step[act] > step_tol)
+        if not keep.any() or it == max_iter:
+            break
+        act, f, G, d = act[keep], f[keep], G[keep], d[keep]
         slope = (G * d).sum(1)
         t = torch.ones(len(act), dtype=torch.float64)
         # a Newton decrement −g·d below 1e-4 means the quadratic phase, where the full step is taken
@@ -1088,7 +1314,9 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
                 break
             t[todo] /= 2
         x[act] += t[:, None] * d
-    info = {"iterations": it, "grad_norm": gnorm, "converged": bool((gnorm <= tol).all()), "objective": fval}
+    conv = (gnorm <= tol) & (step <= step_tol)
+    info = {"iterations": it, "grad_norm": gnorm, "step": step, "converged": bool(conv.all()), "converged_rows": conv,
+            "objective": fval}
     return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
 
 
@@ -1103,13 +1331,16 @@ def aggregate(beta, eta, loss, weights=None):
         raise ValueError(f"beta must be [N, M] with N >= 1, got {tuple(beta.shape)}")
     target = mean_pair_probs(beta, eta, head, weights)
     a, b = all_pairs(beta.shape[1])
-    bb, ee, info = fit_pairs(a, b, target, beta.shape[1], head)
+    # start from the mean coefficients: for bt it is the exact answer when prompts agree, and close otherwise
+    w = _weight_rows(weights, beta.shape[0])[0]
+    init = (w @ beta.double()).tolist() + ([float(w @ eta.double())] if head != "bt" else [])
+    bb, ee, info = fit_pairs(a, b, target, beta.shape[1], head, init=init)
     if not info["converged"]:
         raise RuntimeError(f"aggregation did not converge: gradient norm {info['grad_norm'].max().item():.2e}")
     return bb[0], (ee[0].item() if ee is not None else 0.0)
 
 
-def vote_targets(pairs, n_models, loss, weights=None):
+def vote_targets(pairs, n_models, loss, weights=None, return_total=False):
     """Battles (cat_pairs of group_by_prompt's groups) as fit_pairs targets: the weighted outcome
     counts of each distinct ordered pair, normalised to one unit of weight per problem so the fit
     is the mean NLL per vote. bt/bt-tie count the (soft) label p as p wins and 1 − p losses.
@@ -1128,13 +1359,95 @@ def vote_targets(pairs, n_models, loss, weights=None):
     total = target.sum((1, 2), keepdim=True)
     if not (total > 0).all():
         raise ValueError("no votes with positive weight to fit")
+    if return_total:
+        return uniq // n_models, uniq % n_models, target / total, total
     return uniq // n_models, uniq % n_models, target / total
 
 
-def fit_votes(pairs, n_models, loss, l2=0.0, weights=None):
-    """Maximum-likelihood leaderboard(s) from battles: (beta [K, M], eta [K] or None, info)."""
-    a, b, target = vote_targets(pairs, n_models, loss, weights)
-    return fit_pairs(a, b, target, n_models, HEAD_OF_LOSS[loss], l2=l2)
+def separation(a, b, target, n_models, head, names=None, total=None):
+    """Why the maximum-likelihood fit of each problem (target [K, U, O]) has no finite maximum, or
+    None where it has one. Each vote says "the winner's coefficient cannot run off below the
+    loser's": an edge loser <- winner (a tie: both ways; grk also compares each model with the
+    grounding competitor G: a win or a tie puts the model above G, a both-bad vote puts G above
+    both). The maximum exists iff every model with votes reaches every other along such edges
+    (the graph is strongly connected: Zermelo 1929, Ford 1957); otherwise some group never lost to
+    the rest and its coefficients run to infinity. rk also needs a tie, or η runs to 0 (−∞ raw)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    names = names or [f"model {i}" for i in range(n_models)]
+    G = n_models  # the grounding node (grk)
+    a, b, target = a.numpy(), b.numpy(), target.numpy()
+    total = None if total is None else total.reshape(-1).numpy()
+    out = []
+    for k in range(target.shape[0]):
+        t = target[k] > 0
+        src, dst = [a[t[:, A]], b[t[:, B]]], [b[t[:, A]], a[t[:, B]]]
+        if target.shape[2] > TIE:
+            src += [a[t[:, TIE]], b[t[:, TIE]]]
+            dst += [b[t[:, TIE]], a[t[:, TIE]]]
+        nodes = n_models
+        if head == "grk":
+            nodes += 1
+            up = np.concatenate([a[t[:, A]], b[t[:, B]], a[t[:, TIE]], b[t[:, TIE]]])
+            down = np.concatenate([a[t[:, BOTHBAD]], b[t[:, BOTHBAD]]])
+            src += [up, np.full(len(down), G)]
+            dst += [np.full(len(up), G), down]
+        src, dst = np.concatenate(src), np.concatenate(dst)
+        seen = np.zeros(nodes, bool)
+        seen[np.concatenate([a[t.any(1)], b[t.any(1)]])] = True
+        if head == "grk":
+            seen[G] = True
+        g = coo_matrix((np.ones(len(src)), (src, dst)), shape=(nodes, nodes)).tocsr()
+        n_comp, comp = connected_components(g[seen][:, seen], directed=True, connection="strong")
+        why = None
+        if n_comp > 1:
+            idx = np.flatnonzero(seen)
+            c = target[k] * (1.0 if total is None else total[k])  # votes (weighted), not fractions
+            won = np.bincount(a, c[:, A], nodes) + np.bincount(b, c[:, B], nodes)
+            lost = np.bincount(a, c[:, B], nodes) + np.bincount(b, c[:, A], nodes)
+            tied = (np.bincount(a, c[:, TIE:].sum(1), nodes) + np.bincount(b, c[:, TIE:].sum(1), nodes)
+                    if c.shape[1] > TIE else np.zeros(nodes))
+            wins = np.bincount(src, minlength=nodes)
+            losses = np.bincount(dst, minlength=nodes)
+
+            def label(i):
+                if i == G:
+                    return "the grounding (both-bad) competitor"
+                return f"{names[i]!r} ({won[i]:g} wins, {lost[i]:g} losses, {tied[i]:g} ties/both-bad)"
+            never_lost = [label(i) for i in idx if losses[i] == 0]
+            never_won = [label(i) for i in idx if wins[i] == 0]
+            if never_lost or never_won:
+                why = "; ".join(s for s in (f"never lost: {', '.join(never_lost[:5])}" if never_lost else "",
+                                            f"never won: {', '.join(never_won[:5])}" if never_won else "") if s)
+            else:
+                first = [label(i) for i in idx[comp == comp[0]]][:5]
+                why = f"the models split into {n_comp} groups that never all beat each other (one: {', '.join(first)})"
+        elif head == "rk" and (target.shape[2] <= TIE or not t[:, TIE].any()):
+            why = "no ties: the Rao-Kupper tie parameter runs to 0"
+        out.append(why)
+    return out
+
+
+def fit_votes(pairs, n_models, loss, l2=0.0, weights=None, names=None):
+    """Maximum-likelihood leaderboard(s) from battles: (beta [K, M], eta [K] or None, info). Without
+    a ridge (l2 = 0) a problem whose maximum does not exist (separation()) is not solved: its row is
+    NaN, and info["separated"][k] says why (None where the fit exists); with l2 > 0 every fit exists."""
+    head = HEAD_OF_LOSS[loss]
+    a, b, target, total = vote_targets(pairs, n_models, loss, weights, return_total=True)
+    why = separation(a, b, target, n_models, head, names, total) if l2 == 0 else [None] * target.shape[0]
+    ok = torch.tensor([w is None for w in why])
+    K, D = target.shape[0], n_models + (head != "bt")
+    x = torch.full((K, D), math.nan, dtype=torch.float64)
+    info = {"separated": why, "converged": False, "grad_norm": torch.full((K,), math.inf, dtype=torch.float64)}
+    if ok.any():
+        bb, ee, info_ok = fit_pairs(a, b, target[ok], n_models, head, l2=l2)
+        x[ok, :n_models] = bb
+        if ee is not None:
+            x[ok, n_models] = ee
+        info["grad_norm"][ok] = info_ok["grad_norm"]
+        info.update({k: v for k, v in info_ok.items() if k not in ("grad_norm", "converged")})
+        info["converged"] = info_ok["converged"] and bool(ok.all())
+    return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
 
 
 def leaderboard_rows(models, beta, eta=None, head="bt", lo=None, hi=None, n=None):

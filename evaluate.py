@@ -29,6 +29,7 @@ so uniform matches the base rates of ties and both-bad but knows nothing about m
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -41,33 +42,6 @@ from scipy import stats
 
 import common as C
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--checkpoint", help="P2L checkpoint dir (this project's or the authors' released layout); its "
-               "marginal.json supplies the baselines. With --preds only its config.json and marginal.json are read")
-p.add_argument("--data", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles JSONL(.gz), DESIGN §3; "
-               "soft labels (p_a) and the Arena column forms are read too")
-p.add_argument("--out", default="out/eval", help="writes predictions.safetensors + predictions.jsonl and metrics.json here")
-p.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
-               "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated")
-p.add_argument("--loss", choices=C.LOSSES, help="outcome model to score with; needed for the authors' released layout, "
-               "whose config.json does not say (default: the checkpoint's own)")
-p.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
-               "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
-p.add_argument("--strict", action="store_true", help="a vote naming a model the checkpoint does not know is an error "
-               "(file:line) instead of being skipped and counted")
-p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts for the P2L − marginal NLL CI")
-p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the CI is reproducible")
-p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (batched by length, little padding)")
-p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: as many prompts (sorted by length) as fit "
-               "this many padded tokens per forward pass; `torchrun --nproc_per_node N evaluate.py ...` splits prompts over N ranks")
-p.add_argument("--device", default=C.autodetect_device(), help="cuda / mps / cpu (default: what is there)")
-p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on GPUs; fp32 "
-               "reproduces the NLL train.py reported to ~1e-6")
-args = p.parse_args()
-if not args.checkpoint and not args.preds:
-    sys.exit("error: pass --checkpoint DIR (or --preds DIR with --loss and --train-votes)")
-t_start = time.time()
-torch.manual_seed(0)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -79,10 +53,13 @@ def checkpoint_info(ckpt):
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").exists():
         sys.exit(f"error: --checkpoint {ckpt}: not a checkpoint directory (no config.json)")
-    p2l = json.loads((ckpt / "config.json").read_text()).get("p2l") or {}
-    models = p2l.get("model_list")
-    if models is None and (ckpt / "model_list.json").exists():
-        models = json.loads((ckpt / "model_list.json").read_text())
+    try:
+        p2l = C.read_json_object(ckpt / "config.json", "checkpoint config").get("p2l") or {}
+        models = p2l.get("model_list")
+        if models is None and (ckpt / "model_list.json").exists():
+            models = json.loads((ckpt / "model_list.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: --checkpoint {ckpt}: {e}")
     return p2l.get("loss"), models
 
 
@@ -149,234 +126,327 @@ def agreement(beta1, eta1, beta2, eta2, keep, head):
             "mean_abs_dp": (p_win(beta1, eta1) - p_win(beta2, eta2)).abs()[off].mean().item()}
 
 
-# -----------------------------------------------------------------------------
-# inputs: votes, the checkpoint's model list and loss, where the baselines come from. Everything that
-# can be wrong with the inputs fails from here to the model load: before the (slow) load, any forward
-# pass, or anything written.
-try:
-    battles = C.read_battles(args.data)
-except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-ck_loss, ck_models = checkpoint_info(args.checkpoint) if args.checkpoint else (None, None)
-loss = args.loss or ck_loss
-if loss not in C.LOSSES:
-    sys.exit(f"error: {args.checkpoint or args.preds}: no loss recorded (the authors' released layout does not say): "
-             f"pass --loss ({'|'.join(C.LOSSES)})")
-if args.preds:
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="P2L checkpoint dir (this project's or the authors' released layout); its "
+                   "marginal.json supplies the baselines. With --preds only its config.json and marginal.json are read")
+    p.add_argument("--data", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles JSONL(.gz), DESIGN §3; "
+                   "soft labels (p_a) and the Arena column forms are read too")
+    p.add_argument("--out", default="out/eval", help="predictions.safetensors + predictions.jsonl and metrics.json, written "
+                   "as one set when everything has succeeded (metrics.json last; it records the predictions' sha256)")
+    p.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
+                   "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated")
+    C.add_checkpoint_options(p, "; also the outcome model the predictions are scored with")
+    p.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
+                   "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
+    p.add_argument("--strict", action="store_true", help="a vote naming a model the checkpoint does not know is an error "
+                   "(file:line) instead of being skipped and counted")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts for the P2L − marginal NLL CI")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the CI is reproducible")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (batched by length, little padding)")
+    p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: as many prompts (sorted by length) as "
+                   "fit this many padded tokens per forward pass; `torchrun --nproc_per_node N evaluate.py ...` splits prompts over N ranks")
+    p.add_argument("--device", default=C.autodetect_device(), help="cuda / mps / cpu (default: what is there)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on GPUs; fp32 "
+                   "reproduces the NLL train.py reported to ~1e-6")
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.preds:
+        p.error("pass --checkpoint DIR (or --preds DIR with --loss and --train-votes)")
+    for flag, v in (("--bootstrap", args.bootstrap), ("--batch-size", args.batch_size), ("--max-len", args.max_len or 1),
+                    ("--max-tokens", args.max_tokens or 1)):
+        if v < 1:
+            p.error(f"{flag} must be >= 1, got {v}")
     try:
-        pred_beta, pred_eta, model_list, pred_rows = C.load_predictions(args.preds)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: --preds {args.preds}: {e}")
-elif ck_models is None:
-    sys.exit(f"error: --checkpoint {args.checkpoint}: no model list (config.json p2l.model_list or model_list.json)")
-else:
-    model_list = ck_models
-head = C.HEAD_OF_LOSS[loss]
-index = {m: i for i, m in enumerate(model_list)}
-M = len(model_list)
+        C.check_out(args.out)
+        if not args.preds:
+            C.check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
-unknown = Counter(m for b in battles for m in (b["model_a"], b["model_b"]) if m not in index)
-if unknown and args.strict:
-    k = next(i for i, b in enumerate(battles) if b["model_a"] not in index or b["model_b"] not in index)
-    bad = [m for m in (battles[k]["model_a"], battles[k]["model_b"]) if m not in index]
-    sys.exit(f"error: {battles[k]['where']}: model {bad[0]!r} is not in the checkpoint's model list "
-             f"({len(unknown)} unknown models in all; drop --strict to skip and count such votes)")
 
-# the marginal leaderboard and the training votes behind it (read only when a baseline needs them)
-mj = C.read_marginal(args.checkpoint) if args.checkpoint else None  # its `train` found again if the checkpoint moved
-train_path = args.train_votes or (mj or {}).get("train")
-if train_path is None:
-    sys.exit(f"error: {f'--checkpoint {args.checkpoint} has no marginal.json' if args.checkpoint else 'no --checkpoint'} "
-             "to take the baselines from: pass --train-votes FILE (the votes the checkpoint was trained on) to fit them")
-has_category = any(b["category"] is not None for b in battles)
-need_train = (mj is None or mj["loss"] != loss or any(m not in mj["model_list"] for m in model_list)
-              or has_category or head != "bt")
-if need_train and not Path(train_path).exists():
-    sys.exit(f"error: training votes {train_path} (marginal.json's `train`) not found: pass --train-votes FILE")
-
-# -----------------------------------------------------------------------------
-# votes grouped by prompt; every unique prompt gets a prediction, even one whose votes were all skipped
-keys = list(dict.fromkeys(C.prompt_key(b["prompt"]) for b in battles))
-pos = {k: i for i, k in enumerate(keys)}
-prompts = [json.loads(k) for k in keys]
-by_prompt = {}
-for b in battles:
-    by_prompt.setdefault(C.prompt_key(b["prompt"]), []).append(b)
-kept_prompts, pairs_list, n_skipped = C.group_by_prompt(battles, index, loss)
-if not pairs_list:
-    sys.exit(f"error: {args.data}: none of its {len(battles)} votes is between two models the checkpoint knows")
-pairs = C.cat_pairs(pairs_list)
-pairs["row"] = torch.tensor([pos[C.prompt_key(t)] for t in kept_prompts])[pairs["row"]]  # -> index into prompts
-P = len(prompts)
-# the category of each kept vote, in the order group_by_prompt emitted them
-vote_cat = [b["category"] for t in kept_prompts for b in by_prompt[C.prompt_key(t)]
-            if b["model_a"] in index and b["model_b"] in index]
-n_votes = len(vote_cat)
-if pairs["w"].sum() == 0:
-    sys.exit(f"error: {args.data}: no vote carries weight (plain bt drops hard-label ties): try --loss bt-tie")
-print(f"{args.data}: {n_votes} votes on {P} prompts, {n_skipped} skipped (unknown model: "
-      f"{', '.join(f'{m} ×{c}' for m, c in unknown.most_common(5)) or 'none'}); {M} models, loss {loss}")
-
-# -----------------------------------------------------------------------------
-# 1. predictions: one forward per unique prompt, batched by length (or reused from --preds)
-t_pred = time.time()
-if args.preds:
-    where = {C.prompt_key(r["prompt"]): i for i, r in enumerate(pred_rows)}
-    missing = [k for k in keys if k not in where]
-    if missing:
-        k = next(i for i, b in enumerate(battles) if C.prompt_key(b["prompt"]) == missing[0])
-        sys.exit(f"error: {battles[k]['where']}: prompt not in --preds {args.preds} "
-                 f"({len(missing)} of {P} prompts missing)")
-    take = torch.tensor([where[k] for k in keys])
-    beta, eta = pred_beta[take], (pred_eta[take] if pred_eta is not None else None)
-    if (eta is None) != (head == "bt"):
-        sys.exit(f"error: --preds {args.preds} {'has no' if eta is None else 'has an'} eta but the loss is {loss}")
-else:
+def read_inputs(args):
+    """Everything that can be wrong with the inputs fails here: before the (slow) model load, any
+    forward pass, or anything written. Returns a dict of what the later steps need."""
     try:
-        model, tok = C.load_checkpoint(args.checkpoint, loss)
+        battles = C.read_battles(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    ck_loss, ck_models = checkpoint_info(args.checkpoint) if args.checkpoint else (None, None)
+    loss = args.loss or ck_loss
+    if loss not in C.LOSSES:
+        sys.exit(f"error: {args.checkpoint or args.preds}: no loss recorded (the authors' released layout does not say): "
+                 f"pass --loss ({'|'.join(C.LOSSES)})")
+    preds = None
+    if args.preds:
+        try:
+            preds = C.load_predictions(args.preds)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            sys.exit(f"error: --preds {args.preds}: {e}")
+        model_list = preds[2]
+    elif ck_models is None:
+        sys.exit(f"error: --checkpoint {args.checkpoint}: no model list (config.json p2l.model_list or model_list.json)")
+    else:
+        model_list = ck_models
+    index = {m: i for i, m in enumerate(model_list)}
+    unknown = Counter(m for b in battles for m in (b["model_a"], b["model_b"]) if m not in index)
+    if unknown and args.strict:
+        k = next(i for i, b in enumerate(battles) if b["model_a"] not in index or b["model_b"] not in index)
+        bad = [m for m in (battles[k]["model_a"], battles[k]["model_b"]) if m not in index]
+        sys.exit(f"error: {battles[k]['where']}: model {bad[0]!r} is not in the checkpoint's model list "
+                 f"({len(unknown)} unknown models in all; drop --strict to skip and count such votes)")
+    # the marginal leaderboard and the training votes behind it, read now when a baseline needs them
+    try:  # its `train` is found again if the checkpoint was moved
+        mj = C.read_marginal(args.checkpoint) if args.checkpoint else None
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    train_path = args.train_votes or (mj or {}).get("train")
+    if train_path is None:
+        sys.exit(f"error: {f'--checkpoint {args.checkpoint} has no marginal.json' if args.checkpoint else 'no --checkpoint'} "
+                 "to take the baselines from: pass --train-votes FILE (the votes the checkpoint was trained on) to fit them")
+    use_mj = mj is not None and not args.train_votes and mj.get("loss") == loss and all(m in mj.get("model_list", []) for m in model_list)
+    need_train = not use_mj or any(b["category"] is not None for b in battles) or C.HEAD_OF_LOSS[loss] != "bt"
+    train = None
+    if need_train:
+        if not Path(train_path).exists():
+            sys.exit(f"error: training votes {train_path} (marginal.json's `train`) not found: pass --train-votes FILE")
+        try:
+            train = C.read_battles(train_path)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+    return dict(battles=battles, loss=loss, head=C.HEAD_OF_LOSS[loss], model_list=model_list, index=index, M=len(model_list),
+                unknown=unknown, mj=mj if use_mj else None, train_path=train_path, train=train, preds=preds)
+
+
+def group_votes(args, ctx):
+    """Votes grouped by prompt; every unique prompt gets a prediction, even one whose votes were all skipped."""
+    battles, index, loss = ctx["battles"], ctx["index"], ctx["loss"]
+    keys = list(dict.fromkeys(C.prompt_key(b["prompt"]) for b in battles))
+    pos = {k: i for i, k in enumerate(keys)}
+    by_prompt = {}
+    for b in battles:
+        by_prompt.setdefault(C.prompt_key(b["prompt"]), []).append(b)
+    kept_prompts, pairs_list, n_skipped = C.group_by_prompt(battles, index, loss)
+    if not pairs_list:
+        sys.exit(f"error: {args.data}: none of its {len(battles)} votes is between two models the checkpoint knows")
+    pairs = C.cat_pairs(pairs_list)
+    pairs["row"] = torch.tensor([pos[C.prompt_key(t)] for t in kept_prompts])[pairs["row"]]  # -> index into prompts
+    # the category of each kept vote, in the order group_by_prompt emitted them
+    vote_cat = [b["category"] for t in kept_prompts for b in by_prompt[C.prompt_key(t)]
+                if b["model_a"] in index and b["model_b"] in index]
+    if pairs["w"].sum() == 0:
+        sys.exit(f"error: {args.data}: no vote carries weight (plain bt drops hard-label ties): try --loss bt-tie")
+    ctx.update(keys=keys, prompts=[json.loads(k) for k in keys], by_prompt=by_prompt, pairs_list=pairs_list, pairs=pairs,
+               vote_cat=vote_cat, n_skipped=n_skipped, P=len(keys), n_votes=len(vote_cat))
+    print(f"{args.data}: {len(vote_cat)} votes on {len(keys)} prompts, {n_skipped} skipped (unknown model: "
+          f"{', '.join(f'{m} ×{c}' for m, c in ctx['unknown'].most_common(5)) or 'none'}); {ctx['M']} models, loss {loss}")
+
+
+def reused_predictions(args, ctx):
+    """(beta [P, M], eta [P] or None) for the prompts of --data, from --preds."""
+    keys, P, head = ctx["keys"], ctx["P"], ctx["head"]
+    if True:
+        pred_beta, pred_eta, _, pred_rows = ctx["preds"]
+        where = {C.prompt_key(r["prompt"]): i for i, r in enumerate(pred_rows)}
+        missing = [k for k in keys if k not in where]
+        if missing:
+            b = next(b for b in ctx["battles"] if C.prompt_key(b["prompt"]) == missing[0])
+            sys.exit(f"error: {b['where']}: prompt not in --preds {args.preds} ({len(missing)} of {P} prompts missing)")
+        take = torch.tensor([where[k] for k in keys])
+        beta, eta = pred_beta[take], (pred_eta[take] if pred_eta is not None else None)
+        if (eta is None) != (head == "bt"):
+            sys.exit(f"error: --preds {args.preds} {'has no' if eta is None else 'has an'} eta but the loss is {ctx['loss']}")
+        return beta, eta
+
+
+def load_model(args, ctx):
+    try:
+        return C.load_checkpoint(args.checkpoint, ctx["loss"], max_len=args.max_len)
     except (ValueError, OSError) as e:
         sys.exit(f"error: --checkpoint {args.checkpoint}: {e}")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    # under torchrun each rank runs every N-th prompt; rank 0 merges the shards and carries on alone
-    res = C.predict_prompts(model, tok, prompts, args.out, args.batch_size, args.device,
+
+
+def predictions(args, ctx, model, tok):
+    """(beta [P, M], eta [P] or None, rows): one forward per unique prompt, batched by length."""
+    keys = ctx["keys"]
+    # under torchrun each rank runs every N-th prompt into a shard in --out; rank 0 merges them and
+    # carries on alone (it alone holds --out's lock and writes the outputs)
+    res = C.predict_prompts(model, tok, ctx["prompts"], args.out, args.batch_size, args.device,
                             torch.bfloat16 if args.dtype == "bf16" else None, args.max_tokens)
     if res is None:
         sys.exit(0)
     beta, eta = res
     rows = []
-    for k, t in zip(keys, prompts):
-        cats = sorted({str(b["category"]) for b in by_prompt[k] if b["category"] is not None})
-        row = {"prompt": t, "prompt_id": hashlib.sha1(k.encode()).hexdigest()[:12], "ids": [b["id"] for b in by_prompt[k]]}
+    for k, t in zip(keys, ctx["prompts"]):
+        cats = sorted({str(b["category"]) for b in ctx["by_prompt"][k] if b["category"] is not None})
+        row = {"prompt": t, "prompt_id": hashlib.sha1(k.encode()).hexdigest()[:12], "ids": [b["id"] for b in ctx["by_prompt"][k]]}
         if cats:
             row["category"] = cats[0] if len(cats) == 1 else cats
         rows.append(row)
-    # written now: the forward passes are the expensive part, and each file is replaced atomically
-    C.save_predictions(args.out, beta, eta, model_list, rows)
-pred_seconds = time.time() - t_pred
-print(f"predictions for {P} prompts in {pred_seconds:.1f} s" + ("" if args.preds else f" -> {args.out}/predictions.*"))
-
-# -----------------------------------------------------------------------------
-# 2. baselines fitted on the training votes, and the metrics
-_train = {}
+    if not torch.isfinite(beta).all() or (eta is not None and not torch.isfinite(eta).all()):
+        sys.exit(f"error: --checkpoint {args.checkpoint}: the model predicts non-finite coefficients")
+    return beta, eta, rows
 
 
-def train_pairs(category=None):
-    """The training votes (all, or those of one category) grouped for the loss, None if none weigh; read once."""
-    if "all" not in _train:
-        try:
-            _train["all"] = C.read_battles(train_path)
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
-    tb = [b for b in _train["all"] if category is None or b["category"] == category]
-    _, tp, _ = C.group_by_prompt(tb, index, loss)
-    return tp if tp and sum(t["w"].sum().item() for t in tp) > 0 else None
+def baselines(ctx):
+    """The marginal, per-category and uniform leaderboards, fitted on the training votes (or marginal.json)."""
+    loss, M, index, head = ctx["loss"], ctx["M"], ctx["index"], ctx["head"]
 
+    def train_pairs(category=None):  # the training votes (all, or one category's) grouped for the loss; None if none weigh
+        tb = [b for b in ctx["train"] if category is None or b["category"] == category]
+        _, tp, _ = C.group_by_prompt(tb, index, loss)
+        return tp if tp and sum(t["w"].sum().item() for t in tp) > 0 else None
 
-notes = []
-if mj is not None and not args.train_votes and mj["loss"] == loss and all(m in mj["model_list"] for m in model_list):
-    mbeta = torch.tensor(mj["beta"], dtype=torch.float64)[[mj["model_list"].index(m) for m in model_list]]
-    meta = torch.tensor(float(mj["eta"]), dtype=torch.float64)
-else:  # no marginal.json, another loss, or other models: refit on the training votes
-    notes.append(f"marginal refitted on {train_path} for loss {loss}")
-    tp = train_pairs()
-    if tp is None:
-        sys.exit(f"error: {train_path}: no training votes between models the checkpoint knows")
-    mbeta, meta = (t.double() for t in C.fit_marginal(tp, M, loss))
-
-categories = sorted({c for c in vote_cat if c is not None}, key=str)
-cat_beta, cat_eta, fallback = [mbeta], [meta], []  # row 0: the marginal, for votes without a category
-for c in categories:
-    tp = train_pairs(c)
-    if tp is None:
-        fallback.append(c)
-        b_, e_ = mbeta, meta
+    notes, mj = [], ctx["mj"]
+    if mj is not None:
+        mbeta = torch.tensor(mj["beta"], dtype=torch.float64)[[mj["model_list"].index(m) for m in ctx["model_list"]]]
+        meta = torch.tensor(float(mj["eta"]), dtype=torch.float64)
+    else:  # no marginal.json, another loss, or other models: refit on the training votes
+        notes.append(f"marginal refitted on {ctx['train_path']} for loss {loss}")
+        tp = train_pairs()
+        if tp is None:
+            sys.exit(f"error: {ctx['train_path']}: no training votes between models the checkpoint knows")
+        mbeta, meta = (t.double() for t in C.fit_marginal(tp, M, loss))
+    categories = sorted({c for c in ctx["vote_cat"] if c is not None}, key=str)
+    cat_beta, cat_eta, fallback = [mbeta], [meta], []  # row 0: the marginal, for votes without a category
+    for c in categories:
+        tp = train_pairs(c)
+        if tp is None:
+            fallback.append(c)
+            b_, e_ = mbeta, meta
+        else:
+            b_, e_ = (t.double() for t in C.fit_marginal(tp, M, loss))
+        cat_beta.append(b_)
+        cat_eta.append(e_)
+    if fallback:
+        notes.append(f"category: no training votes for {fallback}, the marginal used there")
+    if not categories:
+        notes.append("category: the votes have no `category` field")
+    if head != "bt":
+        tp = train_pairs()
+        if tp is None:
+            sys.exit(f"error: {ctx['train_path']}: no training votes between models the checkpoint knows")
+        ubeta, ueta = fit_uniform(tp, M, loss)
     else:
-        b_, e_ = (t.double() for t in C.fit_marginal(tp, M, loss))
-    cat_beta.append(b_)
-    cat_eta.append(e_)
-if fallback:
-    notes.append(f"category: no training votes for {fallback}, the marginal used there")
-ubeta, ueta = fit_uniform(train_pairs(), M, loss) if head != "bt" else (torch.zeros(M, dtype=torch.float64), torch.tensor(0.0))
-
-zero = torch.zeros(n_votes, dtype=torch.long)
+        ubeta, ueta = torch.zeros(M, dtype=torch.float64), torch.tensor(0.0)
+    return dict(mbeta=mbeta, meta=meta, categories=categories, cat_beta=cat_beta, cat_eta=cat_eta, fallback=fallback,
+                ubeta=ubeta, ueta=ueta, notes=notes)
 
 
-def eta1(e):  # one leaderboard's eta as a 1-row tensor (none for bt heads)
-    return e.reshape(1) if head != "bt" else None
+def score(args, ctx, beta, eta, base):
+    """Every metric of the docstring, the paired bootstrap CI and the leaderboard agreement."""
+    loss, head, pairs, P, M = ctx["loss"], ctx["head"], ctx["pairs"], ctx["P"], ctx["M"]
+    eta1 = (lambda e: e.reshape(1)) if head != "bt" else (lambda e: None)  # one leaderboard's eta as a 1-row tensor
+    zero = torch.zeros(ctx["n_votes"], dtype=torch.long)
+    p2l, p2l_pp = vote_metrics(beta, eta, pairs["row"], pairs, loss, P)
+    marg, marg_pp = vote_metrics(base["mbeta"][None], eta1(base["meta"]), zero, pairs, loss, P)
+    results = {"p2l": p2l, "marginal": marg, "category": None}
+    if base["categories"]:
+        cat_row = torch.tensor([0 if c is None else 1 + base["categories"].index(c) for c in ctx["vote_cat"]])
+        results["category"] = vote_metrics(torch.stack(base["cat_beta"]), torch.stack(base["cat_eta"]) if head != "bt" else None,
+                                           cat_row, pairs, loss, P)[0]
+    results["uniform"] = vote_metrics(base["ubeta"][None], eta1(base["ueta"]), zero, pairs, loss, P)[0]
+    # paired bootstrap over prompts: resample prompts with replacement, NLL = Σ weighted NLL / Σ weight of the resample
+    w_pp = torch.zeros(P, dtype=torch.float64).index_add_(0, pairs["row"], pairs["w"])
+    live = w_pp > 0  # prompts whose votes all weigh 0 (or were skipped) say nothing
+    s1, s2, wp = p2l_pp[live].numpy(), marg_pp[live].numpy(), w_pp[live].numpy()
+    rng = np.random.default_rng(args.seed)
+    diff, rel = [], []
+    for _ in range(args.bootstrap):
+        i = rng.integers(0, len(wp), len(wp))
+        diff.append((s1[i].sum() - s2[i].sum()) / wp[i].sum())
+        rel.append(s1[i].sum() / s2[i].sum() - 1)
+    boot = {"nll_diff": p2l["nll"] - marg["nll"], "n_live": len(wp),
+            "nll_diff_ci": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+            "nll_rel_diff_pct_ci": [100 * float(np.percentile(rel, 2.5)), 100 * float(np.percentile(rel, 97.5))]}
+    # leaderboard agreement: the aggregated P2L leaderboard on these prompts (each prompt weighted by its votes, so
+    # both leaderboards average over the same prompts) vs a leaderboard fitted to these votes
+    agg_beta, agg_eta = C.aggregate(beta[live], eta[live] if eta is not None else None, loss, weights=w_pp[live])
+    vbeta, veta = C.fit_marginal(ctx["pairs_list"], M, loss)
+    seen = torch.zeros(M, dtype=torch.bool)
+    seen[pairs["a"][pairs["w"] > 0]] = True
+    seen[pairs["b"][pairs["w"] > 0]] = True  # a model with no votes here has only the ridge's 0 in the vote fit: left out
+    board = {"n_models": int(seen.sum()),
+             "p2l": agreement(agg_beta, agg_eta, vbeta, veta, seen, head),
+             "marginal": agreement(base["mbeta"], base["meta"], vbeta, veta, seen, head),
+             "models": ctx["model_list"], "p2l_beta": agg_beta.tolist(), "p2l_eta": float(agg_eta),
+             "votes_beta": vbeta.tolist(), "votes_eta": float(veta)}
+    return results, boot, board
 
 
-p2l, p2l_pp = vote_metrics(beta, eta, pairs["row"], pairs, loss, P)
-marg, marg_pp = vote_metrics(mbeta[None], eta1(meta), zero, pairs, loss, P)
-results = {"p2l": p2l, "marginal": marg}
-if categories:
-    cat_row = torch.tensor([0 if c is None else 1 + categories.index(c) for c in vote_cat])
-    results["category"] = vote_metrics(torch.stack(cat_beta), torch.stack(cat_eta) if head != "bt" else None,
-                                       cat_row, pairs, loss, P)[0]
-else:
-    results["category"] = None
-    notes.append("category: the votes have no `category` field")
-results["uniform"] = vote_metrics(ubeta[None], eta1(ueta), zero, pairs, loss, P)[0]
-
-# paired bootstrap over prompts: resample prompts with replacement, NLL = Σ weighted NLL / Σ weight of the resample
-w_pp = torch.zeros(P, dtype=torch.float64).index_add_(0, pairs["row"], pairs["w"])
-live = w_pp > 0  # prompts whose votes all weigh 0 (or were skipped) say nothing
-s1, s2, wp = p2l_pp[live].numpy(), marg_pp[live].numpy(), w_pp[live].numpy()
-rng = np.random.default_rng(args.seed)
-diff, rel = [], []
-for _ in range(args.bootstrap):
-    i = rng.integers(0, len(wp), len(wp))
-    nll_p2l, nll_marg, w_sum = s1[i].sum(), s2[i].sum(), wp[i].sum()
-    diff.append((nll_p2l - nll_marg) / w_sum)
-    rel.append(nll_p2l / nll_marg - 1)
-nll_diff = p2l["nll"] - marg["nll"]
-ci = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
-rel_ci = [100 * float(np.percentile(rel, 2.5)), 100 * float(np.percentile(rel, 97.5))]
-
-# -----------------------------------------------------------------------------
-# 3. leaderboard agreement: the aggregated P2L leaderboard on these prompts (each prompt weighted by its votes,
-# so both leaderboards average over the same prompts) vs a leaderboard fitted to these votes
-agg_beta, agg_eta = C.aggregate(beta[live], eta[live] if eta is not None else None, loss, weights=w_pp[live])
-vbeta, veta = C.fit_marginal(pairs_list, M, loss)
-seen = torch.zeros(M, dtype=torch.bool)
-seen[pairs["a"][pairs["w"] > 0]] = True
-seen[pairs["b"][pairs["w"] > 0]] = True  # a model with no votes here has only the ridge's 0 in the vote fit: left out
-board = {"n_models": int(seen.sum()),
-         "p2l": agreement(agg_beta, agg_eta, vbeta, veta, seen, head),
-         "marginal": agreement(mbeta, meta, vbeta, veta, seen, head),
-         "models": model_list, "p2l_beta": agg_beta.tolist(), "p2l_eta": float(agg_eta),
-         "votes_beta": vbeta.tolist(), "votes_eta": float(veta)}
-
-# -----------------------------------------------------------------------------
-# report
-metrics = dict(results, n_votes=n_votes, n_skipped=n_skipped, nll_diff=nll_diff, nll_diff_ci=ci, nll_rel_diff_pct_ci=rel_ci,
-               n_prompts=P, skipped_models=dict(unknown.most_common()), leaderboard=board, loss=loss,
-               checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-               preds=str(Path(args.preds).resolve()) if args.preds else str(Path(args.out).resolve()),
-               data=str(Path(args.data).resolve()), train_votes=str(Path(train_path).resolve()),
-               category_fallback=fallback, notes=notes, bootstrap=args.bootstrap, seed=args.seed,
-               predict_seconds=round(pred_seconds, 1), seconds=round(time.time() - t_start, 1))
-C.write_json(Path(args.out) / "metrics.json", metrics)
-
-cols = ["nll", "accuracy", "brier"] + (["tie_nll"] if head != "bt" else []) + (["bothbad_nll"] if head == "grk" else [])
+def report(args, ctx, results, boot, board, notes, secs):
+    head = ctx["head"]
+    cols = ["nll", "accuracy", "brier"] + (["tie_nll"] if head != "bt" else []) + (["bothbad_nll"] if head == "grk" else [])
+    fmt = lambda v: f"{v:>12.4f}" if v is not None else f"{'-':>12}"
+    marg, ci, rel_ci = results["marginal"], boot["nll_diff_ci"], boot["nll_rel_diff_pct_ci"]
+    print(f"\n{'':10}" + "".join(f"{c:>12}" for c in cols) + f"{'vs marginal':>13}")
+    for name in ("p2l", "marginal", "category", "uniform"):
+        r = results[name]
+        if r is not None:
+            print(f"{name:10}" + "".join(fmt(r[c]) for c in cols) + f"{100 * (r['nll'] / marg['nll'] - 1):+12.2f}%")
+    print(f"P2L − marginal NLL {boot['nll_diff']:+.4f}, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}] "
+          f"({100 * boot['nll_diff'] / marg['nll']:+.2f}%, [{rel_ci[0]:+.2f}%, {rel_ci[1]:+.2f}%]); "
+          f"paired bootstrap over {boot['n_live']} prompts, {args.bootstrap} resamples")
+    print(f"leaderboard vs a fit to these votes ({board['n_models']} models):  spearman  kendall  mean|ΔP|")
+    for name, label in (("p2l", "P2L aggregated"), ("marginal", "marginal (train)")):
+        a = board[name]
+        print(f"  {label:38}" + "".join(f"{v:9.4f}" if v is not None else f"{'-':>9}" for v in (a["spearman"], a["kendall"]))
+              + f"{a['mean_abs_dp']:10.4f}")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"{ctx['n_votes']} votes, {ctx['n_skipped']} skipped; {secs:.1f} s; metrics -> {args.out}/metrics.json")
 
 
-def fmt(v):
-    return f"{v:>12.4f}" if v is not None else f"{'-':>12}"
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-print(f"\n{'':10}" + "".join(f"{c:>12}" for c in cols) + f"{'vs marginal':>13}")
-for name in ("p2l", "marginal", "category", "uniform"):
-    r = results[name]
-    if r is not None:
-        print(f"{name:10}" + "".join(fmt(r[c]) for c in cols) + f"{100 * (r['nll'] / marg['nll'] - 1):+12.2f}%")
-print(f"P2L − marginal NLL {nll_diff:+.4f}, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}] ({100 * nll_diff / marg['nll']:+.2f}%, "
-      f"[{rel_ci[0]:+.2f}%, {rel_ci[1]:+.2f}%]); paired bootstrap over {len(wp)} prompts, {args.bootstrap} resamples")
-print(f"leaderboard vs a fit to these votes ({board['n_models']} models):  spearman  kendall  mean|ΔP|")
-for name, label in (("p2l", "P2L aggregated"), ("marginal", "marginal (train)")):
-    a = board[name]
-    print(f"  {label:38}" + "".join(f"{v:9.4f}" if v is not None else f"{'-':>9}" for v in (a["spearman"], a["kendall"]))
-          + f"{a['mean_abs_dp']:10.4f}")
-for n in notes:
-    print(f"note: {n}")
-print(f"{n_votes} votes, {n_skipped} skipped; {time.time() - t_start:.1f} s; metrics -> {args.out}/metrics.json")
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    torch.manual_seed(0)
+    ctx = read_inputs(args)
+    group_votes(args, ctx)
+    t_pred = time.time()
+    if args.preds:
+        (beta, eta), rows = reused_predictions(args, ctx), None
+    else:
+        model, tok = load_model(args, ctx)  # a bad checkpoint fails here, before --out is touched
+        if C.dist_env()[0] != 0:  # a torchrun rank > 0 only runs its share of the forward passes, then exits
+            predictions(args, ctx, model, tok)
+    try:
+        out = C.OutputSet(args.out).__enter__()  # locked from here to the commit: no second run interleaves its files
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    try:
+        if not args.preds:
+            beta, eta, rows = predictions(args, ctx, model, tok)
+        pred_seconds = time.time() - t_pred
+        print(f"predictions for {ctx['P']} prompts in {pred_seconds:.1f} s")
+        base = baselines(ctx)
+        results, boot, board = score(args, ctx, beta, eta, base)
+        if rows is not None:  # staged: nothing reaches --out until the whole set is ready
+            C.save_predictions(out.stage, beta, eta, ctx["model_list"], rows, loss=ctx["loss"], checkpoint=args.checkpoint)
+        preds_dir = Path(args.preds) if args.preds else Path(args.out)
+        digest = sha256((out.stage if rows is not None else preds_dir) / "predictions.safetensors")
+        metrics = dict(results, n_votes=ctx["n_votes"], n_skipped=ctx["n_skipped"], nll_diff=boot["nll_diff"],
+                       nll_diff_ci=boot["nll_diff_ci"], nll_rel_diff_pct_ci=boot["nll_rel_diff_pct_ci"], n_prompts=ctx["P"],
+                       skipped_models=dict(ctx["unknown"].most_common()), leaderboard=board, loss=ctx["loss"],
+                       checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                       preds=str(preds_dir.resolve()), predictions_sha256=digest,
+                       data=str(Path(args.data).resolve()), train_votes=str(Path(ctx["train_path"]).resolve()),
+                       category_fallback=base["fallback"], notes=base["notes"], bootstrap=args.bootstrap, seed=args.seed,
+                       predict_seconds=round(pred_seconds, 1), seconds=round(time.time() - t_start, 1))
+        C.write_json(out.stage / "metrics.json", metrics)
+        out.commit(marker="metrics.json")
+    finally:
+        out.__exit__(None, None, None)
+    report(args, ctx, results, boot, board, base["notes"], time.time() - t_start)
+
+
+if __name__ == "__main__":
+    main()

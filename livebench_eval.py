@@ -241,13 +241,11 @@ def p2l_router(beta, avail):
 # P2L coefficients: a checkpoint, saved predictions, or K-fold training on LiveBench outcomes
 
 
-def predict(ckpt, questions, shard_dir=None):
+def predict(ckpt, questions, shard_dir=None, loss=None, max_len=None):
     """(beta, eta, model list) of a checkpoint on the questions. With shard_dir, a torchrun launch
     splits the questions over its ranks (C.predict_prompts): rank 0 gets the merged result, the
     other ranks exit here."""
-    model, tok = C.load_checkpoint(ckpt)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    model, tok = C.load_checkpoint(ckpt, loss, max_len=max_len)
     device = C.autodetect_device()
     turns = [q["turns"] for q in questions]
     if shard_dir is None:
@@ -394,6 +392,7 @@ def parse_args(argv):
     p.add_argument("--cv-head-lr", type=float, default=1e-2, help="--train-cv head learning rate")
     p.add_argument("--seed", type=int, default=0, help="folds and pair sampling (training seeds too): reruns agree")
     p.add_argument("--out", default="out/livebench", help="table.csv, metrics.json, livebench.png, routes.jsonl, predictions")
+    C.add_checkpoint_options(p)
     args = p.parse_args(argv)
     if args.train_cv is not None and (args.train_cv < 2 or args.name_map):
         p.error("--train-cv needs K >= 2 and no --name-map (it trains on the LiveBench names)")
@@ -404,6 +403,7 @@ def parse_args(argv):
 
 def load(args):
     """Everything that can fail on bad input fails here, before any output is written (ValueError)."""
+    C.check_out(args.out)
     all_q = read_questions(args.questions)
     release = args.release or max(q["release"] for q in all_q)
     if not DATE.match(release):
@@ -493,7 +493,7 @@ def coefficients(args, inp, pool, out):
         cv = None
     else:
         if args.checkpoint:
-            raw_b, raw_e, ck_models = predict(args.checkpoint, pool.questions, shard_dir=out)
+            raw_b, raw_e, ck_models = predict(args.checkpoint, pool.questions, shard_dir=out, loss=args.loss, max_len=args.max_len)
             raw_b = in_order(raw_b, ck_models, inp.p2l_models, f"--checkpoint {args.checkpoint}")
             fold, cv = None, None
         else:

@@ -71,7 +71,10 @@ def read_model_weights(path, model_list, what):
 
 
 def read_costs(path, model_list):
-    c, _ = read_model_weights(path, model_list, "cost")
+    c, unknown = read_model_weights(path, model_list, "cost")
+    if unknown:  # a typo in a name would otherwise pass silently (that model then has no cost: an error below)
+        print(f"note: {path}: costs for {len(unknown)} models the predictions do not know, ignored: "
+              f"{', '.join(sorted(unknown)[:10])}", file=sys.stderr)
     missing = [m for m, x in zip(model_list, c) if math.isnan(x)]
     if missing:
         raise ValueError(f"{path}: no cost for {len(missing)} of the {len(model_list)} models: {', '.join(missing)}")
@@ -200,9 +203,7 @@ def load_betas(args, prompts, preds):
         if missing:
             raise ValueError(f"{missing[0]['line']}: prompt not in --preds {args.preds} ({len(missing)} of {len(prompts)} missing)")
         return beta.double().numpy()[[where[C.prompt_key(p["prompt"])] for p in prompts]], None
-    model, tok = C.load_checkpoint(args.checkpoint)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    model, tok = C.load_checkpoint(args.checkpoint, args.loss, max_len=args.max_len)
     # under torchrun each rank runs every N-th prompt and rank 0 merges (C.predict_prompts); the others stop here
     res = C.predict_prompts(model, tok, [p["prompt"] for p in prompts], args.out, 16, C.autodetect_device())
     if res is None:
@@ -233,6 +234,7 @@ def main(argv=None):
                    "comparison (default: 3 between the cheapest model and what unconstrained routing spends, where it binds)")
     p.add_argument("--bench", action="store_true", help="decisions/s of the exact hull solver vs scipy's LP at M=130, then exit")
     p.add_argument("--out", default="out/route", help="routes.jsonl, metrics.json (and predictions, sweep files) go here")
+    C.add_checkpoint_options(p)
     args = p.parse_args(argv)
     if args.bench:
         return bench(args)
@@ -253,8 +255,13 @@ def main(argv=None):
             battles = C.read_battles(args.prompts) if args.sweep else None
         except ValueError as e:
             raise ValueError(f"--sweep needs labelled votes (a battle file): {e}") from None
+        C.check_out(args.out)
         preds = C.load_predictions(args.preds) if args.preds else None  # (beta, eta, model_list, rows)
-        model_list = preds[2] if preds else json.loads((Path(args.checkpoint) / "model_list.json").read_text())
+        if preds is not None and not torch.isfinite(preds[0]).all():
+            bad = int(torch.nonzero(~torch.isfinite(preds[0]).all(1))[0])
+            raise ValueError(f"--preds {args.preds}/predictions.safetensors: non-finite coefficients for prompt {bad + 1} "
+                             f"({preds[3][bad].get('prompt')!r:.60})")
+        model_list = preds[2] if preds else checkpoint_models(args.checkpoint)
         c = read_costs(args.costs, model_list)
         q = read_opponents(args.opponents, model_list)
         try:
@@ -277,6 +284,10 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # OSError: missing files, a broken .gz
         sys.exit(f"error: {e}")
     out = Path(args.out)
+    try:
+        lock = C.lock_dir(out)  # noqa: F841 (held to the end: a second run on --out is refused, not interleaved)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if raw is not None:
         rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
         C.save_predictions(out, raw[0], raw[1], model_list, rows)
@@ -323,7 +334,7 @@ def main(argv=None):
                    "theta_note": "theta/rating: the router's coefficient on the averaged leaderboard (Σβ̄ = 0); "
                                  "win_rate: mean predicted win rate vs q"}
         C.atomic_write(out / "routes.jsonl", "".join(lines))
-        C.write_json(out / "metrics.json", metrics)
+        C.write_json(out / "metrics.json", C.finite_or_none(metrics))
         print(f"{args.router} router, budget {args.budget:g} per query, {N} prompts, opponents {q_name}")
         print(f"{'prompt':42s} {'routed to':30s} {'π':>5s} {'cost':>8s} {'P(win)':>7s} {'rating':>7s}")
         for z in range(min(N, 12)):
@@ -340,8 +351,24 @@ def main(argv=None):
     if args.sweep:
         if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
             free = c[Wq.argmax(1)].mean()
-            budgets = np.maximum(np.geomspace(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
+            budgets = np.maximum(spaced(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
         sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name)
+
+
+def spaced(lo, hi, n):
+    """n budgets from lo to hi: geometric (costs span orders of magnitude), linear when lo is a free model."""
+    return np.geomspace(lo, hi, n) if lo > 0 else np.linspace(lo, hi, n)
+
+
+def checkpoint_models(path):
+    """The model list of a checkpoint, from its JSON files (before any weights are loaded)."""
+    p2l = C.read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}
+    if "model_list" in p2l:
+        return p2l["model_list"]
+    try:
+        return json.loads((Path(path) / "model_list.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: no readable model list (config.json p2l.model_list or model_list.json): {e}") from None
 
 
 def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
@@ -363,7 +390,7 @@ def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
         table.append({"kind": "mixture", "name": f"{model_list[a]} {w:.2f} + {model_list[b]}", "budget": "",
                       "expected_cost": pi @ c, "predicted_win_rate": (Wq @ pi).mean(), "realised_win_rate": rw, "coverage": cov})
     at = {}
-    for bgt in sorted(set(np.geomspace(c.min(), c.max(), 40).tolist()) | set(budgets)):
+    for bgt in sorted(set(spaced(c.min(), c.max(), 40).tolist()) | set(budgets)):
         for router in ROUTERS:
             I, J, Wt = C.route_all(router, beta, Wq, c, bgt)
             pi = dense(I, J, Wt, M)
@@ -401,12 +428,12 @@ def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
     wr.writeheader()
     wr.writerows({k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in t.items()} for t in table)
     C.atomic_write(out / "sweep.csv", buf.getvalue())
-    C.write_json(out / "sweep.json", {"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
+    C.write_json(out / "sweep.json", C.finite_or_none({"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
                                       "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
                                       "note": "realised win rates on the labelled votes (route.py docstring); the best single "
                                               "model and best fixed mixture are chosen WITH these labels (an oracle baseline)",
                                       "budgets": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s_.items()}
-                                                  for s_ in summary]})
+                                                  for s_ in summary]}))
     plot_sweep(table, out / "sweep.png", f"{args.prompts}: {N} prompts, costs {Path(args.costs).name}, opponents {q_name}")
     print(f"\nrealised win rate on the votes of {args.prompts} ({N} prompts, {skipped} votes skipped); the best single "
           f"model and best fixed mixture are picked WITH these labels")

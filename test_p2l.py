@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.special import expit
 
 import common as C
 import contextlib
@@ -22,7 +23,6 @@ from scipy.optimize import minimize
 import aggregate as AG
 import numpy as np
 from scipy.optimize import linprog
-from scipy.special import expit
 import route
 import csv
 import livebench_eval as L
@@ -86,6 +86,33 @@ def test_outcome_probs_sum_to_one_and_gradients_finite(head):
         assert all(torch.isfinite(t).all() for t in grads)
 
 
+def test_exact_normalisation_past_softplus_threshold_and_rk_eta_gradient():
+    # torch's softplus turns linear past 20, so grk's θ and rk's η were off by ~e^-20 there (ΣP − 1 ~ 4e-9)
+    D = torch.float64
+    for head in ("rk", "grk"):
+        lp = C.outcome_logprobs(T([0.3, 2.0], dtype=D), T([-0.4, 2.5], dtype=D), T([20.5, 21.0], dtype=D), head)
+        assert torch.allclose(lp.exp().sum(-1), torch.ones(2, dtype=D), atol=1e-14, rtol=0)
+    # rk: no floor on η, so a tie-free fit that drives eta far below 0 still has a gradient to come back with
+    eta = T([-25.0, -19.0], dtype=D, requires_grad=True)
+    lp = C.outcome_logprobs(T([0.3, 0.3], dtype=D), T([0.0, 0.0], dtype=D), eta, "rk")
+    (g,) = torch.autograd.grad(lp[:, C.TIE].sum(), eta)
+    assert (g > 0.99).all()  # d log P(tie) / d eta -> 1 as eta -> -inf (P(tie) ∝ η ≈ e^eta)
+    e = math.log1p(math.exp(-19.0))
+    want = 1 - expit(0.3 - e) - expit(-0.3 - e)
+    assert lp[1, C.TIE].exp().item() == pytest.approx(want, rel=1e-6)
+
+
+def test_authors_rk_eta_transform_known_answer():
+    # the authors' RK head: η = max(0.02, 10·softplus(0.1·(r − 22.5))). At r = 0, Δ = 0: η = 10·softplus(−2.25)
+    # = 1.0020, P(tie) = 1 − 2σ(−η) = 0.4629; read with this project's softplus it would be 1/3.
+    raw = T([0.0, -100.0, 40.0], dtype=torch.float64)
+    eta = C.authors_rk_eta(raw)
+    eta_true = (10 * torch.nn.functional.softplus(0.1 * (raw - 22.5))).clamp_min(0.02)
+    assert torch.allclose(torch.nn.functional.softplus(eta), eta_true, atol=1e-6)
+    z = torch.zeros(1, dtype=torch.float64)
+    assert C.outcome_logprobs(z, z, eta[:1], "rk").exp()[0, C.TIE].item() == pytest.approx(0.46293, abs=1e-5)
+
+
 def test_marginal_fit_known_answer():
     # two models, x beats y three times out of four: the BT maximum-likelihood gap is ln 3
     battles = [{"prompt": [f"q{i}"], "model_a": "x", "model_b": "y", "outcome": C.A if i < 3 else C.B,
@@ -138,6 +165,51 @@ def test_bad_battles_name_file_and_line(tmp_path, bad, msg):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD], [bad])
     with pytest.raises(ValueError, match=rf"bad\.jsonl:2: .*{msg}"):
         C.read_battles(path)
+
+
+@pytest.mark.parametrize("row,msg", [
+    (dict(GOOD, winner=None, winner_model_a="yes"), "winner_model_a must be 0 or 1, got \"yes\""),
+    ({**{k: v for k, v in GOOD.items() if k != "winner"}, "winner_model_a": None}, "winner_model_a must be 0 or 1, got null"),
+    ({**{k: v for k, v in GOOD.items() if k != "winner"}, "winner_model_a": 2, "winner_model_b": -1}, "winner_model_a must be 0 or 1, got 2"),
+    ({**{k: v for k, v in GOOD.items() if k != "winner"}, "winner_model_b": -1, "winner_tie": 1}, "winner_model_b must be 0 or 1, got -1"),
+    (dict(GOOD, winner=["model_a"]), "unknown winner"),
+    (dict(GOOD, p_a=True), "p_a must be a number in \\[0, 1\\], got true"),
+    (dict(GOOD, weight=True), "weight must be"),
+    (dict(GOOD, prompt=3), "prompt must be a string or list of strings, got 3"),
+    (dict(GOOD, prompt=["ok", 5]), "prompt must be a string or list of strings"),
+])
+def test_bad_arena_flags_and_types_name_file_and_line(tmp_path, row, msg):
+    row = {k: v for k, v in row.items() if v is not None or k != "winner"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, row])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:2: {msg}"):
+        C.read_battles(path)
+
+
+def test_bom_extra_fields_and_empty_turns(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_text(json.dumps(dict(GOOD, language="de", prompt=["first", ""])) + "\n", encoding="utf-8-sig")
+    b = C.read_battles(p)[0]
+    assert b["language"] == "de"  # every field of a row travels along (aggregate.py --by language)
+    assert b["prompt"] == ["first", ""]  # an empty turn inside a conversation is kept as sent
+    p.write_text(json.dumps(dict(GOOD, prompt=["", " "])) + "\n")
+    with pytest.raises(ValueError, match="bom.jsonl:1: empty prompt"):
+        C.read_battles(p)
+
+
+def test_truncated_gzip_and_directory_name_the_file(tmp_path):
+    raw = gzip.compress("".join(json.dumps(dict(GOOD, prompt=f"p{i}")) + "\n" for i in range(3000)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz:\d+: truncated or corrupt gzip"):
+        C.read_battles(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "junk.jsonl.gz").write_bytes(raw[:10] + b"not deflate data" * 50)
+    with pytest.raises(ValueError, match=r"junk\.jsonl\.gz:1: truncated or corrupt gzip"):
+        C.read_battles(tmp_path / "junk.jsonl.gz")
+    with pytest.raises(ValueError, match="is a directory"):
+        C.read_battles(tmp_path)
+    r = subprocess.run([sys.executable, "train.py", "--train", str(tmp_path / "cut.jsonl.gz"), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "truncated or corrupt gzip" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -359,6 +431,27 @@ def reloaded_val_nll(out, val):
 
 
 @pytest.mark.slow
+def test_train_refuses_weightless_votes_and_bad_flags_before_any_work(tmp_path, capsys):
+    ties = write_jsonl(tmp_path / "ties.jsonl", [dict(GOOD, winner="tie"), dict(GOOD, model_b="z", winner="tie")])
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD, dict(GOOD, model_b="z", winner="model_b")])
+    (tmp_path / "afile").write_text("")
+    for argv, msg in (((("--train", ties, "--val", good)), "ties.jsonl: no vote carries weight (plain bt drops hard-label ties"),
+                      ((("--train", good, "--val", ties)), "ties.jsonl: no vote carries weight"),
+                      (("--train", good, "--val", good, "--out", tmp_path / "afile"), "exists and is not a directory"),
+                      (("--train", good, "--val", good, "--batch-size", "0"), "--batch-size must be >= 1"),
+                      (("--train", good, "--val", good, "--epochs", "nan"), "--epochs must be >= 0")):
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "o")]
+        r = subprocess.run([sys.executable, "train.py", *map(str, argv), *out], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert not (tmp_path / "o").exists()
+    for main in (route.main, L.main):  # every stage that loads a checkpoint takes the same loading options
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "--loss" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_head_starts_at_marginal_leaderboard(tiny_qwen, small_data, tmp_path):
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--epochs", "0", "--loss", "grk")
     assert m["steps"] == 0 and m["p2l"]["nll"] == pytest.approx(m["marginal"]["nll"], abs=1e-6)
@@ -404,6 +497,122 @@ def test_resume_continues_from_saved_step(tiny_qwen, small_data, tmp_path):
     assert "resumed at step 2" in out and m["steps"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "ck" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def train_cmd(model, data, out, *extra):
+    return [sys.executable, "train.py", "--model", model, "--train", data[0], "--val", data[1], "--out", str(out),
+            "--batch-size", "4", "--max-len", "64", *extra]
+
+
+@pytest.mark.slow
+def test_resume_refuses_state_of_another_run(tiny_qwen, small_data, tmp_path):
+    """A finished run copied into a dir, then a different run (seed, lr) resumed there: it used to report
+    "resumed at step 2", train 0 steps and ship the old weights under the new arguments."""
+    import shutil
+    run_train(tiny_qwen, small_data, tmp_path / "a", "--max-steps", "2", "--save-every", "1")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    before = (tmp_path / "b" / "model.safetensors").read_bytes()
+    r = subprocess.run(train_cmd(tiny_qwen, small_data, tmp_path / "b", "--max-steps", "2", "--resume", "--seed", "1", "--lr", "1e-4"),
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "other training arguments" in r.stderr and "--seed 0 -> 1" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == before
+    rows = [json.loads(x) for x in Path(small_data[0]).read_text().splitlines()]
+    drop = rows[0]["model_a"]
+    other = write_jsonl(tmp_path / "other.jsonl", [x for x in rows if drop not in (x["model_a"], x["model_b"])])
+    r = subprocess.run(train_cmd(tiny_qwen, (str(other), small_data[1]), tmp_path / "b", "--max-steps", "2", "--resume"),
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "another model list" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(train_cmd(tiny_qwen, small_data, tmp_path / "empty", "--resume"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "no resumable state" in r.stderr and not (tmp_path / "empty").exists()
+    # a fresh run killed inside the finished dir must not leave it looking complete (old weights + metrics)
+    import signal
+    import time
+    proc = subprocess.Popen(train_cmd(tiny_qwen, small_data, tmp_path / "b", "--max-steps", "2"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "b" / "train_log.jsonl"  # the old run's log has 2 rows; the new run starts it afresh
+    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) == 1):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "metrics.json").exists() and not (tmp_path / "b" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_checkpoint(tiny_qwen, small_data, tmp_path):
+    """kill -9 during a step, during the resume-state save and during the checkpoint save; --resume then ends
+    with exactly the weights of the run that was never interrupted (RNG states restored: MiniLM-style dropout
+    would differ otherwise), one log row per step and the training time of both processes."""
+    import signal
+    import time
+    from safetensors.torch import load_file
+    args = ("--max-steps", "5", "--save-every", "1", "--head-lr", "1e-2", "--eval-every", "2")
+    run_train(tiny_qwen, small_data, tmp_path / "whole", *args)
+    want = load_file(tmp_path / "whole" / "model.safetensors")
+
+    def kill_when(out, ready):
+        proc = subprocess.Popen(train_cmd(tiny_qwen, small_data, out, *args), cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not ready(out):
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait() == -signal.SIGKILL  # False: it finished before the moment came
+
+    log_rows = lambda out: len((out / "train_log.jsonl").read_text().splitlines()) if (out / "train_log.jsonl").exists() else 0
+    moments = {"step": lambda out: log_rows(out) >= 2,  # step 2 logged: step 3 (or its state save) is running
+               # a later state save (a kill during the first one leaves nothing to resume: --resume refuses that)
+               "state save": lambda out: (out / "resume" / "state.pt").exists() and (out / "resume" / ".state.pt.tmp").exists(),
+               "checkpoint save": lambda out: any(out.glob(".partial-*"))}
+    for name, ready in moments.items():
+        out = tmp_path / name.replace(" ", "-")
+        assert kill_when(out, ready), f"the run ended before the {name} could be interrupted"
+        assert not (out / "metrics.json").exists()  # an interrupted run never looks complete
+        m, log = run_train(tiny_qwen, small_data, out, *args, "--resume")
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+        assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+        assert m["steps"] == 5 and m["train_seconds"] > 0
+        assert not list(out.glob(".partial-*")) and not list(out.glob("resume/.*.tmp"))  # leftovers removed
+
+
+def test_checkpoint_loading_authors_rk_template_max_len_and_damage(tiny_qwen, tmp_path):
+    """The authors' layout (no p2l section): their rk η transform and their template (no system turn); a
+    checkpoint without max_len gets the backbone's limit (512 here), not 8192; the pad token comes from the
+    loader; a truncated model.safetensors is an error naming it; files share one mode; leftovers go."""
+    import stat
+    tok, backbone = C.load_backbone(tiny_qwen)
+    C.add_cls_token(tok, backbone)
+    model = C.P2LModel(backbone, {"model_list": ["m0", "m1"], "loss": "rk", "pooling": "last", "cls_token": C.CLS_TOKEN, "max_len": 64})
+    model.init_head(torch.tensor([0.0, 0.0]), 0.0)  # raw η output 0 for every prompt
+    ck = tmp_path / "ck"
+    (ck / ".partial-old").mkdir(parents=True)  # what a killed save leaves
+    (ck / ".config.json.x.tmp").write_text("half")
+    C.save_checkpoint(ck, model.state_dict(), model, tok)
+    assert not list(ck.glob(".partial-*")) and not list(ck.glob("*.tmp")) and not list(ck.glob(".*.tmp"))
+    modes = {stat.S_IMODE(f.stat().st_mode) for f in ck.iterdir() if f.is_file()}
+    assert len(modes) == 1, modes  # model.safetensors was owner-only
+    cfg = json.loads((ck / "config.json").read_text())
+    own = C.load_checkpoint(ck)[0]
+    del cfg["p2l"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    # the authors' tokenizer: Qwen2.5's template with the default system block removed
+    tok.chat_template = QWEN25_TEMPLATE.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "DEFAULT")
+    tok.chat_template = tok.chat_template.replace("{%- else %}{{- '<|im_start|>system\\nDEFAULT<|im_end|>\\n' }}", "")
+    assert "DEFAULT" not in tok.chat_template
+    tok.save_pretrained(ck)
+    authors, atok = C.load_checkpoint(ck, loss="rk")
+    assert authors.p2l["eta_transform"] == C.AUTHORS_RK and own.p2l.get("eta_transform", "softplus") == "softplus"
+    assert authors.p2l["max_len"] == 512 and atok.pad_token is not None
+    ids = C.encode_for(authors, atok, [["hello"]])
+    assert atok.decode(ids[0]) == "<|im_start|>user\nhello<|im_end|>\n<|cls|>"  # no empty system turn: as they trained
+    _, eta = C.predict(authors, ids, atok.pad_token_id)
+    z = torch.zeros(1, dtype=torch.float64)
+    p_tie = C.outcome_logprobs(z, z, eta.double(), "rk").exp()[0, C.TIE].item()
+    assert p_tie == pytest.approx(0.46293, abs=1e-4)  # the authors' head at raw 0, Δ = 0 (1/3 under softplus)
+    raw = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read the weights, truncated or corrupt"):
+        C.load_checkpoint(ck, loss="rk")
 
 
 @pytest.mark.slow
@@ -530,7 +739,7 @@ def test_bt_metrics_match_hand_computed_values(tmp_path):
     assert m["nll_diff_ci"] == pytest.approx(sorted([d1, d2]), abs=1e-6)
     assert m["nll_diff"] == pytest.approx(sum(p2l) / 3 - sum(marg) / 3, abs=1e-6)
     assert "c2" in out and "P2L − marginal NLL" in out
-    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["metrics.json"]  # --preds: no new predictions
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir() if not p.name.startswith(".")) == ["metrics.json"]  # --preds: no new predictions
 
 
 @pytest.mark.parametrize("loss,uniform_nll", [("rk", 1.5 * math.log(2)), ("grk", math.log(4))])
@@ -599,6 +808,44 @@ def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
     assert "pass --loss" in err and not (tmp_path / "authors").exists()
     ok(evaluate("--checkpoint", ck, "--loss", "grk", "--data", data, "--out", tmp_path / "authors"))
     assert torch.equal(C.load_predictions(tmp_path / "authors")[0], beta.expand(10, 3))
+
+
+@pytest.mark.slow
+def test_outputs_are_one_consistent_set_and_inputs_fail_before_any_write(tmp_path):
+    """Bad inputs fail before --out is touched (a malformed --train-votes used to fail after the new predictions
+    were written beside the old metrics); a run writes metrics.json last, tied to its predictions by sha256;
+    a second run on a locked --out is refused; flags are checked up front."""
+    import hashlib
+    import evaluate as EV  # importing does no work: everything is in main(argv)
+    data, train, preds, ck = bt_case(tmp_path)
+    ok(evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--out", preds))
+    m = json.loads((preds / "metrics.json").read_text())
+    assert m["predictions_sha256"] == hashlib.sha256((preds / "predictions.safetensors").read_bytes()).hexdigest()
+    before = {p.name: p.read_bytes() for p in preds.iterdir() if p.is_file()}
+    bad = write_jsonl(tmp_path / "badtrain.jsonl", [], ['{"prompt": "t", "model_a": "x"'])
+    err, _ = evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--train-votes", bad, "--out", preds)
+    assert "badtrain.jsonl:1: malformed JSON" in err
+    assert {p.name: p.read_bytes() for p in preds.iterdir() if p.is_file()} == before  # untouched
+    (tmp_path / "afile").write_text("x")
+    for argv, msg in ((("--out", tmp_path / "afile"), "exists and is not a directory"),
+                      (("--out", tmp_path / "afile" / "sub"), "exists and is not a directory"),
+                      (("--out", tmp_path / "o", "--bootstrap", "0"), "--bootstrap must be >= 1"),
+                      (("--out", tmp_path / "o", "--batch-size", "0"), "--batch-size must be >= 1")):
+        r = cli("--checkpoint", ck, "--preds", preds, "--data", data, *argv)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+    if not torch.cuda.is_available():
+        r = cli("--checkpoint", ck, "--data", data, "--device", "cuda", "--out", tmp_path / "o")
+        assert r.returncode != 0 and "--device cuda: no CUDA device" in r.stderr and not (tmp_path / "o").exists()
+    lock = C.lock_dir(tmp_path / "busy")  # another run holds --out
+    try:
+        err, _ = evaluate("--checkpoint", ck, "--preds", preds, "--data", data, "--out", tmp_path / "busy")
+        assert "another run is writing there" in err and not (tmp_path / "busy" / "metrics.json").exists()
+    finally:
+        lock.close()
+    with contextlib.redirect_stdout(io.StringIO()):
+        EV.main(["--checkpoint", str(ck), "--preds", str(preds), "--data", str(data), "--out", str(tmp_path / "busy")])
+    assert (tmp_path / "busy" / "metrics.json").exists()
 
 
 @pytest.mark.slow
@@ -765,6 +1012,40 @@ def test_two_model_votes_closed_form_all_heads():
     d, e = (beta[0, 0] - beta[0, 1]).item(), torch.nn.functional.softplus(eta[0]).item()
     # σ(d − e) = 1/2 -> d = e; σ(−d − e) = 1/6 -> d + e = ln 5
     assert d == pytest.approx(math.log(5) / 2, abs=1e-7) and e == pytest.approx(math.log(5) / 2, abs=1e-7)
+
+
+def test_separated_votes_are_detected_not_called_converged(tmp_path):
+    # x never lost: the maximum-likelihood fit does not exist (β_x -> +inf); a gradient test alone stopped
+    # at an arbitrary finite β and called it converged
+    rows = [("x", "y", C.A, 3), ("y", "z", C.A, 2), ("y", "z", C.B, 2), ("x", "z", C.A, 1)]
+    pairs = votes_to_pairs(rows, ["x", "y", "z"])
+    beta, _, info = C.fit_votes(pairs, 3, "bt", names=["x", "y", "z"])
+    assert not info["converged"] and torch.isnan(beta).all()
+    assert "never lost: 'x' (4 wins, 0 losses" in info["separated"][0]
+    beta, _, info = C.fit_votes(pairs, 3, "bt", l2=1e-3)  # a ridge makes it well posed
+    assert info["converged"] and torch.isfinite(beta).all()
+    # grk: without a both-bad vote every β runs to +inf (the grounding competitor is never preferred)
+    rows = [("x", "y", C.A, 2), ("x", "y", C.B, 2), ("x", "y", C.TIE, 1)]
+    assert "grounding" in C.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk", names=["x", "y"])[2]["separated"][0]
+    rows.append(("x", "y", C.BOTHBAD, 1))
+    assert C.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk")[2]["converged"]
+
+
+def test_aggregate_votes_separated_group_refuses_or_states_its_ridge(tmp_path):
+    rows = [{"prompt": f"p{i}", "model_a": a, "model_b": b, "winner": w, "language": lang}
+            for i, (a, b, w, lang) in enumerate([("x", "y", "model_a", "de"), ("y", "x", "model_a", "de"),
+                                                 ("y", "z", "model_a", "de"), ("z", "y", "model_a", "de"),
+                                                 ("x", "z", "model_a", "de"), ("z", "x", "model_a", "de"),
+                                                 ("x", "z", "model_a", "en"), ("z", "y", "model_b", "en")])]
+    votes = write_jsonl(tmp_path / "v.jsonl", rows)
+    r = run_agg("--votes", votes, "--by", "language", "--bootstrap", "0", "--l2", "0", "--out", tmp_path / "o", check=False)
+    assert r.returncode != 0 and "'en'" in r.stderr and "never lost: 'x' (1 wins, 0 losses" in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = run_agg("--votes", votes, "--by", "language", "--bootstrap", "0", "--out", tmp_path / "o")
+    assert "fitted with ridge" in r.stdout
+    by = json.loads((tmp_path / "o" / "leaderboard_by_language.json").read_text())
+    assert by["l2_by_group"] and set(by["l2_by_group"]) == {"en"} and by["notes"]
+    assert all(abs(row["coefficient"]) < 40 for row in by["leaderboard"])  # finite, held by the stated prior
 
 
 @pytest.mark.parametrize("loss", ["bt", "rk", "grk"])
@@ -1218,6 +1499,27 @@ def test_cli_errors_name_the_cause_and_write_nothing(preds, extra, costs, msg):
                     *extra, "--out", preds / "out", ok=False)
     assert msg in err
     assert not (preds / "out").exists()
+
+
+def test_sweep_zero_cost_nan_coefficients_unknown_costs_and_out_file(preds, capsys):
+    strict_json = lambda path: json.loads(Path(path).read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))
+    costs = dict(COSTS, cheap=0.0, typo_model=2.0)  # a free model; a name the predictions do not know
+    (preds / "free.json").write_text(json.dumps(costs))
+    run_route("--preds", preds / "preds", "--prompts", preds / "votes.jsonl", "--costs", preds / "free.json",
+              "--sweep", "--budget", "inf", "--out", preds / "o")
+    assert "typo_model" in capsys.readouterr().err
+    strict_json(preds / "o" / "sweep.json")
+    strict_json(preds / "o" / "metrics.json")
+    (preds / "afile").write_text("")
+    err = run_route("--preds", preds / "preds", "--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json",
+                    "--budget", "5", "--out", preds / "afile", ok=False)
+    assert "exists and is not a directory" in err
+    beta, eta, models, rows = C.load_predictions(preds / "preds")
+    beta[2, 1] = math.nan
+    C.save_predictions(preds / "nan", beta, eta, models, rows)
+    err = run_route("--preds", preds / "nan", "--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json",
+                    "--budget", "5", "--out", preds / "o2", ok=False)
+    assert "non-finite coefficients for prompt 3" in err and not (preds / "o2").exists()
 
 
 @pytest.mark.slow

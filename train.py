@@ -61,11 +61,19 @@ p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argpars
 p.add_argument("--bench", type=int, default=0, metavar="N", help="time N micro-batches grouped by prompt vs one forward "
                "per vote, print pairs/s and the ratio, then exit")
 args = p.parse_args()
-for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8)):
-    if value < least:
+for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8),
+                           ("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 0), ("--save-every", args.save_every, 0),
+                           ("--eval-every", args.eval_every, 0), ("--warmup", args.warmup, 0), ("--lr", args.lr, 0), ("--head-lr", args.head_lr, 0)):
+    if not value >= least:  # also catches NaN
         p.error(f"{flag} must be >= {least}, got {value}")
 if args.max_tokens and args.max_tokens < args.max_len:
     p.error(f"--max-tokens must be >= --max-len ({args.max_len}) so the longest prompt fits, got {args.max_tokens}")
+try:  # before any work: an --out that cannot be a directory, --resume with nothing to resume
+    C.check_out(args.out)
+except ValueError as e:
+    p.error(str(e))
+if args.resume and not args.bench and not os.path.exists(os.path.join(args.out, "resume", "state.pt" if not args.deepspeed else "latest")):
+    p.error(f"--resume: no resumable state in {args.out}/resume (save some with --save-every N, or drop --resume for a fresh run)")
 
 # -----------------------------------------------------------------------------
 # distributed setup: deepspeed, torchrun, or a plain single process
@@ -100,6 +108,9 @@ train_prompts = np.unique(train_votes["pairs"]["row"].numpy())
 val_prompts = np.unique(val_votes["pairs"]["row"].numpy())
 if not len(val_prompts):
     sys.exit(f"error: {args.val}: none of its votes is between two models of the training votes")
+for path, v in ((args.train, train_votes), (args.val, val_votes)):  # else the NLL is 0/0
+    if v["pairs"]["w"].sum().item() == 0:
+        sys.exit(f"error: {path}: no vote carries weight ({'plain bt drops hard-label ties: try --loss bt-tie' if args.loss == 'bt' else 'every weight is 0'})")
 beta0, eta0 = C.fit_marginal(train_votes["pairs"], len(model_list), args.loss)
 n_val = val_votes["n_prompts"]
 s, w = C.batch_nll(beta0.expand(n_val, -1), eta0.expand(n_val), val_votes["pairs"], args.loss)
@@ -254,39 +265,99 @@ if args.bench:
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
-# resume, train, validate
-step = 0
+# resume, train, validate. The resume state carries a fingerprint of what produced it (data, model list,
+# backbone, training arguments) and every RNG state, so a resumed run is the uninterrupted one, step for
+# step, or refuses; --out is locked against a second run for the whole run.
+import hashlib
+
+lock = C.lock_dir(args.out) if master else None
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# the arguments that change what a step computes; --max-steps may grow on resume (the schedule follows it)
+SAME = ("loss", "epochs", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "clip", "max_len",
+        "pooling", "dtype", "seed", "zero", "grad_checkpointing")
+fingerprint = {"data": [file_digest(args.train), file_digest(args.val)], "model_list": model_list, "backbone": args.model,
+               "args": {k: getattr(args, k) for k in SAME}, "world_size": world}
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate()}
+
+
+def set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    random.setstate(st["python"])
+
+
+step, t_done, n_prompts = 0, 0.0, 0  # t_done, n_prompts: training time and prompts before this process (resume)
 resume_dir = os.path.join(args.out, "resume")
 if args.resume:
     if args.deepspeed:
         _, client = engine.load_checkpoint(resume_dir, tag="last")
-        step = (client or {}).get("step", 0)
-    elif os.path.exists(os.path.join(resume_dir, "state.pt")):
-        st = torch.load(os.path.join(resume_dir, "state.pt"), map_location=device, weights_only=False)
+        st = client or {}
+    else:
+        st = torch.load(os.path.join(resume_dir, "state.pt"), map_location="cpu", weights_only=False)
+    saved = st.get("fingerprint") or {}
+    for key, what in (("model_list", "another model list (other models in --train)"),
+                      ("backbone", f"another backbone ({saved.get('backbone')})"), ("args", "other training arguments"),
+                      ("data", "other data (--train/--val files differ from those of the saved run)"),
+                      ("world_size", "another number of ranks")):
+        if saved.get(key) != fingerprint[key]:
+            diff = [f"--{k.replace('_', '-')} {saved.get('args', {}).get(k)} -> {v}" for k, v in fingerprint["args"].items()
+                    if saved.get("args", {}).get(k) != v] if key == "args" and saved.get("args") else []
+            sys.exit(f"error: --resume: the state in {resume_dir} was saved by a run with {what}"
+                     f"{': ' + ', '.join(diff) if diff else ''}; resume with the same inputs, or drop --resume for a fresh run")
+    if not args.deepspeed:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        step = st["step"]
+    step, t_done, n_prompts = st["step"], st.get("train_seconds", 0.0), st.get("n_prompts", 0)
+    set_rng_state(st["rng"])
     log(f"resumed at step {step}")
+elif master:  # a fresh run: a finished run's files in --out must not look like this run's outputs if it dies
+    import shutil
+    for name in ("metrics.json", "model.safetensors", "training_args.json", "marginal.json", "train_log.jsonl"):
+        if os.path.exists(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
+    shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 def save_resume():
+    state = {"step": step, "fingerprint": fingerprint, "rng": rng_state(), "n_prompts": n_prompts,
+             "train_seconds": t_done + time.time() - t_start}
     if args.deepspeed:
-        engine.save_checkpoint(resume_dir, tag="last", client_state={"step": step})
+        engine.save_checkpoint(resume_dir, tag="last", client_state=state)
     elif master:
         os.makedirs(resume_dir, exist_ok=True)
         tmp = os.path.join(resume_dir, ".state.pt.tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp)
+        torch.save(dict(state, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict()), tmp)
         os.replace(tmp, os.path.join(resume_dir, "state.pt"))
 
 
 eval_every = args.eval_every or max(1, total_steps // 4)
 log_path = os.path.join(args.out, "train_log.jsonl")
+log_file = None
 if master:
-    os.makedirs(args.out, exist_ok=True)
-log_file = open(log_path, "a" if args.resume else "w") if master else None  # a fresh run starts a fresh log
+    # a resumed run keeps the log rows up to its step (a killed run may have logged steps it never saved)
+    kept = []
+    if args.resume and os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    C.atomic_write(log_path, "".join(kept))
+    log_file = open(log_path, "a")
 model.train()
-t_start, n_prompts, last_val = time.time(), 0, None
+t_start, last_val = time.time(), None
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
 while step < total_steps:
     epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -303,30 +374,32 @@ while step < total_steps:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-               "prompts_per_s": n_prompts / (time.time() - t_start)}
+               "prompts_per_s": n_prompts / (t_done + time.time() - t_start)}
         if step % eval_every == 0 or step == total_steps:
             last_val = row["val_nll"] = val_nll()
             bar.write(f"step {step}/{total_steps}: val NLL {last_val:.4f}  marginal {marginal_nll:.4f}  "
                       f"({100 * (last_val / marginal_nll - 1):+.2f}%)")
         if master:
-            log_file.write(json.dumps(row) + "\n")
+            log_file.write(json.dumps({k: (v if math.isfinite(v) else None) for k, v in row.items()}) + "\n")
             log_file.flush()
         if args.save_every and step % args.save_every == 0:
             save_resume()
         if step >= total_steps:
             break
 bar.close()
-train_seconds = time.time() - t_start
+train_seconds = t_done + time.time() - t_start
 if last_val is None:  # resumed a finished run
     last_val = val_nll()
 save_resume()
 
 # -----------------------------------------------------------------------------
-# the checkpoint (DESIGN §3) and metrics, from rank 0; ZeRO-3 gathers the sharded weights first
+# the checkpoint (DESIGN §3) and metrics, from rank 0; ZeRO-3 gathers the sharded weights first.
+# metrics.json is written last: its presence says the directory holds one complete run.
 if args.deepspeed and zero_stage == 3:
     state = engine._zero3_consolidated_16bit_state_dict()
 else:
     state = model.state_dict()
+diverged = not math.isfinite(last_val)
 if master:
     # the averaged leaderboard the head started from, and where the training votes are: evaluate.py's baselines
     marginal = {"model_list": model_list, "beta": beta0.tolist(), "eta": eta0.item(), "loss": args.loss,
@@ -334,13 +407,18 @@ if master:
     extra = {"training_args.json": json.dumps({"argv": sys.argv, "args": vars(args), "world_size": world}, indent=2) + "\n",
              "marginal.json": json.dumps(marginal, indent=1) + "\n"}
     C.save_checkpoint(args.out, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, tok, extra)
-    metrics = {"p2l": {"nll": last_val}, "marginal": {"nll": marginal_nll}, "val_votes": val_votes["n_battles"] - val_skipped,
+    metrics = {"p2l": {"nll": None if diverged else last_val}, "marginal": {"nll": marginal_nll},
+               "val_votes": val_votes["n_battles"] - val_skipped,
                "val_prompts": len(val_prompts), "train_votes": train_votes["n_battles"], "train_prompts": len(train_prompts),
                "models": len(model_list), "steps": step, "train_seconds": round(train_seconds, 1),
                "prompts_per_s": round(n_prompts / max(train_seconds, 1e-9), 2), "backbone": args.model, "loss": args.loss,
                "device": device, "world_size": world, "dtype": "bf16" if bf16 else "fp32"}
+    if diverged:
+        metrics["note"] = f"training diverged: val NLL {last_val}"
     C.write_json(os.path.join(args.out, "metrics.json"), metrics)
     log(f"val NLL: P2L {last_val:.4f} vs marginal {marginal_nll:.4f} ({100 * (last_val / marginal_nll - 1):+.2f}%); "
         f"{train_seconds / 60:.1f} min; checkpoint in {args.out}")
 if world > 1:
     torch.distributed.barrier()
+if diverged:
+    sys.exit(f"error: training diverged (val NLL {last_val}); lower --lr / --head-lr")
