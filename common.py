@@ -4,6 +4,7 @@ the marginal (averaged) leaderboard fit, prompt tokenization with a CLS token, t
 
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
+import functools
 import gzip
 import importlib.util
 import json
@@ -537,33 +538,111 @@ def _weight_rows(weights, n):
     return w / w.sum(1, keepdim=True)
 
 
-def mean_pair_probs(beta, eta, head, weights=None, chunk_elems=2 ** 22):
+# Each prompt costs N x M x M sigmoids in win_rates and N x M(M−1)/2 in mean_pair_probs: the hot loops.
+# Both use one exact reformulation: with φ = exp(β − max β) per prompt, σ(β_a − β_b) = φ_a·r_ab where
+# r_ab = 1/(φ_a + φ_b) is symmetric, so each unordered pair costs one addition and one division (no exp)
+# and serves both (a, b) and (b, a). A prompt whose β spread exceeds SPREAD_MAX (φ would lose precision
+# below e^-600) takes the plain expit path instead. Blocks of prompts are laid out [M, n] so every step
+# below is one contiguous torch op over about a megabyte (in cache; torch spreads it over its threads).
+SPREAD_MAX = 600.0
+
+
+def _blocks(N, M, elems=2 ** 17):
+    step = max(1, elems // M)
+    return [(s, min(s + step, N)) for s in range(0, N, step)]
+
+
+def map_blocks(fn, blocks):
+    """fn(block) for each block, results yielded in order. Threads take whole blocks of prompts, each
+    running torch single-threaded: with thousands of ~100 µs ops per block, torch's own per-op
+    threads would meet at a barrier after every op, and on a busy machine wait there for whole
+    time slices. Results do not depend on the thread count (each block is computed alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = torch.get_num_threads()
+    if threads == 1 or len(blocks) == 1:
+        yield from map(fn, blocks)
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            pending = []
+            for blk in blocks:  # at most 2 x threads blocks in flight: memory stays bounded
+                pending.append(pool.submit(fn, blk))
+                if len(pending) > 2 * threads:
+                    yield pending.pop(0).result()
+            for f in pending:
+                yield f.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _phi_t(bs):
+    """φ of a block [n, M] as [M, n]."""
+    return torch.exp(bs - bs.amax(1, keepdim=True)).T.contiguous()
+
+
+def _pair_sweep(fT, visit):
+    """For each model i < M−1: r = 1/(φ_i + φ_j) for the models j > i, [M−1−i, n]; visit(i, r)."""
+    M, n = fT.shape
+    buf = torch.empty(max(M - 1, 1) * n, dtype=fT.dtype)
+    for i in range(M - 1):
+        r = buf[:(M - 1 - i) * n].view(M - 1 - i, n)
+        torch.add(fT[i + 1:], fT[i], out=r)
+        r.reciprocal_()
+        visit(i, r)
+
+
+def _wide(bs):
+    """Rows of a block whose β spread is too wide for the φ form."""
+    return (bs.amax(1) - bs.amin(1)) > SPREAD_MAX
+
+
+def pair_prob_sums(beta, eta, head, w):
+    """Σ_z w[k, z]·P_z(outcome o of pair p) for a block of prompts beta [n, M] (eta [n]) and weights
+    w [K, n]: [K, P, n_out], n_out = 1 for bt (P(b) = 1 − P(a)), else N_OUTCOMES[head]. Summing these
+    over blocks of prompts gives mean_pair_probs without ever holding N x P."""
+    beta, w = beta.double(), torch.as_tensor(w).double()
+    M = beta.shape[1]
+    a, b = all_pairs(M)
+    if head != "bt":
+        if eta is None:
+            raise ValueError(f"the {head} head needs per-prompt eta")
+        e = eta.double()[:, None].expand(-1, len(a))
+        probs = outcome_logprobs(beta[:, a], beta[:, b], e, head).exp()[..., :N_OUTCOMES[head]]
+        return (w @ probs.reshape(len(beta), -1)).view(w.shape[0], len(a), -1)
+    out = torch.zeros(w.shape[0], len(a), dtype=torch.float64)
+    wide = _wide(beta)
+    if wide.any():  # φ would lose precision: these prompts take σ of the differences
+        out += w[:, wide] @ torch.sigmoid(beta[wide][:, a] - beta[wide][:, b])
+        beta, w = beta[~wide], w[:, ~wide]
+    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i) are out[:, off[i]:off[i+1]]
+    fT = _phi_t(beta)
+    u = fT[:, None, :] * w[None]  # [M, K, n]: σ(β_i − β_j) = φ_i·r_ij, φ_i folded into the weights
+
+    def visit(i, r):
+        out[:, off[i]:off[i + 1]] += (r @ u[i].T).T
+    _pair_sweep(fT, visit)
+    return out[..., None]
+
+
+def mean_pair_probs(beta, eta, head, weights=None):
     """Outcome probabilities of every pair i < j averaged over prompts: [K, P, O] for K weightings
     of the N prompts at once (weights [N] or [K, N], rows normalised; None = uniform). The
     cross-entropy is linear in its target, so this mean is all the solver needs to see of N
-    prompts; chunked over prompts so that N x P never sits in memory."""
-    beta = beta.double()
+    prompts; summed over blocks of prompts (pair_prob_sums) so that N x P never sits in memory."""
     N, M = beta.shape
-    a, b = all_pairs(M)
-    O, P = N_OUTCOMES[head], len(a)
     w = _weight_rows(weights, N)
     if head != "bt" and eta is None:
         raise ValueError(f"the {head} head needs per-prompt eta")
-    # bt needs only P(a beats b) = σ(Δ), P(b) being 1 − it: a quarter of the work of all four outcomes
-    n_out = 1 if head == "bt" else O
-    out = torch.zeros(w.shape[0], P * n_out, dtype=torch.float64)
-    step = max(1, chunk_elems // (P * n_out))
-    for s in range(0, N, step):
-        bs = beta[s:s + step]
-        if head == "bt":
-            probs = torch.sigmoid(bs[:, a] - bs[:, b])
-        else:
-            e = eta[s:s + step].double()[:, None].expand(-1, P)
-            probs = outcome_logprobs(bs[:, a], bs[:, b], e, head).exp()[..., :O]
-        out += w[:, s:s + step] @ probs.reshape(len(bs), P * n_out)
+    n_pairs = M * (M - 1) // 2
+    elems = 2 ** 17 if head == "bt" else 2 ** 22 // max(n_pairs, 1) * M  # the non-bt path holds n x P x O
+    out = 0
+    sums = lambda se: pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
+    for part in map_blocks(sums, _blocks(N, M, elems)):  # summed in block order: deterministic
+        out = out + part
     if head == "bt":
-        return torch.stack([out, 1 - out], -1)
-    return out.view(-1, P, O)
+        return torch.cat([out, 1 - out], -1)
+    return out
 
 
 def _pair_objective(x, a, b, target, head, l2, derivs):
@@ -772,19 +851,47 @@ def read_prompts(path):
     return list(seen.values())
 
 
-def win_rates(beta, q, chunk=256):
-    """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)) in float64, chunked so N x M x M never sits in memory."""
-    out = np.empty(beta.shape)
-    for s in range(0, len(beta), chunk):
-        b = beta[s:s + chunk]
-        out[s:s + chunk] = expit(b[:, :, None] - b[:, None, :]) @ q
-    return out
+def win_rates(beta, q, chunk=None):
+    """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)), float64 numpy [N, M]: each model's predicted win rate
+    against an opponent drawn from q. Exact (φ form above): (Wq)_a = q_a/2 + φ_a Σ_{b≠a} q_b r_ab."""
+    beta, q = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    N, M = beta.shape
+    if N * M < 2 ** 12:  # a few prompts (one decision): one numpy pass, no per-op overhead
+        x = beta - beta.max(1, keepdims=True)
+        if N and x.min() >= -SPREAD_MAX:
+            f = np.exp(x)
+            r = f[:, :, None] + f[:, None, :]
+            np.divide(1.0, r, out=r)
+            return f * (r @ q)
+    beta, qt = torch.as_tensor(beta), torch.as_tensor(q)
+    out = torch.empty(N, M, dtype=torch.float64)
+
+    def block(se):
+        bs = beta[se[0]:se[1]]
+        fT = _phi_t(bs)
+        acc = torch.zeros_like(fT)
+
+        def visit(i, r):
+            acc[i] += qt[i + 1:] @ r                 # (a = i, b > i)
+            acc[i + 1:].add_(r, alpha=float(qt[i]))  # (a > i, b = i)
+        _pair_sweep(fT, visit)
+        out[se[0]:se[1]] = (fT * acc + 0.5 * qt[:, None]).T
+        wide = _wide(bs)
+        if wide.any():
+            bw = bs[wide]
+            out[se[0]:se[1]][wide] = torch.sigmoid(bw[:, :, None] - bw[:, None, :]) @ qt
+    for _ in map_blocks(block, _blocks(N, M)):
+        pass
+    return out.numpy()
 
 
 def hull_route(s, c, budget, order):
-    """Exact max π·s s.t. c·π <= budget, π in the simplex, for budget >= min(c) (checked by the
-    caller). order = argsort(c), shared by every prompt. Returns (i, j, w): π_i = w, π_j = 1 − w."""
+    """Exact max π·s s.t. c·π <= budget, π in the simplex; budget below min(c) is a ValueError.
+    order = argsort(c), shared by every prompt. Returns (i, j, w): π_i = w, π_j = 1 − w.
+    The scalar reference for route_many (which does every prompt at once; tests compare them)."""
     s, c = s.tolist(), c.tolist()  # plain floats: the loop below is ~10x faster than on numpy scalars
+    if not budget >= min(c):
+        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {min(c):g}")
     top = max(s)
     best = min((k for k in range(len(s)) if s[k] == top), key=lambda k: c[k])  # the cheapest best model
     if c[best] <= budget:
@@ -813,20 +920,58 @@ def hull_route(s, c, budget, order):
     return i, j, (c[j] - budget) / (c[j] - c[i])
 
 
+@functools.lru_cache(maxsize=16)
+def _route_plan(c_bytes, budget):
+    """What route_many needs of the costs and budget alone (a server routes many prompts with the
+    same ones): the models by cost then index, the affordable ones A, the others B, and the
+    weights w_ij = (c_j − C)/(c_j − c_i) of every mix on the budget line."""
+    c = np.frombuffer(c_bytes)
+    if not budget >= c.min():
+        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {c.min():g}")
+    order = np.lexsort((np.arange(len(c)), c))  # by cost, then by index: argmax's first hit is the cheapest best
+    A, B = order[c[order] <= budget], order[c[order] > budget]
+    w = (c[B][None, :] - budget) / (c[B][None, :] - c[A][:, None])  # [|A|, |B|]
+    plan = order, A, B, w, 1 - w
+    for x in plan:  # shared by later calls: read-only
+        x.flags.writeable = False
+    return plan
+
+
+def route_many(S, c, budget, elems=2 ** 21):
+    """hull_route for every row of S [N, M] at once: (I, J, W) arrays, π = W on model I, 1 − W on J.
+    When the best model (the cheapest of equal best) is affordable it is the answer. Otherwise the
+    optimum costs exactly C and mixes a model i with c_i <= C and a model j with c_j > C, so it is
+    max over those pairs of w_ij s_i + (1 − w_ij) s_j, w_ij = (c_j − C)/(c_j − c_i): the weights are
+    shared by all prompts, so that max is three array passes over [prompts, |A|, |B|]."""
+    S, c = np.asarray(S, dtype=np.float64), np.asarray(c, dtype=np.float64)
+    N = len(S)
+    order, A, B, w, w1 = _route_plan(c.tobytes(), float(budget))
+    best = order[S[:, order].argmax(1)]
+    I, J, W = best.copy(), best.copy(), np.ones(N)
+    rest = np.flatnonzero(c[best] > budget)
+    if len(rest) == 0:
+        return I, J, W
+
+    def block(se):
+        rows = rest[se[0]:se[1]]
+        v = S[rows][:, A, None] * w
+        v += S[rows][:, None, B] * w1
+        return np.divmod(v.reshape(len(rows), -1).argmax(1), len(B))
+    blocks = _blocks(len(rest), w.size, elems)
+    for (s, e), (ia, jb) in zip(blocks, map_blocks(block, blocks)):
+        I[rest[s:e]], J[rest[s:e]], W[rest[s:e]] = A[ia], B[jb], w[ia, jb]
+    return I, J, W
+
+
 def route_all(router, beta, Wq, c, budget):
     """(i, j, w) arrays for every prompt: π = w on model i, 1 − w on model j.
     optimal: max π·Wq (the paper's); simple: max π·β (the reference's simple-lp); strict: the best
     single model whose cost is <= budget."""
-    N = len(beta)
-    I, J, Wt = np.zeros(N, dtype=int), np.zeros(N, dtype=int), np.ones(N)
-    order = np.argsort(c, kind="stable").tolist()
-    for z in range(N):
-        if router == "strict":  # the best affordable model; Wq ranks models as β does
-            s = np.where(c <= budget, Wq[z], -np.inf)
-            I[z] = J[z] = min(np.flatnonzero(s == s.max()), key=lambda k: c[k])
-        else:
-            I[z], J[z], Wt[z] = hull_route(Wq[z] if router == "optimal" else beta[z], c, budget, order)
-    return I, J, Wt
+    c = np.asarray(c, dtype=np.float64)
+    if router == "strict":  # the best affordable model (the cheapest of equal best); Wq ranks models as β does
+        I, _, _ = route_many(np.where(c <= budget, Wq, -np.inf), c, math.inf)
+        return I, I.copy(), np.ones(len(I))
+    return route_many(Wq if router == "optimal" else beta, c, budget)
 
 
 def solve_theta(beta, q, R):
@@ -843,3 +988,35 @@ def solve_theta(beta, q, R):
     if f(lo) == 0 or f(hi) == 0 or f(lo) * f(hi) > 0:  # an exact hit, or R rounds to 0 or 1 (σ saturates)
         return lo if abs(f(lo)) <= abs(f(hi)) else hi
     return brentq(f, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps, maxiter=200)
+
+
+def solve_theta_many(beta, q, R, lo, hi, tol=1e-13, max_iter=200):
+    """solve_theta for every prompt at once, given brackets with g(lo) <= R <= g(hi), g(θ) = Σ q σ(θ − β)
+    (route.py: the β of the two mixed models). Newton's method, safeguarded by bisection of the
+    bracket, which shrinks every step, until the step or the bracket is below tol (brentq's xtol)."""
+    beta, q, R = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64), np.asarray(R, dtype=np.float64)
+    lo, hi = np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
+    theta = 0.5 * (lo + hi)
+
+    def block(se):
+        act = se[0] + np.flatnonzero(hi[se[0]:se[1]] - lo[se[0]:se[1]] > tol)
+        for _ in range(max_iter):
+            if len(act) == 0:
+                break
+            t = theta[act]
+            sg = expit(t[:, None] - beta[act])
+            f = sg @ q - R[act]
+            d = (sg * (1 - sg)) @ q
+            lo[act] = np.where(f < 0, t, lo[act])
+            hi[act] = np.where(f > 0, t, hi[act])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = t - f / d
+            bisect = ~((new > lo[act]) & (new < hi[act]))  # Newton left the bracket (or d underflowed)
+            new[bisect] = 0.5 * (lo[act] + hi[act])[bisect]
+            new[f == 0] = t[f == 0]
+            done = (f == 0) | (np.abs(new - t) <= tol) | (hi[act] - lo[act] <= tol)
+            theta[act] = new
+            act = act[~done]
+    for _ in map_blocks(block, _blocks(len(R), beta.shape[1])):
+        pass
+    return theta
