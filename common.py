@@ -842,7 +842,7 @@ def read_prompts(path):
     seen = {}
     for where, row in read_jsonl(path):
         turns = parse_turns(row, where)
-        key = prompt_key(turns)
+        key = tuple(turns)  # the same identity as prompt_key's JSON text, without encoding every line
         if key not in seen:
             seen[key] = {"prompt": turns, "id": row.get("id", row.get("uid", where)),
                          "category": row.get("category"), "line": where}
@@ -851,12 +851,14 @@ def read_prompts(path):
     return list(seen.values())
 
 
-def win_rates(beta, q, chunk=None):
+def win_rates(beta, q, mean_pairs=False):
     """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)), float64 numpy [N, M]: each model's predicted win rate
-    against an opponent drawn from q. Exact (φ form above): (Wq)_a = q_a/2 + φ_a Σ_{b≠a} q_b r_ab."""
+    against an opponent drawn from q. Exact (φ form above): (Wq)_a = q_a/2 + φ_a Σ_{b≠a} q_b r_ab.
+    mean_pairs: also mean_pair_probs(beta, None, "bt") [1, P, 2] (the averaged leaderboard's target)
+    from the same r, for one more pass instead of a second sweep."""
     beta, q = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64)
     N, M = beta.shape
-    if N * M < 2 ** 12:  # a few prompts (one decision): one numpy pass, no per-op overhead
+    if N * M < 2 ** 12 and not mean_pairs:  # a few prompts (one decision): one numpy pass, no per-op overhead
         x = beta - beta.max(1, keepdims=True)
         if N and x.min() >= -SPREAD_MAX:
             f = np.exp(x)
@@ -865,24 +867,39 @@ def win_rates(beta, q, chunk=None):
             return f * (r @ q)
     beta, qt = torch.as_tensor(beta), torch.as_tensor(q)
     out = torch.empty(N, M, dtype=torch.float64)
+    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i): [off[i], off[i + 1])
 
     def block(se):
         bs = beta[se[0]:se[1]]
-        fT = _phi_t(bs)
+        wide = _wide(bs)
+        fT = _phi_t(bs[~wide] if wide.any() else bs)  # wide rows: σ of the differences, below
         acc = torch.zeros_like(fT)
+        pairs = torch.zeros(off[-1], dtype=torch.float64) if mean_pairs else None
 
         def visit(i, r):
             acc[i] += qt[i + 1:] @ r                 # (a = i, b > i)
             acc[i + 1:].add_(r, alpha=float(qt[i]))  # (a > i, b = i)
+            if mean_pairs:
+                pairs[off[i]:off[i + 1]] += r @ fT[i]
         _pair_sweep(fT, visit)
-        out[se[0]:se[1]] = (fT * acc + 0.5 * qt[:, None]).T
-        wide = _wide(bs)
+        if wide.any():
+            out[se[0]:se[1]][~wide] = (fT * acc + 0.5 * qt[:, None]).T
+        else:
+            out[se[0]:se[1]] = (fT * acc + 0.5 * qt[:, None]).T
         if wide.any():
             bw = bs[wide]
             out[se[0]:se[1]][wide] = torch.sigmoid(bw[:, :, None] - bw[:, None, :]) @ qt
-    for _ in map_blocks(block, _blocks(N, M)):
-        pass
-    return out.numpy()
+            if mean_pairs:
+                a, b = all_pairs(M)
+                pairs += torch.sigmoid(bw[:, a] - bw[:, b]).sum(0)
+        return pairs
+    total = 0
+    for part in map_blocks(block, _blocks(N, M)):  # summed in block order: deterministic
+        total = total + (part if mean_pairs else 0)
+    if not mean_pairs:
+        return out.numpy()
+    total = (total / N)[None, :, None]
+    return out.numpy(), torch.cat([total, 1 - total], -1)
 
 
 def hull_route(s, c, budget, order):
