@@ -213,7 +213,7 @@ def bench(args):
     checks every optimum (objective gap <= 1e-9)."""
     import tempfile
     rng = np.random.default_rng(args.seed)
-    M, n_one, n_lp, n_batch = 130, 2000, 200, 20000
+    M, n_one, n_lp, n_batch = 130, 1000, 200, min(20000, max(args.bench_n, 1000))
     beta = rng.normal(0, 1, M) + rng.normal(0, 1.5, (n_batch, M))
     c = np.exp(rng.uniform(0, math.log(100), M))
     budget = float(np.median(c))
