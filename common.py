@@ -4,6 +4,7 @@ the marginal (averaged) leaderboard fit, prompt tokenization with a CLS token, t
 
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
+import contextlib
 import functools
 import gzip
 import importlib.util
@@ -512,6 +513,26 @@ def load_predictions(path):
     return beta, eta, model_list, rows
 
 
+def prediction_blocks(path, rows=65536):
+    """Read predictions.safetensors in blocks of rows without loading the whole matrix (at the paper's
+    1.5M prompts x 130 models it is 0.8 GB): yields (start, beta [n, M] float32, eta [n] or None).
+    The model list is C.prediction_models(path)."""
+    from safetensors import safe_open
+    with safe_open(Path(path) / "predictions.safetensors", "pt") as f:
+        beta = f.get_slice("beta")
+        eta = f.get_slice("eta") if "eta" in f.keys() else None
+        N = beta.get_shape()[0]
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            yield s, beta[s:e], (eta[s:e] if eta is not None else None)
+
+
+def prediction_models(path):
+    """(N, model_list) of predictions.safetensors, from its header alone."""
+    from safetensors import safe_open
+    with safe_open(Path(path) / "predictions.safetensors", "pt") as f:
+        return f.get_slice("beta").get_shape()[0], json.loads(f.metadata()["model_list"])
+
 def autodetect_device():
     return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
 
@@ -547,9 +568,23 @@ def _weight_rows(weights, n):
 SPREAD_MAX = 600.0
 
 
-def _blocks(N, M, elems=2 ** 17):
+def row_blocks(N, M, elems=2 ** 17):
+    """[(start, stop)] of blocks of rows of an [N, M] array, about elems numbers each."""
     step = max(1, elems // M)
     return [(s, min(s + step, N)) for s in range(0, N, step)]
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op thread count set to n inside the block. Small ops (a Newton step at M = 130)
+    gain little from threads, and on a busy machine threads that meet at a barrier after every op
+    wait there for whole time slices (measured here under load: 20x slower with 2 threads than 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def map_blocks(fn, blocks):
@@ -562,18 +597,14 @@ def map_blocks(fn, blocks):
     if threads == 1 or len(blocks) == 1:
         yield from map(fn, blocks)
         return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            pending = []
-            for blk in blocks:  # at most 2 x threads blocks in flight: memory stays bounded
-                pending.append(pool.submit(fn, blk))
-                if len(pending) > 2 * threads:
-                    yield pending.pop(0).result()
-            for f in pending:
-                yield f.result()
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), ThreadPoolExecutor(threads) as pool:
+        pending = []
+        for blk in blocks:  # at most 2 x threads blocks in flight: memory stays bounded
+            pending.append(pool.submit(fn, blk))
+            if len(pending) > 2 * threads:
+                yield pending.pop(0).result()
+        for f in pending:
+            yield f.result()
 
 
 def _phi_t(bs):
@@ -638,7 +669,7 @@ def mean_pair_probs(beta, eta, head, weights=None):
     elems = 2 ** 17 if head == "bt" else 2 ** 22 // max(n_pairs, 1) * M  # the non-bt path holds n x P x O
     out = 0
     sums = lambda se: pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
-    for part in map_blocks(sums, _blocks(N, M, elems)):  # summed in block order: deterministic
+    for part in map_blocks(sums, row_blocks(N, M, elems)):  # summed in block order: deterministic
         out = out + part
     if head == "bt":
         return torch.cat([out, 1 - out], -1)
@@ -894,7 +925,7 @@ def win_rates(beta, q, mean_pairs=False):
                 pairs += torch.sigmoid(bw[:, a] - bw[:, b]).sum(0)
         return pairs
     total = 0
-    for part in map_blocks(block, _blocks(N, M)):  # summed in block order: deterministic
+    for part in map_blocks(block, row_blocks(N, M)):  # summed in block order: deterministic
         total = total + (part if mean_pairs else 0)
     if not mean_pairs:
         return out.numpy()
@@ -974,7 +1005,7 @@ def route_many(S, c, budget, elems=2 ** 21):
         v = S[rows][:, A, None] * w
         v += S[rows][:, None, B] * w1
         return np.divmod(v.reshape(len(rows), -1).argmax(1), len(B))
-    blocks = _blocks(len(rest), w.size, elems)
+    blocks = row_blocks(len(rest), w.size, elems)
     for (s, e), (ia, jb) in zip(blocks, map_blocks(block, blocks)):
         I[rest[s:e]], J[rest[s:e]], W[rest[s:e]] = A[ia], B[jb], w[ia, jb]
     return I, J, W
@@ -1034,6 +1065,6 @@ def solve_theta_many(beta, q, R, lo, hi, tol=1e-13, max_iter=200):
             done = (f == 0) | (np.abs(new - t) <= tol) | (hi[act] - lo[act] <= tol)
             theta[act] = new
             act = act[~done]
-    for _ in map_blocks(block, _blocks(len(R), beta.shape[1])):
+    for _ in map_blocks(block, row_blocks(len(R), beta.shape[1])):
         pass
     return theta

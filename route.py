@@ -407,7 +407,8 @@ def averaged_leaderboard(beta, target):
     """β̄: the BT fit to the mean pairwise matrix (what C.aggregate(beta, None, "bt") returns, DESIGN §2),
     from the target win_rates computed alongside Wq."""
     M = beta.shape[1]
-    bb, _, info = C.fit_pairs(*C.all_pairs(M), target, M, "bt", init=torch.from_numpy(beta.mean(0)))
+    with C.torch_threads(1):  # see C.torch_threads
+        bb, _, info = C.fit_pairs(*C.all_pairs(M), target, M, "bt", init=torch.from_numpy(beta.mean(0)))
     if not info["converged"]:
         raise RuntimeError(f"averaged leaderboard did not converge: gradient norm {info['grad_norm'].max().item():.2e}")
     return bb[0].numpy()

@@ -652,6 +652,21 @@ def test_vote_bootstrap_cis_cover_the_true_leaderboard():
     assert 0.88 <= hits / total <= 0.995, hits / total  # nominal 0.95
 
 
+def test_streamed_prompt_bootstrap_cis_cover_the_population_aggregate():
+    # the same check for the streamed bootstrap run_preds uses (resample counts per block of prompts)
+    g = torch.Generator().manual_seed(17)
+    population = torch.tensor([1.0, 0.4, 0.0, -0.5], dtype=D64) + 1.5 * torch.randn(4000, 4, generator=g, dtype=D64)
+    truth, _ = C.aggregate(population, None, "bt")
+    hits, total = 0, 0
+    for k in range(50):
+        sample = population[torch.randint(4000, (60,), generator=g)]
+        bb, _ = AG.solve_bootstrap(lambda s, e: (sample[s:e], None), 60, 4, "bt", 200, seed=k)
+        lo, hi = AG.ci(bb[1:])
+        hits += sum(lo[j] <= truth[j] <= hi[j] for j in range(4))
+        total += 4
+    assert 0.88 <= hits / total <= 0.995, hits / total
+
+
 def test_prompt_bootstrap_cis_cover_the_population_aggregate():
     # a population of prompts whose aggregate is computed exactly; samples of 60 prompts from it
     g = torch.Generator().manual_seed(7)
@@ -740,9 +755,38 @@ def test_votes_against_official_boards(tmp_path):
 
 def test_bench_prints_the_ratio(tmp_path):
     r = run_agg("--bench", "--bench-n", "300", "--bench-m", "12", "--out", tmp_path)
-    assert "ratio L-BFGS / Newton" in r.stdout
+    assert "ratio L-BFGS / ours end to end" in r.stdout
     b = json.loads((tmp_path / "bench.json").read_text())
-    assert b["newton_s"] > 0 and b["lbfgs_s"] > 0 and b["N"] == 300
+    assert b["ours_s"] > 0 and b["lbfgs_s"] > 0 and b["N"] == 300 and b["lbfgs_gap"] <= 1e-6
+
+
+def test_bootstrap_counts_are_resamples_with_replacement():
+    # every replicate draws n items in all; each item's count has the multinomial mean 1 and variance 1 − 1/n
+    n, B = 1000, 4000
+    counts = torch.cat([w for _, w in AG.bootstrap_counts(n, B, np.random.default_rng(0), block=96)], 1)
+    assert counts.shape == (1 + B, n) and (counts[0] == 1).all() and (counts[1:].sum(1) == n).all()
+    assert counts[1:].mean().item() == pytest.approx(1.0, abs=1e-12)
+    assert counts[1:].var(0).mean().item() == pytest.approx(1 - 1 / n, abs=0.02)
+    assert (counts[1:, :500].sum(1) - 500).abs().float().mean().item() == pytest.approx(math.sqrt(2 * 250 / math.pi), rel=0.05)
+
+
+@pytest.mark.parametrize("head", ["bt", "grk"])
+def test_streamed_bootstrap_row_0_is_the_aggregate(head):
+    g = torch.Generator().manual_seed(9)
+    beta, eta = torch.randn(700, 5, generator=g), 0.3 * torch.randn(700, generator=g)
+    e = eta if head != "bt" else None
+    bb, ee = AG.solve_bootstrap(lambda s, t: (beta[s:t], e[s:t] if e is not None else None), 700, 5, head, 20, seed=0)
+    one, e1 = C.aggregate(beta, e, head)
+    assert bb.shape == (21, 5) and torch.allclose(bb[0], one, atol=1e-7)
+    assert (bb[1:].std(0) > 0).all()
+
+
+def test_prediction_blocks_read_the_file_in_pieces(tmp_path):
+    beta, eta = torch.randn(10, 3), torch.randn(10)
+    C.save_predictions(tmp_path, beta, eta, ["a", "b", "c"], [{"prompt": [str(i)]} for i in range(10)])
+    parts = list(C.prediction_blocks(tmp_path, rows=4))
+    assert [s for s, _, _ in parts] == [0, 4, 8] and C.prediction_models(tmp_path) == (10, ["a", "b", "c"])
+    assert torch.equal(torch.cat([b for _, b, _ in parts]), beta) and torch.equal(torch.cat([e for _, _, e in parts]), eta)
 
 # -----------------------------------------------------------------------------
 # bad input: a clear error naming file:line or the flag, non-zero exit, nothing written
