@@ -994,8 +994,8 @@ def route_many(S, c, budget, elems=2 ** 21):
     S, c = np.asarray(S, dtype=np.float64), np.asarray(c, dtype=np.float64)
     N = len(S)
     order, A, B, w, w1 = _route_plan(c.tobytes(), float(budget))
-    best = order[S[:, order].argmax(1)]
-    I, J, W = best.copy(), best.copy(), np.ones(N)
+    best = np.concatenate([order[S[s:e][:, order].argmax(1)] for s, e in row_blocks(N, len(c), 2 ** 20)] or [np.zeros(0, int)])
+    I, J, W = best, best.copy(), np.ones(N)
     rest = np.flatnonzero(c[best] > budget)
     if len(rest) == 0:
         return I, J, W
