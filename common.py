@@ -648,10 +648,13 @@ def pair_prob_sums(beta, eta, head, w):
         beta, w = beta[~wide], w[:, ~wide]
     off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i) are out[:, off[i]:off[i+1]]
     fT = _phi_t(beta)
-    u = fT[:, None, :] * w[None]  # [M, K, n]: σ(β_i − β_j) = φ_i·r_ij, φ_i folded into the weights
+    wT = w.T.contiguous()
 
-    def visit(i, r):
-        out[:, off[i]:off[i + 1]] += (r @ u[i].T).T
+    def visit(i, r):  # σ(β_i − β_j) = φ_i·r_ij
+        if w.shape[0] == 1:
+            out[0, off[i]:off[i + 1]] += r @ (fT[i] * w[0])
+        else:
+            out[:, off[i]:off[i + 1]] += (r.mul_(fT[i]) @ wT).T
     _pair_sweep(fT, visit)
     return out[..., None]
 
