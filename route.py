@@ -13,12 +13,14 @@ costs c (--costs, per query), budget C and an opponent distribution q (--opponen
   optimal: π* = argmax π·s over the simplex with c·π ≤ C. Two constraints, so an optimum mixes at
            most two models: it lies on the upper concave hull of the points (c_i, s_i), mixing the
            two adjacent hull vertices whose costs straddle C, or it is the best point when C is
-           slack. Solved exactly that way (no LP solver; tests check it against scipy's HiGHS).
+           slack. Solved exactly for all prompts at once as the best mix on the budget line of a
+           model with c_i <= C and one with c_j > C (no LP solver; tests check it against HiGHS).
   simple:  the same program with s = β (the reference's simple-lp; β may be negative).
   strict:  the best single model whose cost is <= C.
   R = π·Wq is the router's predicted win rate against q, and its own BT coefficient θ* solves
-  Σ_a q_a σ(θ − β_a) = R (increasing in θ: scipy's brentq in the bracket [min β, max β], widened
-  when the root lies outside, as it does when a router beats every model on average).
+  Σ_a q_a σ(θ − β_a) = R (increasing in θ; per prompt the root lies between the two mixed models'
+  β: safeguarded Newton for all prompts at once; on the averaged leaderboard brentq in a bracket
+  widened until it holds the root, which lies outside [min β̄, max β̄] when a router beats every model).
   Per prompt θ* is on that prompt's β scale; the run's `theta` in metrics.json is the same root
   on the averaged leaderboard β̄ (the BT fit to the mean pairwise matrix, DESIGN §2, Σβ̄ = 0) with
   R = the mean win rate: the coefficient a model with the router's win rate would have there
