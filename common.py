@@ -892,7 +892,7 @@ def win_rates(beta, q, mean_pairs=False):
     from the same r, for one more pass instead of a second sweep."""
     beta, q = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64)
     N, M = beta.shape
-    if N * M < 2 ** 12 and not mean_pairs:  # a few prompts (one decision): one numpy pass, no per-op overhead
+    if N * M < 2 ** 12 and not mean_pairs:  # a few prompts (one decision): whole-array numpy calls
         x = beta - beta.max(1, keepdims=True)
         if N and x.min() >= -SPREAD_MAX:
             f = np.exp(x)
@@ -997,6 +997,8 @@ def route_many(S, c, budget, elems=2 ** 21):
     S, c = np.asarray(S, dtype=np.float64), np.asarray(c, dtype=np.float64)
     N = len(S)
     order, A, B, w, w1 = _route_plan(c.tobytes(), float(budget))
+    if N == 1:  # one decision: only the Pareto points can be on the hull, usually a handful
+        return _route_one(S[0], c, budget, order, A, B, w, w1)
     best = np.concatenate([order[S[s:e][:, order].argmax(1)] for s, e in row_blocks(N, len(c), 2 ** 20)] or [np.zeros(0, int)])
     I, J, W = best, best.copy(), np.ones(N)
     rest = np.flatnonzero(c[best] > budget)
@@ -1012,6 +1014,22 @@ def route_many(S, c, budget, elems=2 ** 21):
     for (s, e), (ia, jb) in zip(blocks, map_blocks(block, blocks)):
         I[rest[s:e]], J[rest[s:e]], W[rest[s:e]] = A[ia], B[jb], w[ia, jb]
     return I, J, W
+
+
+def _route_one(s, c, budget, order, A, B, w, w1):
+    """route_many for one prompt. A hull vertex scores strictly more than every cheaper model (the
+    hull rises up to the best model), so the pairs may be restricted to those: in A, the models
+    better than every cheaper one; in B, those better than every cheaper one and all of A."""
+    best = order[s[order].argmax()]
+    if c[best] <= budget:
+        return np.array([best]), np.array([best]), np.ones(1)
+    sa, sb = s[A], s[B]
+    ia = np.flatnonzero(sa > np.maximum.accumulate(np.concatenate(([-np.inf], sa[:-1]))))
+    jb = np.flatnonzero(sb > np.maximum.accumulate(np.concatenate(([sa.max()], sb[:-1]))))
+    wp = w[np.ix_(ia, jb)]
+    v = sa[ia, None] * wp + sb[None, jb] * w1[np.ix_(ia, jb)]
+    a, b = divmod(int(v.argmax()), len(jb))
+    return np.array([A[ia[a]]]), np.array([B[jb[b]]]), np.array([wp[a, b]])
 
 
 def route_all(router, beta, Wq, c, budget):

@@ -915,6 +915,9 @@ def test_route_many_equals_the_scalar_hull_on_random_instances():
                 assert 0 <= W[z] <= 1 and W[z] * c[I[z]] + (1 - W[z]) * c[J[z]] <= budget + 1e-12
                 if w == 1:  # a single model: the same one (the cheapest of equal best, as hull_route picks)
                     assert (I[z], W[z]) == (i, 1.0)
+                i1, j1, w1 = C.route_many(S[z:z + 1], c, budget)  # one prompt: the Pareto-pruned path
+                assert w1[0] * S[z, i1[0]] + (1 - w1[0]) * S[z, j1[0]] == pytest.approx(want, abs=1e-9), (trial, budget, z)
+                assert 0 <= w1[0] <= 1 and w1[0] * c[i1[0]] + (1 - w1[0]) * c[j1[0]] <= budget + 1e-12
 
 
 def test_route_all_strict_is_the_cheapest_best_affordable_model():
