@@ -595,7 +595,8 @@ def map_blocks(fn, blocks):
     from concurrent.futures import ThreadPoolExecutor
     threads = torch.get_num_threads()
     if threads == 1 or len(blocks) == 1:
-        yield from map(fn, blocks)
+        with torch_threads(1):
+            yield from map(fn, blocks)
         return
     with torch_threads(1), ThreadPoolExecutor(threads) as pool:
         pending = []
