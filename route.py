@@ -192,7 +192,6 @@ def synthetic_run(d, N, M=130, seed=0, block=100_000):
 
 def timed_run(argv):
     """route.py argv in a fresh process: (wall seconds, the process's peak RSS in GiB)."""
-    import resource
     import subprocess
     code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
