@@ -10,7 +10,7 @@ coefficients whose pairwise outcome probabilities best match a target, to a grad
     # leaderboards from human votes, checked against the official Arena category leaderboards
     python aggregate.py --votes data/arena_catalog/train.jsonl.gz data/arena_catalog/val.jsonl.gz --by category \\
         --official data/arena_catalog/leaderboards.csv --out out/arena
-    # speed: Newton vs a plain torch L-BFGS on N=10,000 prompts x M=130 models
+    # speed: predictions -> leaderboard vs torch L-BFGS over the per-prompt pairwise tensors (N=10,000, M=130)
     python aggregate.py --bench
 """
 import argparse
@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
 import common as C
@@ -36,24 +38,68 @@ ARENA_DEFAULT_BOARD = "english"
 # solving many leaderboards at once
 
 
-def solve_many(beta, eta, head, W):
-    """Aggregated leaderboards for each row of prompt weights W [K, N] (a group, a bootstrap
-    replicate, a random sample of n prompts): (beta [K, M] float64, eta [K] or None). Blocks of
-    problems keep the Newton solver's per-pair tensors to a few hundred MB. Newton starts at the
-    weighted mean of the coefficients: not the answer, but close to it (exact for one prompt)."""
-    M = beta.shape[1]
+def fit_targets(target, init, M, head):
+    """Newton fits of K targets [K, P, O] from starts init [K, D], in blocks of problems that keep the
+    solver's per-pair tensors to a few hundred MB: (beta [K, M] float64, eta [K] or None)."""
     a, b = C.all_pairs(M)
-    block = max(1, 2 ** 19 // len(a))
+    block = max(1, 2 ** 19 // max(len(a), 1))
     bs, es = [], []
-    for s in range(0, W.shape[0], block):
-        w = W[s:s + block] / W[s:s + block].sum(1, keepdim=True)
-        init = w @ (beta.double() if head == "bt" else torch.cat([beta.double(), eta.double()[:, None]], 1))
-        bb, ee, info = C.fit_pairs(a, b, C.mean_pair_probs(beta, eta, head, w), M, head, init=init)
+    for s in range(0, target.shape[0], block):
+        with C.torch_threads(1):  # see C.torch_threads
+            bb, ee, info = C.fit_pairs(a, b, target[s:s + block], M, head, init=init[s:s + block])
         if not info["converged"]:
             raise RuntimeError(f"aggregation did not converge (gradient norm {info['grad_norm'].max():.1e})")
         bs.append(bb)
         es.append(ee)
     return torch.cat(bs), (torch.cat(es) if head != "bt" else None)
+
+
+def solve_many(beta, eta, head, W):
+    """Aggregated leaderboards for each row of prompt weights W [K, N] (a group, a bootstrap
+    replicate, a random sample of n prompts): (beta [K, M] float64, eta [K] or None). Newton starts
+    at the weighted mean of the coefficients: not the answer, but close to it (exact for one prompt)."""
+    w = W / W.sum(1, keepdim=True)
+    x = beta.double() if head == "bt" else torch.cat([beta.double(), eta.double()[:, None]], 1)
+    return fit_targets(C.mean_pair_probs(beta, eta, head, w), w @ x, beta.shape[1], head)
+
+
+def bootstrap_counts(n, n_boot, rng, block=65536):
+    """Resample counts without an n x n_boot matrix: for each block [s, e) of the n items, yields
+    ((s, e), counts [1 + n_boot, e − s]) with row 0 all ones (the data itself) and row b the number of
+    times each item is drawn in resample b (n draws with replacement). Each resample's block totals
+    are drawn first (multinomial, in proportion to the block sizes), then that many uniform draws
+    inside each block: exactly the distribution of n uniform draws over all items."""
+    edges = list(range(0, n, block)) + [n]
+    sizes = np.diff(edges)
+    totals = rng.multinomial(n, sizes / n, size=n_boot) if n_boot else np.zeros((0, len(sizes)), dtype=np.int64)
+    for k, (s, e) in enumerate(zip(edges[:-1], edges[1:])):
+        tot = totals[:, k]
+        idx = rng.integers(0, e - s, tot.sum()) + np.repeat(np.arange(n_boot) * (e - s), tot)
+        counts = np.ones((1 + n_boot, e - s))
+        counts[1:] = np.bincount(idx, minlength=n_boot * (e - s)).reshape(n_boot, e - s)
+        yield (s, e), torch.from_numpy(counts)
+
+
+def solve_bootstrap(blocks, n, M, head, n_boot, seed):
+    """The aggregate leaderboard (row 0) and n_boot prompt-resample replicates (rows 1..), streaming
+    the prompts: blocks(s, e) gives (beta [e − s, M], eta or None) of prompts s..e−1, from memory or
+    from the predictions file (C.prediction_blocks). Memory is O(n_boot x (M² + block)), never n x n_boot."""
+    rng = np.random.default_rng(seed)
+    sums, init = 0, 0
+    for (s, e), w in bootstrap_counts(n, n_boot, rng):
+        beta, eta = blocks(s, e)
+        x = beta.double() if head == "bt" else torch.cat([beta.double(), eta.double()[:, None]], 1)
+        init = init + w @ x
+
+        def part(se, beta=beta, eta=eta, w=w):
+            return C.pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
+        rows = C.row_blocks(e - s, M, 2 ** 17 if head == "bt" else 2 ** 22 // max(M * (M - 1) // 2, 1) * M)
+        for p in C.map_blocks(part, rows):  # summed in block order: deterministic
+            sums = sums + p
+    target = sums / n  # every replicate has n draws
+    if head == "bt":
+        target = torch.cat([target, 1 - target], -1)
+    return fit_targets(target, init / n, M, head)
 
 
 def bootstrap_weights(n, n_boot, gen):
@@ -222,8 +268,10 @@ def run_preds(args):
         groups.update(groups_of(rows, args.by, where))
     t0 = time.time()
     boards, fits = {}, {}
-    for g, members in groups.items():
-        bb, ee = solve_many(beta[members], sub(eta, members), head, bootstrap_weights(len(members), args.bootstrap, gen))
+    for k, (g, members) in enumerate(groups.items()):
+        def blocks(s, e, members=members):
+            return beta[members[s:e]], sub(eta, members[s:e])
+        bb, ee = solve_bootstrap(blocks, len(members), M, head, args.bootstrap, seed=[args.seed, k])
         lo, hi = ci(bb[1:])
         e0 = ee[0].item() if ee is not None else None
         fits[g] = (bb, ee)
@@ -472,73 +520,111 @@ def official_check(args, boards, sets):
             "checks": result}
 
 
-def run_bench(args):
-    """N prompts x M models of synthetic per-prompt coefficients (a shared leaderboard plus
-    prompt-specific deviations). Both solvers get the same precomputed mean pairwise outcome
-    probabilities and must reach the same objective value; also timed: that mean itself, and the
-    naive alternative of an L-BFGS that evaluates the per-prompt objective (all N prompts) at
-    every step. Solve times are the best of 3 runs (the CPU may be shared)."""
-    torch.manual_seed(args.seed)
-    N, M, head = args.bench_n, args.bench_m, C.HEAD_OF_LOSS[args.loss or "bt"]
-    beta = (1.5 * torch.randn(M) + torch.randn(N, M)).float()
-    eta = (0.3 * torch.randn(N)).float() if head != "bt" else None
-    a, b = C.all_pairs(M)
-    O, P = C.N_OUTCOMES[head], len(a)
+def division_rate():
+    """Divisions per second on this CPU, one thread, in cache: the φ form's floor is one per pair."""
+    x = torch.rand(2 ** 17, dtype=torch.float64) + 1
+    with_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = min(timed(lambda: [x.reciprocal_() for _ in range(50)])[0] for _ in range(3))
+    finally:
+        torch.set_num_threads(with_threads)
+    return 50 * x.numel() / t
+
+
+def timed(f):
     t0 = time.perf_counter()
-    target = C.mean_pair_probs(beta, eta, head)
-    t_mean = time.perf_counter() - t0
+    out = f()
+    return time.perf_counter() - t0, out
 
-    def newton():
+
+def run_bench(args):
+    """From N x M per-prompt coefficients to the leaderboard (bt), as a user waits for it: ours
+    (solve_many: the mean pairwise matrix by the φ-form sweep, Newton, then the board's rows, best of
+    3) against what a torch user writes, as the authors do: the per-prompt pairwise probabilities as
+    one [N, P] tensor and torch L-BFGS on their cross-entropy summed over all prompts, each
+    evaluation a pass over N x P. Same inputs, same run; timed until its coefficients are within
+    1e-6 of ours (centred: the bt gauge)."""
+    torch.manual_seed(args.seed)
+    N, M = args.bench_n, args.bench_m
+    beta = (1.5 * torch.randn(M) + torch.randn(N, M)).float()
+    models = [f"m{k}" for k in range(M)]
+    a, b = C.all_pairs(M)
+    P = len(a)
+
+    def ours():
+        bb, _ = solve_many(beta, None, "bt", torch.ones(1, N, dtype=torch.float64))
+        return bb[0], C.leaderboard_rows(models, bb[0])
+    t_ours, (bn, _) = min((timed(ours) for _ in range(3)), key=lambda r: r[0])
+    t_mean = min(timed(lambda: C.mean_pair_probs(beta, None, "bt"))[0] for _ in range(3))
+    want = bn - bn.mean()
+
+    def lbfgs():
         t0 = time.perf_counter()
-        out = C.fit_pairs(a, b, target, M, head)
-        return time.perf_counter() - t0, out
-    t_newton, (bn, en, info) = min((newton() for _ in range(3)), key=lambda r: r[0])
-    f_star = info["objective"][0].item()
-
-    def lbfgs():  # time to first reach Newton's objective value (to 1e-12 relative: equal up to rounding)
-        x = torch.zeros(M + (head != "bt"), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([x], lr=1, max_iter=100000, max_eval=100000, tolerance_grad=1e-12, tolerance_change=0,
+        bd = beta.double()
+        probs = torch.sigmoid(bd[:, a] - bd[:, b])  # [N, P]: every prompt's pairwise matrix
+        x = torch.zeros(M, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([x], lr=1, max_iter=500, max_eval=1000, tolerance_grad=1e-10, tolerance_change=0,
                                 history_size=20, line_search_fn="strong_wolfe")
-        trace = []
+        hit = []
 
         def closure():
             opt.zero_grad()
-            e = x[M].expand(P) if head != "bt" else None
-            f = -(target[0] * C.outcome_logprobs(x[a], x[b], e, head)[..., :O]).sum()
+            d = x[a] - x[b]
+            f = -(probs * F.logsigmoid(d) + (1 - probs) * F.logsigmoid(-d)).sum() / N
             f.backward()
-            trace.append((time.perf_counter(), f.item(), x.grad.norm().item()))
+            if not hit and ((x.detach() - x.detach().mean()) - want).abs().max() <= 1e-6:
+                hit.append((time.perf_counter() - t0, len(trace) + 1))
+            trace.append(f.item())
             return f
-        t0 = time.perf_counter()
-        opt.step(closure)
-        hit = [(t - t0, k + 1) for k, (t, f, _) in enumerate(trace) if f <= f_star + 1e-12 * abs(f_star)]
-        if not hit:
-            raise RuntimeError(f"L-BFGS stopped at {min(f for _, f, _ in trace):.15g}, above Newton's {f_star:.15g}")
-        return hit[0][0], hit[0][1], min(g for _, _, g in trace), x.detach()
-    t_lbfgs, evals, g_lbfgs, xl = min((lbfgs() for _ in range(3)), key=lambda r: r[0])
-    # the naive L-BFGS takes the same steps (its objective is N times this one plus a constant), each
-    # evaluation a pass over all N prompts' outcome probabilities: time one on 1,000 prompts, scale
-    sub = beta[:1000].double()
-    es = eta[:1000].double()[:, None].expand(-1, P) if head != "bt" else None
-    xs = torch.zeros(M + (head != "bt"), dtype=torch.float64, requires_grad=True)
-    t0 = time.perf_counter()
-    probs = C.outcome_logprobs(sub[:, a], sub[:, b], es, head)[..., :O].exp()
-    f = -(probs * C.outcome_logprobs(xs[a], xs[b], xs[M].expand(P) if head != "bt" else None, head)[..., :O]).sum()
-    f.backward()
-    t_eval = (time.perf_counter() - t0) * N / len(sub)
-    gap = (bn[0] - bn[0].mean() - (xl[:M] - xl[:M].mean())).abs().max().item() if head != "grk" else (bn[0] - xl[:M]).abs().max().item()
-    print(f"aggregation of N={N} prompts x M={M} models ({head}; {torch.get_num_threads()} threads)")
-    print(f"  mean pairwise outcome probabilities (shared):  {t_mean:8.3f} s")
-    print(f"  Newton (exact Hessian) to |grad| <= 1e-8:       {t_newton:8.3f} s  {info['iterations']} iterations, "
-          f"|grad| {info['grad_norm'][0]:.1e}")
-    print(f"  torch L-BFGS (strong Wolfe) to the same value:  {t_lbfgs:8.3f} s  {evals} evaluations; best |grad| it "
-          f"reaches {g_lbfgs:.1e}; max coefficient gap {gap:.1e}")
-    print(f"  naive L-BFGS, all N prompts every evaluation:  {evals * t_eval:8.1f} s  (estimated: {evals} x {t_eval:.2f} s)")
-    print(f"ratio L-BFGS / Newton: solve {t_lbfgs / t_newton:.1f}x, end to end {(t_mean + t_lbfgs) / (t_mean + t_newton):.2f}x; "
-          f"naive L-BFGS / ours end to end {evals * t_eval / (t_mean + t_newton):.0f}x")
+        trace = []
+        opt.step(closure)  # runs on to its own tolerance; timed to the first evaluation within 1e-6 of ours
+        return hit, len(trace), x.detach(), time.perf_counter() - t0
+    hit, evals, xl, t_total = lbfgs()
+    gap = ((xl - xl.mean()) - want).abs().max().item()
+    t_lbfgs = hit[0][0] if hit else math.nan
+    rate, limit = N * P / t_mean, division_rate()
+    print(f"aggregation (bt) of N={N} prompts x M={M} models, {torch.get_num_threads()} threads, from the [N, M] "
+          f"predictions to the leaderboard:")
+    print(f"  ours (mean pairwise matrix + Newton + rows):   {t_ours:8.3f} s  (the mean matrix alone {t_mean:.3f} s: "
+          f"{rate / 1e6:.0f} M pairs/s; one division, in cache, one thread: {limit / 1e6:.0f} M/s)")
+    print(f"  torch L-BFGS over the per-prompt [N, P] probabilities: {t_lbfgs:8.3f} s to within 1e-6 of ours "
+          f"({hit[0][1] if hit else '-'} of {evals} evaluations; {t_total:.1f} s in all; final gap {gap:.1e})")
+    print(f"ratio L-BFGS / ours end to end: {t_lbfgs / t_ours:.1f}x")
     if args.out:
-        C.write_json(Path(args.out) / "bench.json", {"N": N, "M": M, "head": head, "threads": torch.get_num_threads(),
-                     "mean_s": t_mean, "newton_s": t_newton, "newton_iterations": info["iterations"], "lbfgs_s": t_lbfgs,
-                     "lbfgs_evals": evals, "lbfgs_best_grad": g_lbfgs, "naive_lbfgs_s_est": evals * t_eval, "objective": f_star})
+        C.write_json(Path(args.out) / "bench.json", {"N": N, "M": M, "head": "bt", "threads": torch.get_num_threads(),
+                     "ours_s": t_ours, "mean_pairs_s": t_mean, "pairs_per_s": rate, "division_per_s_one_thread": limit,
+                     "lbfgs_s": t_lbfgs, "lbfgs_evals": evals, "lbfgs_total_s": t_total, "lbfgs_gap": gap,
+                     "ratio": t_lbfgs / t_ours})
+
+
+def run_bench_scale(args, small=10_000):
+    """aggregate.py --preds with --bootstrap on N synthetic prompts x 130 models and on 10,000: time and
+    peak RSS of a fresh process each (files in a temp dir; route.py's synthetic_run writes them)."""
+    import subprocess
+    import tempfile
+    import route
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    rows = []
+    for n in (small, args.bench_scale):
+        with tempfile.TemporaryDirectory() as d:
+            route.synthetic_run(d, n, seed=args.seed)
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve()), "--preds", d, "--bootstrap",
+                                str(args.bootstrap), "--out", str(Path(d) / "out")], capture_output=True, text=True)
+            secs = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"aggregate.py on {n} prompts failed: {r.stderr[-2000:]}")
+        rss = int(r.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2 ** 20
+        rows.append({"prompts": n, "models": 130, "bootstrap": args.bootstrap, "seconds": secs, "peak_rss_gib": rss})
+        print(f"aggregate.py, {n} prompts x 130 models, {args.bootstrap} bootstrap resamples: {secs:.1f} s, "
+              f"peak RSS {rss:.2f} GiB", flush=True)
+    growth = (rows[1]["seconds"] / rows[0]["seconds"]) / (rows[1]["prompts"] / rows[0]["prompts"])
+    print(f"time grew {rows[1]['seconds'] / rows[0]['seconds']:.1f}x for {rows[1]['prompts'] / rows[0]['prompts']:.0f}x "
+          f"the prompts ({growth:.2f} of linear)")
+    if args.out:
+        C.write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
 
 
 def main(argv=None):
@@ -547,7 +633,10 @@ def main(argv=None):
     src.add_argument("--preds", help="a predictions dir (evaluate.py's predictions.safetensors + .jsonl): leaderboards for its prompts")
     src.add_argument("--checkpoint", help="a P2L checkpoint: with --prompt, the leaderboard of that prompt (or set of prompts)")
     src.add_argument("--votes", nargs="+", help="battle files: maximum-likelihood leaderboards from the votes themselves, no P2L")
-    src.add_argument("--bench", action="store_true", help="time the exact Newton aggregation against a plain torch L-BFGS")
+    src.add_argument("--bench", action="store_true", help="time predictions -> leaderboard (bt) against torch L-BFGS over "
+                     "the per-prompt pairwise probabilities, as the authors aggregate")
+    src.add_argument("--bench-scale", type=int, metavar="N", help="time and peak memory of --preds with --bootstrap on N "
+                     "synthetic prompts x 130 models and on 10,000 (growth as a ratio)")
     p.add_argument("--prompt", action="append", help="with --checkpoint; repeat it to aggregate several prompts into one board")
     p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes)")
     C.add_checkpoint_options(p, "; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
@@ -568,8 +657,8 @@ def main(argv=None):
     p.add_argument("--bench-n", type=int, default=10000, help="--bench: prompts")
     p.add_argument("--bench-m", type=int, default=130, help="--bench: models")
     args = p.parse_args(argv)
-    if args.bench and args.loss == "bt-tie":
-        args.loss = "bt"
+    if args.bench and args.loss not in (None, "bt", "bt-tie"):
+        p.error("--bench times the bt aggregation (its baseline holds N x P probabilities per outcome)")
     if (args.preds or args.votes) and not args.out:
         p.error("--out is required with --preds and --votes")
     if args.checkpoint and not args.prompt:
@@ -592,6 +681,8 @@ def main(argv=None):
             run_prompt(args)
         elif args.votes:
             run_votes(args)
+        elif args.bench_scale:
+            run_bench_scale(args)
         else:
             run_bench(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

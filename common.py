@@ -4,6 +4,8 @@ the marginal (averaged) leaderboard fit, prompt tokenization with a CLS token, t
 
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
+import contextlib
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -1153,6 +1155,25 @@ def read_marginal(ckpt):
             mj["train"], mj["train_missing"] = rec if isinstance(rec, str) else rec.get("abs", rec.get("path")), why
     return mj
 
+def prediction_blocks(path, rows=65536):
+    """Read predictions.safetensors in blocks of rows without loading the whole matrix (at the paper's
+    1.5M prompts x 130 models it is 0.8 GB): yields (start, beta [n, M] float32, eta [n] or None).
+    The model list is C.prediction_models(path)."""
+    from safetensors import safe_open
+    with safe_open(Path(path) / "predictions.safetensors", "pt") as f:
+        beta = f.get_slice("beta")
+        eta = f.get_slice("eta") if "eta" in f.keys() else None
+        N = beta.get_shape()[0]
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            yield s, beta[s:e], (eta[s:e] if eta is not None else None)
+
+
+def prediction_models(path):
+    """(N, model_list) of predictions.safetensors, from its header alone."""
+    from safetensors import safe_open
+    with safe_open(Path(path) / "predictions.safetensors", "pt") as f:
+        return f.get_slice("beta").get_shape()[0], json.loads(f.metadata()["model_list"])
 
 def autodetect_device():
     return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
@@ -1180,33 +1201,125 @@ def _weight_rows(weights, n):
     return w / w.sum(1, keepdim=True)
 
 
-def mean_pair_probs(beta, eta, head, weights=None, chunk_elems=2 ** 22):
+# Each prompt costs N x M x M sigmoids in win_rates and N x M(M−1)/2 in mean_pair_probs: the hot loops.
+# Both use one exact reformulation: with φ = exp(β − max β) per prompt, σ(β_a − β_b) = φ_a·r_ab where
+# r_ab = 1/(φ_a + φ_b) is symmetric, so each unordered pair costs one addition and one division (no exp)
+# and serves both (a, b) and (b, a). A prompt whose β spread exceeds SPREAD_MAX (φ would lose precision
+# below e^-600) takes the plain expit path instead. Blocks of prompts are laid out [M, n] so every step
+# below is one contiguous torch op over about a megabyte (in cache; torch spreads it over its threads).
+SPREAD_MAX = 600.0
+
+
+def row_blocks(N, M, elems=2 ** 17):
+    """[(start, stop)] of blocks of rows of an [N, M] array, about elems numbers each."""
+    step = max(1, elems // M)
+    return [(s, min(s + step, N)) for s in range(0, N, step)]
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op thread count set to n inside the block. Small ops (a Newton step at M = 130)
+    gain little from threads, and on a busy machine threads that meet at a barrier after every op
+    wait there for whole time slices (measured here under load: 20x slower with 2 threads than 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_blocks(fn, blocks):
+    """fn(block) for each block, results yielded in order. Threads take whole blocks of prompts, each
+    running torch single-threaded: with thousands of ~100 µs ops per block, torch's own per-op
+    threads would meet at a barrier after every op, and on a busy machine wait there for whole
+    time slices. Results do not depend on the thread count (each block is computed alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = torch.get_num_threads()
+    if threads == 1 or len(blocks) == 1:
+        with torch_threads(1):
+            yield from map(fn, blocks)
+        return
+    with torch_threads(1), ThreadPoolExecutor(threads) as pool:
+        pending = []
+        for blk in blocks:  # at most 2 x threads blocks in flight: memory stays bounded
+            pending.append(pool.submit(fn, blk))
+            if len(pending) > 2 * threads:
+                yield pending.pop(0).result()
+        for f in pending:
+            yield f.result()
+
+
+def _phi_t(bs):
+    """φ of a block [n, M] as [M, n]."""
+    return torch.exp(bs - bs.amax(1, keepdim=True)).T.contiguous()
+
+
+def _pair_sweep(fT, visit):
+    """For each model i < M−1: r = 1/(φ_i + φ_j) for the models j > i, [M−1−i, n]; visit(i, r)."""
+    M, n = fT.shape
+    buf = torch.empty(max(M - 1, 1) * n, dtype=fT.dtype)
+    for i in range(M - 1):
+        r = buf[:(M - 1 - i) * n].view(M - 1 - i, n)
+        torch.add(fT[i + 1:], fT[i], out=r)
+        r.reciprocal_()
+        visit(i, r)
+
+
+def _wide(bs):
+    """Rows of a block whose β spread is too wide for the φ form."""
+    return (bs.amax(1) - bs.amin(1)) > SPREAD_MAX
+
+
+def pair_prob_sums(beta, eta, head, w):
+    """Σ_z w[k, z]·P_z(outcome o of pair p) for a block of prompts beta [n, M] (eta [n]) and weights
+    w [K, n]: [K, P, n_out], n_out = 1 for bt (P(b) = 1 − P(a)), else N_OUTCOMES[head]. Summing these
+    over blocks of prompts gives mean_pair_probs without ever holding N x P."""
+    beta, w = beta.double(), torch.as_tensor(w).double()
+    M = beta.shape[1]
+    a, b = all_pairs(M)
+    if head != "bt":
+        if eta is None:
+            raise ValueError(f"the {head} head needs per-prompt eta")
+        e = eta.double()[:, None].expand(-1, len(a))
+        probs = outcome_logprobs(beta[:, a], beta[:, b], e, head).exp()[..., :N_OUTCOMES[head]]
+        return (w @ probs.reshape(len(beta), -1)).view(w.shape[0], len(a), -1)
+    out = torch.zeros(w.shape[0], len(a), dtype=torch.float64)
+    wide = _wide(beta)
+    if wide.any():  # φ would lose precision: these prompts take σ of the differences
+        out += w[:, wide] @ torch.sigmoid(beta[wide][:, a] - beta[wide][:, b])
+        beta, w = beta[~wide], w[:, ~wide]
+    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i) are out[:, off[i]:off[i+1]]
+    fT = _phi_t(beta)
+    wT = w.T.contiguous()
+
+    def visit(i, r):  # σ(β_i − β_j) = φ_i·r_ij
+        if w.shape[0] == 1:
+            out[0, off[i]:off[i + 1]] += r @ (fT[i] * w[0])
+        else:
+            out[:, off[i]:off[i + 1]] += (r.mul_(fT[i]) @ wT).T
+    _pair_sweep(fT, visit)
+    return out[..., None]
+
+
+def mean_pair_probs(beta, eta, head, weights=None):
     """Outcome probabilities of every pair i < j averaged over prompts: [K, P, O] for K weightings
     of the N prompts at once (weights [N] or [K, N], rows normalised; None = uniform). The
     cross-entropy is linear in its target, so this mean is all the solver needs to see of N
-    prompts; chunked over prompts so that N x P never sits in memory."""
-    beta = beta.double()
+    prompts; summed over blocks of prompts (pair_prob_sums) so that N x P never sits in memory."""
     N, M = beta.shape
-    a, b = all_pairs(M)
-    O, P = N_OUTCOMES[head], len(a)
     w = _weight_rows(weights, N)
     if head != "bt" and eta is None:
         raise ValueError(f"the {head} head needs per-prompt eta")
-    # bt needs only P(a beats b) = σ(Δ), P(b) being 1 − it: a quarter of the work of all four outcomes
-    n_out = 1 if head == "bt" else O
-    out = torch.zeros(w.shape[0], P * n_out, dtype=torch.float64)
-    step = max(1, chunk_elems // (P * n_out))
-    for s in range(0, N, step):
-        bs = beta[s:s + step]
-        if head == "bt":
-            probs = torch.sigmoid(bs[:, a] - bs[:, b])
-        else:
-            e = eta[s:s + step].double()[:, None].expand(-1, P)
-            probs = outcome_logprobs(bs[:, a], bs[:, b], e, head).exp()[..., :O]
-        out += w[:, s:s + step] @ probs.reshape(len(bs), P * n_out)
+    n_pairs = M * (M - 1) // 2
+    elems = 2 ** 17 if head == "bt" else 2 ** 22 // max(n_pairs, 1) * M  # the non-bt path holds n x P x O
+    out = 0
+    sums = lambda se: pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
+    for part in map_blocks(sums, row_blocks(N, M, elems)):  # summed in block order: deterministic
+        out = out + part
     if head == "bt":
-        return torch.stack([out, 1 - out], -1)
-    return out.view(-1, P, O)
+        return torch.cat([out, 1 - out], -1)
+    return out
 
 
 def _pair_objective(x, a, b, target, head, l2, derivs):
@@ -1498,7 +1611,7 @@ def read_prompts(path):
     seen = {}
     for where, row in read_jsonl(path):
         turns = parse_turns(row, where)
-        key = prompt_key(turns)
+        key = tuple(turns)  # the same identity as prompt_key's JSON text, without encoding every line
         if key not in seen:
             seen[key] = {"prompt": turns, "id": row.get("id", row.get("uid", where)),
                          "category": row.get("category"), "line": where}
@@ -1507,19 +1620,64 @@ def read_prompts(path):
     return list(seen.values())
 
 
-def win_rates(beta, q, chunk=256):
-    """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)) in float64, chunked so N x M x M never sits in memory."""
-    out = np.empty(beta.shape)
-    for s in range(0, len(beta), chunk):
-        b = beta[s:s + chunk]
-        out[s:s + chunk] = expit(b[:, :, None] - b[:, None, :]) @ q
-    return out
+def win_rates(beta, q, mean_pairs=False):
+    """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)), float64 numpy [N, M]: each model's predicted win rate
+    against an opponent drawn from q. Exact (φ form above): (Wq)_a = q_a/2 + φ_a Σ_{b≠a} q_b r_ab.
+    mean_pairs: also mean_pair_probs(beta, None, "bt") [1, P, 2] (the averaged leaderboard's target)
+    from the same r, for one more pass instead of a second sweep."""
+    beta, q = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    N, M = beta.shape
+    if N * M < 2 ** 12 and not mean_pairs:  # a few prompts (one decision): whole-array numpy calls
+        x = beta - beta.max(1, keepdims=True)
+        if N and x.min() >= -SPREAD_MAX:
+            f = np.exp(x)
+            r = f[:, :, None] + f[:, None, :]
+            np.divide(1.0, r, out=r)
+            return f * (r @ q)
+    beta, qt = torch.as_tensor(beta), torch.as_tensor(q)
+    out = torch.empty(N, M, dtype=torch.float64)
+    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i): [off[i], off[i + 1])
+
+    def block(se):
+        bs = beta[se[0]:se[1]]
+        wide = _wide(bs)
+        fT = _phi_t(bs[~wide] if wide.any() else bs)  # wide rows: σ of the differences, below
+        acc = torch.zeros_like(fT)
+        pairs = torch.zeros(off[-1], dtype=torch.float64) if mean_pairs else None
+
+        def visit(i, r):
+            acc[i] += qt[i + 1:] @ r                 # (a = i, b > i)
+            acc[i + 1:].add_(r, alpha=float(qt[i]))  # (a > i, b = i)
+            if mean_pairs:
+                pairs[off[i]:off[i + 1]] += r @ fT[i]
+        _pair_sweep(fT, visit)
+        if wide.any():
+            out[se[0]:se[1]][~wide] = (fT * acc + 0.5 * qt[:, None]).T
+        else:
+            out[se[0]:se[1]] = (fT * acc + 0.5 * qt[:, None]).T
+        if wide.any():
+            bw = bs[wide]
+            out[se[0]:se[1]][wide] = torch.sigmoid(bw[:, :, None] - bw[:, None, :]) @ qt
+            if mean_pairs:
+                a, b = all_pairs(M)
+                pairs += torch.sigmoid(bw[:, a] - bw[:, b]).sum(0)
+        return pairs
+    total = 0
+    for part in map_blocks(block, row_blocks(N, M)):  # summed in block order: deterministic
+        total = total + (part if mean_pairs else 0)
+    if not mean_pairs:
+        return out.numpy()
+    total = (total / N)[None, :, None]
+    return out.numpy(), torch.cat([total, 1 - total], -1)
 
 
 def hull_route(s, c, budget, order):
-    """Exact max π·s s.t. c·π <= budget, π in the simplex, for budget >= min(c) (checked by the
-    caller). order = argsort(c), shared by every prompt. Returns (i, j, w): π_i = w, π_j = 1 − w."""
+    """Exact max π·s s.t. c·π <= budget, π in the simplex; budget below min(c) is a ValueError.
+    order = argsort(c), shared by every prompt. Returns (i, j, w): π_i = w, π_j = 1 − w.
+    The scalar reference for route_many (which does every prompt at once; tests compare them)."""
     s, c = s.tolist(), c.tolist()  # plain floats: the loop below is ~10x faster than on numpy scalars
+    if not budget >= min(c):
+        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {min(c):g}")
     top = max(s)
     best = min((k for k in range(len(s)) if s[k] == top), key=lambda k: c[k])  # the cheapest best model
     if c[best] <= budget:
@@ -1548,20 +1706,76 @@ def hull_route(s, c, budget, order):
     return i, j, (c[j] - budget) / (c[j] - c[i])
 
 
+@functools.lru_cache(maxsize=16)
+def _route_plan(c_bytes, budget):
+    """What route_many needs of the costs and budget alone (a server routes many prompts with the
+    same ones): the models by cost then index, the affordable ones A, the others B, and the
+    weights w_ij = (c_j − C)/(c_j − c_i) of every mix on the budget line."""
+    c = np.frombuffer(c_bytes)
+    if not budget >= c.min():
+        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {c.min():g}")
+    order = np.lexsort((np.arange(len(c)), c))  # by cost, then by index: argmax's first hit is the cheapest best
+    A, B = order[c[order] <= budget], order[c[order] > budget]
+    w = (c[B][None, :] - budget) / (c[B][None, :] - c[A][:, None])  # [|A|, |B|]
+    plan = order, A, B, w, 1 - w
+    for x in plan:  # shared by later calls: read-only
+        x.flags.writeable = False
+    return plan
+
+
+def route_many(S, c, budget, elems=2 ** 21):
+    """hull_route for every row of S [N, M] at once: (I, J, W) arrays, π = W on model I, 1 − W on J.
+    When the best model (the cheapest of equal best) is affordable it is the answer. Otherwise the
+    optimum costs exactly C and mixes a model i with c_i <= C and a model j with c_j > C, so it is
+    max over those pairs of w_ij s_i + (1 − w_ij) s_j, w_ij = (c_j − C)/(c_j − c_i): the weights are
+    shared by all prompts, so that max is three array passes over [prompts, |A|, |B|]."""
+    S, c = np.asarray(S, dtype=np.float64), np.asarray(c, dtype=np.float64)
+    N = len(S)
+    order, A, B, w, w1 = _route_plan(c.tobytes(), float(budget))
+    if N == 1:  # one decision: only the Pareto points can be on the hull, usually a handful
+        return _route_one(S[0], c, budget, order, A, B, w, w1)
+    best = np.concatenate([order[S[s:e][:, order].argmax(1)] for s, e in row_blocks(N, len(c), 2 ** 20)] or [np.zeros(0, int)])
+    I, J, W = best, best.copy(), np.ones(N)
+    rest = np.flatnonzero(c[best] > budget)
+    if len(rest) == 0:
+        return I, J, W
+
+    def block(se):
+        rows = rest[se[0]:se[1]]
+        v = S[rows][:, A, None] * w
+        v += S[rows][:, None, B] * w1
+        return np.divmod(v.reshape(len(rows), -1).argmax(1), len(B))
+    blocks = row_blocks(len(rest), w.size, elems)
+    for (s, e), (ia, jb) in zip(blocks, map_blocks(block, blocks)):
+        I[rest[s:e]], J[rest[s:e]], W[rest[s:e]] = A[ia], B[jb], w[ia, jb]
+    return I, J, W
+
+
+def _route_one(s, c, budget, order, A, B, w, w1):
+    """route_many for one prompt. A hull vertex scores strictly more than every cheaper model (the
+    hull rises up to the best model), so the pairs may be restricted to those: in A, the models
+    better than every cheaper one; in B, those better than every cheaper one and all of A."""
+    best = order[s[order].argmax()]
+    if c[best] <= budget:
+        return np.array([best]), np.array([best]), np.ones(1)
+    sa, sb = s[A], s[B]
+    ia = np.flatnonzero(sa > np.maximum.accumulate(np.concatenate(([-np.inf], sa[:-1]))))
+    jb = np.flatnonzero(sb > np.maximum.accumulate(np.concatenate(([sa.max()], sb[:-1]))))
+    wp = w[np.ix_(ia, jb)]
+    v = sa[ia, None] * wp + sb[None, jb] * w1[np.ix_(ia, jb)]
+    a, b = divmod(int(v.argmax()), len(jb))
+    return np.array([A[ia[a]]]), np.array([B[jb[b]]]), np.array([wp[a, b]])
+
+
 def route_all(router, beta, Wq, c, budget):
     """(i, j, w) arrays for every prompt: π = w on model i, 1 − w on model j.
     optimal: max π·Wq (the paper's); simple: max π·β (the reference's simple-lp); strict: the best
     single model whose cost is <= budget."""
-    N = len(beta)
-    I, J, Wt = np.zeros(N, dtype=int), np.zeros(N, dtype=int), np.ones(N)
-    order = np.argsort(c, kind="stable").tolist()
-    for z in range(N):
-        if router == "strict":  # the best affordable model; Wq ranks models as β does
-            s = np.where(c <= budget, Wq[z], -np.inf)
-            I[z] = J[z] = min(np.flatnonzero(s == s.max()), key=lambda k: c[k])
-        else:
-            I[z], J[z], Wt[z] = hull_route(Wq[z] if router == "optimal" else beta[z], c, budget, order)
-    return I, J, Wt
+    c = np.asarray(c, dtype=np.float64)
+    if router == "strict":  # the best affordable model (the cheapest of equal best); Wq ranks models as β does
+        I, _, _ = route_many(np.where(c <= budget, Wq, -np.inf), c, math.inf)
+        return I, I.copy(), np.ones(len(I))
+    return route_many(Wq if router == "optimal" else beta, c, budget)
 
 
 def solve_theta(beta, q, R):
@@ -1578,3 +1792,35 @@ def solve_theta(beta, q, R):
     if f(lo) == 0 or f(hi) == 0 or f(lo) * f(hi) > 0:  # an exact hit, or R rounds to 0 or 1 (σ saturates)
         return lo if abs(f(lo)) <= abs(f(hi)) else hi
     return brentq(f, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps, maxiter=200)
+
+
+def solve_theta_many(beta, q, R, lo, hi, tol=1e-13, max_iter=200):
+    """solve_theta for every prompt at once, given brackets with g(lo) <= R <= g(hi), g(θ) = Σ q σ(θ − β)
+    (route.py: the β of the two mixed models). Newton's method, safeguarded by bisection of the
+    bracket, which shrinks every step, until the step or the bracket is below tol (brentq's xtol)."""
+    beta, q, R = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64), np.asarray(R, dtype=np.float64)
+    lo, hi = np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
+    theta = 0.5 * (lo + hi)
+
+    def block(se):
+        act = se[0] + np.flatnonzero(hi[se[0]:se[1]] - lo[se[0]:se[1]] > tol)
+        for _ in range(max_iter):
+            if len(act) == 0:
+                break
+            t = theta[act]
+            sg = expit(t[:, None] - beta[act])
+            f = sg @ q - R[act]
+            d = (sg * (1 - sg)) @ q
+            lo[act] = np.where(f < 0, t, lo[act])
+            hi[act] = np.where(f > 0, t, hi[act])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = t - f / d
+            bisect = ~((new > lo[act]) & (new < hi[act]))  # Newton left the bracket (or d underflowed)
+            new[bisect] = 0.5 * (lo[act] + hi[act])[bisect]
+            new[f == 0] = t[f == 0]
+            done = (f == 0) | (np.abs(new - t) <= tol) | (hi[act] - lo[act] <= tol)
+            theta[act] = new
+            act = act[~done]
+    for _ in map_blocks(block, row_blocks(len(R), beta.shape[1])):
+        pass
+    return theta

@@ -5,7 +5,7 @@ most the budget.
 
     python route.py --checkpoint out/train --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --out out/route   # CPU, MiniLM: ~30 s
     python route.py --preds out/route --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --sweep --out out/route  # no forward passes
-    python route.py --bench        # exact hull solver vs scipy's LP solver, decisions/s at M = 130
+    python route.py --bench --bench-n 20000   # vs scipy HiGHS per prompt: one decision, a batch, route.py end to end
 
 For each unique prompt of --prompts (any JSONL(.gz) with a `prompt`, battle files included), with
 costs c (--costs, per query), budget C and an opponent distribution q (--opponents, default uniform):
@@ -13,12 +13,14 @@ costs c (--costs, per query), budget C and an opponent distribution q (--opponen
   optimal: π* = argmax π·s over the simplex with c·π ≤ C. Two constraints, so an optimum mixes at
            most two models: it lies on the upper concave hull of the points (c_i, s_i), mixing the
            two adjacent hull vertices whose costs straddle C, or it is the best point when C is
-           slack. Solved exactly that way (no LP solver; tests check it against scipy's HiGHS).
+           slack. Solved exactly for all prompts at once as the best mix on the budget line of a
+           model with c_i <= C and one with c_j > C (no LP solver; tests check it against HiGHS).
   simple:  the same program with s = β (the reference's simple-lp; β may be negative).
   strict:  the best single model whose cost is <= C.
   R = π·Wq is the router's predicted win rate against q, and its own BT coefficient θ* solves
-  Σ_a q_a σ(θ − β_a) = R (increasing in θ: scipy's brentq in the bracket [min β, max β], widened
-  when the root lies outside, as it does when a router beats every model on average).
+  Σ_a q_a σ(θ − β_a) = R (increasing in θ; per prompt the root lies between the two mixed models'
+  β: safeguarded Newton for all prompts at once; on the averaged leaderboard brentq in a bracket
+  widened until it holds the root, which lies outside [min β̄, max β̄] when a router beats every model).
   Per prompt θ* is on that prompt's β scale; the run's `theta` in metrics.json is the same root
   on the averaged leaderboard β̄ (the BT fit to the mean pairwise matrix, DESIGN §2, Σβ̄ = 0) with
   R = the mean win rate: the coefficient a model with the router's win rate would have there
@@ -55,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.optimize import linprog
+from scipy.special import expit
 
 import common as C
 
@@ -169,28 +172,115 @@ def dense(I, J, Wt, M):
 # -----------------------------------------------------------------------------
 
 
+def synthetic_run(d, N, M=130, seed=0, block=100_000):
+    """Files for route.py on N synthetic prompts x M models in dir d: predictions (β = a shared
+    leaderboard + per-prompt deviations), prompts.jsonl, costs.json (log-uniform over 1..100).
+    Returns the arguments of a budgeted run (budget: the median cost, where mixing is common)."""
+    d = Path(d)
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, M)
+    beta = torch.empty(N, M)
+    for s in range(0, N, block):
+        beta[s:s + block] = torch.from_numpy((base + rng.normal(0, 1.5, (min(block, N - s), M))).astype(np.float32))
+    models = [f"model-{k:03d}" for k in range(M)]
+    C.save_predictions(d, beta, None, models, [{"prompt": [f"synthetic prompt {i}"]} for i in range(N)])
+    with open(d / "prompts.jsonl", "w") as f:
+        for s in range(0, N, block):
+            f.write("".join(f'{{"prompt": "synthetic prompt {i}", "id": {i}}}\n' for i in range(s, min(s + block, N))))
+    c = np.exp(rng.uniform(0, math.log(100), M))
+    (d / "costs.json").write_text(json.dumps({"_about": "synthetic", **dict(zip(models, c.tolist()))}))
+    return ["--preds", d, "--prompts", d / "prompts.jsonl", "--costs", d / "costs.json", "--budget", float(np.median(c)),
+            "--out", d / "out"]
+
+
+def timed_run(argv):
+    """route.py argv in a fresh process: (wall seconds, the process's peak RSS in GiB)."""
+    import subprocess
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve()), *map(str, argv)],
+                       capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"route.py {' '.join(map(str, argv))} failed: {r.stderr[-2000:]}")
+    rss = int(r.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2 ** 20
+    return secs, rss
+
+
 def bench(args):
-    """Decisions/s of the hull solver vs linprog(highs) on random instances with M = 130 models,
-    from Wq to π (Wq, shared by both, is computed beforehand); the LP also checks the optimum."""
+    """What users wait for, each against scipy's HiGHS LP per prompt in the same run (M = 130; torch's
+    thread count, 2 here): (1) one routing decision from β, W built inside: ours (C.win_rates +
+    C.route_all on that prompt) vs W = expit(β_a − β_b), s = Wq, linprog(highs); (2) N prompts at
+    once (win_rates + route_all + solve_theta_many) in decisions/s vs HiGHS's rate; (3) route.py
+    end to end on --bench-n synthetic prompts (a fresh process, files from a temp dir). The LP
+    checks every optimum (objective gap <= 1e-9)."""
+    import tempfile
     rng = np.random.default_rng(args.seed)
-    M, n_hull, n_lp = 130, 2000, 200
-    beta = rng.normal(0, 1, (n_hull, M))
+    M, n_one, n_lp, n_batch = 130, 1000, 200, min(20000, max(args.bench_n, 1000))
+    beta = rng.normal(0, 1, M) + rng.normal(0, 1.5, (n_batch, M))
     c = np.exp(rng.uniform(0, math.log(100), M))
     budget = float(np.median(c))
-    Wq = C.win_rates(beta, np.full(M, 1.0 / M))
-    order = np.argsort(c, kind="stable").tolist()
+    q = np.full(M, 1.0 / M)
+
+    def lp_decision(b):
+        s = expit(b[:, None] - b[None, :]) @ q
+        return lp_route(s, c, budget)[1]
+
+    def one_decision(b):
+        s = C.win_rates(b[None], q)
+        i, j, w = C.route_all("optimal", b[None], s, c, budget)
+        return w[0] * s[0, i[0]] + (1 - w[0]) * s[0, j[0]]
+    best = lambda f, n: min(timeit(f, n) for _ in range(3))
+
+    def timeit(f, n):
+        t0 = time.perf_counter()
+        for z in range(n):
+            f(beta[z])
+        return (time.perf_counter() - t0) / n
+    t_lp, t_one = best(lp_decision, n_lp), best(one_decision, n_one)
+    gap1 = max(abs(one_decision(beta[z]) - lp_decision(beta[z])) for z in range(n_lp))
     t0 = time.perf_counter()
-    sol = [C.hull_route(Wq[z], c, budget, order) for z in range(n_hull)]
-    t_hull = (time.perf_counter() - t0) / n_hull
-    t0 = time.perf_counter()
-    lp = [lp_route(Wq[z], c, budget)[1] for z in range(n_lp)]
-    t_lp = (time.perf_counter() - t0) / n_lp
-    gap = max(abs(w * Wq[z, i] + (1 - w) * Wq[z, j] - lp[z]) for z, (i, j, w) in enumerate(sol[:n_lp]))
-    out = {"models": M, "hull_decisions_per_s": round(1 / t_hull, 1), "lp_decisions_per_s": round(1 / t_lp, 1),
-           "ratio": round(t_lp / t_hull, 2), "max_abs_objective_gap": gap, "budget": budget}
-    print(f"M={M}: hull {out['hull_decisions_per_s']:,.0f} decisions/s, linprog(highs) {out['lp_decisions_per_s']:,.0f} "
-          f"decisions/s: hull / LP = {out['ratio']:.1f}x (same optimum: max |gap| {gap:.1e} over {n_lp} prompts)")
+    Wq = C.win_rates(beta, q)
+    I, J, Wt = C.route_all("optimal", beta, Wq, c, budget)
+    z = np.arange(n_batch)
+    R = Wt * Wq[z, I] + (1 - Wt) * Wq[z, J]
+    bi, bj = beta[z, I], beta[z, J]
+    C.solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj))
+    t_batch = (time.perf_counter() - t0) / n_batch
+    gap2 = max(abs(R[z] - lp_decision(beta[z])) for z in range(n_lp))
+    with tempfile.TemporaryDirectory() as d:
+        t_e2e, rss = timed_run(synthetic_run(d, args.bench_n, M, args.seed))
+    out = {"models": M, "threads": torch.get_num_threads(), "lp_decision_s": t_lp, "one_decision_s": t_one,
+           "ratio_one_decision": t_lp / t_one, "batch_decision_s": t_batch, "ratio_batch": t_lp / t_batch,
+           "max_abs_objective_gap": max(gap1, gap2), "budget": budget, "end_to_end_prompts": args.bench_n,
+           "end_to_end_s": t_e2e, "end_to_end_peak_rss_gib": rss, "lp_end_to_end_s_at_that_rate": t_lp * args.bench_n}
+    print(f"routing at M={M} ({out['threads']} threads), objective equal to HiGHS's within {out['max_abs_objective_gap']:.1e}:")
+    print(f"  one decision from β (W built inside): ours {t_one * 1e6:8.1f} µs, W + linprog(highs) {t_lp * 1e6:8.1f} µs: "
+          f"{t_lp / t_one:6.1f}x")
+    print(f"  {n_batch} prompts at once (+ θ*):       ours {t_batch * 1e6:8.2f} µs per prompt: {t_lp / t_batch:6.0f}x HiGHS per prompt")
+    print(f"  route.py end to end, {args.bench_n} prompts: {t_e2e:.1f} s (peak RSS {rss:.2f} GiB; HiGHS at its per-decision "
+          f"rate would need {t_lp * args.bench_n:.0f} s for the LPs alone)")
     C.write_json(Path(args.out) / "bench.json", out)
+
+
+def bench_scale(args, small=10_000):
+    """route.py on N synthetic prompts and on 10,000: time and peak RSS, and how time grew vs N."""
+    import tempfile
+    rows = []
+    for n in (small, args.bench_scale):
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            argv = synthetic_run(d, n, seed=args.seed)
+            t_files = time.perf_counter() - t0
+            secs, rss = timed_run(argv)
+        rows.append({"prompts": n, "models": 130, "seconds": secs, "peak_rss_gib": rss, "files_s": t_files})
+        print(f"route.py, {n} prompts x 130 models, budgeted: {secs:.1f} s, peak RSS {rss:.2f} GiB "
+              f"(writing the synthetic files: {t_files:.1f} s, not counted)", flush=True)
+    growth = (rows[1]["seconds"] / rows[0]["seconds"]) / (rows[1]["prompts"] / rows[0]["prompts"])
+    print(f"time grew {rows[1]['seconds'] / rows[0]['seconds']:.1f}x for {rows[1]['prompts'] / rows[0]['prompts']:.0f}x the "
+          f"prompts ({growth:.2f} of linear)")
+    C.write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
 
 
 def load_betas(args, prompts, preds):
@@ -198,11 +288,17 @@ def load_betas(args, prompts, preds):
     --checkpoint run on them (then also (beta, eta) as predicted, to save for reuse)."""
     if preds is not None:
         beta, _, _, rows = preds
-        where = {C.prompt_key(r["prompt"] if isinstance(r["prompt"], list) else [r["prompt"]]): i for i, r in enumerate(rows)}
-        missing = [p for p in prompts if C.prompt_key(p["prompt"]) not in where]
+        where = {}
+        for i, r in enumerate(rows):  # tuples of turns: hashed once, no JSON per row
+            try:
+                where[tuple(r["prompt"]) if isinstance(r["prompt"], list) else (r["prompt"],)] = i
+            except (KeyError, TypeError):
+                raise ValueError(f"{Path(args.preds) / 'predictions.jsonl'}:{i + 1}: 'prompt' must be a string or a list of strings") from None
+        idx = [where.get(tuple(p["prompt"]), -1) for p in prompts]
+        missing = [p for p, i in zip(prompts, idx) if i < 0]
         if missing:
             raise ValueError(f"{missing[0]['line']}: prompt not in --preds {args.preds} ({len(missing)} of {len(prompts)} missing)")
-        return beta.double().numpy()[[where[C.prompt_key(p["prompt"])] for p in prompts]], None
+        return beta[idx].double().numpy(), None
     model, tok = C.load_checkpoint(args.checkpoint, args.loss, max_len=args.max_len)
     # under torchrun each rank runs every N-th prompt and rank 0 merges (C.predict_prompts); the others stop here
     res = C.predict_prompts(model, tok, [p["prompt"] for p in prompts], args.out, 16, C.autodetect_device())
@@ -211,7 +307,7 @@ def load_betas(args, prompts, preds):
     return res[0].double().numpy(), res
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="P2L checkpoint dir: runs the model on the prompts (and saves the predictions "
@@ -232,12 +328,16 @@ def main(argv=None):
                    "mixtures on the labelled votes of --prompts: sweep.csv, sweep.png, sweep.json")
     p.add_argument("--sweep-budgets", metavar="C,C,...", help="budgets for the printed router vs best-single-model "
                    "comparison (default: 3 between the cheapest model and what unconstrained routing spends, where it binds)")
-    p.add_argument("--bench", action="store_true", help="decisions/s of the exact hull solver vs scipy's LP at M=130, then exit")
+    p.add_argument("--bench", action="store_true", help="time what users wait for against scipy's HiGHS LP per prompt: "
+                   "one decision from β at M=130, a batch of prompts, and route.py end to end on --bench-n prompts")
+    p.add_argument("--bench-n", type=int, default=100_000, help="--bench: prompts routed end to end (synthetic files in a temp dir)")
+    p.add_argument("--bench-scale", type=int, metavar="N", help="time and peak memory of route.py on N synthetic prompts x "
+                   "130 models (files in a temp dir), and on 10,000 so growth shows as a ratio; then exit")
     p.add_argument("--out", default="out/route", help="routes.jsonl, metrics.json (and predictions, sweep files) go here")
     C.add_checkpoint_options(p)
     args = p.parse_args(argv)
-    if args.bench:
-        return bench(args)
+    if args.bench or args.bench_scale:
+        return p, args
     if not (args.checkpoint or args.preds):
         p.error("one of --checkpoint or --preds is required")
     if not args.prompts:
@@ -246,41 +346,54 @@ def main(argv=None):
         p.error("--budget is required (or --sweep)")
     if args.budget is not None and math.isnan(args.budget):
         p.error("--budget is NaN")
+    return p, args
 
-    # -------------------------------------------------------------------------
-    # everything that can fail on bad input fails here, before any output is written
+
+def read_inputs(args):
+    """Everything that can fail on bad input fails here, before any output is written."""
+    prompts = C.read_prompts(args.prompts)
     try:
-        prompts = C.read_prompts(args.prompts)
-        try:
-            battles = C.read_battles(args.prompts) if args.sweep else None
-        except ValueError as e:
-            raise ValueError(f"--sweep needs labelled votes (a battle file): {e}") from None
-        C.check_out(args.out)
-        preds = C.load_predictions(args.preds) if args.preds else None  # (beta, eta, model_list, rows)
-        if preds is not None and not torch.isfinite(preds[0]).all():
-            bad = int(torch.nonzero(~torch.isfinite(preds[0]).all(1))[0])
-            raise ValueError(f"--preds {args.preds}/predictions.safetensors: non-finite coefficients for prompt {bad + 1} "
-                             f"({preds[3][bad].get('prompt')!r:.60})")
-        model_list = preds[2] if preds else checkpoint_models(args.checkpoint)
-        c = read_costs(args.costs, model_list)
-        q = read_opponents(args.opponents, model_list)
-        try:
-            budgets = [float(x) for x in args.sweep_budgets.split(",")] if args.sweep_budgets else None
-        except ValueError:
-            raise ValueError(f"--sweep-budgets must be numbers separated by commas, got {args.sweep_budgets!r}") from None
-        if any(math.isnan(b) for b in budgets or []):
-            raise ValueError("--sweep-budgets has a NaN")
-        cheap = int(np.argmin(c))
-        for b in ([args.budget] if args.budget is not None else []) + (budgets or []):
-            if b < c[cheap]:
-                raise ValueError(f"budget {b:g} is infeasible: the cheapest model, {model_list[cheap]}, costs "
-                                 f"{c[cheap]:g} per query ({args.costs})")
-        if args.sweep:
-            r, skipped = realised_scores(battles, {C.prompt_key(p_["prompt"]): z for z, p_ in enumerate(prompts)},
-                                         {m: i for i, m in enumerate(model_list)})
-            if np.isnan(r).all():
-                raise ValueError(f"{args.prompts}: no vote credits any model on any prompt (what --sweep measures: route.py --help)")
-        beta, raw = load_betas(args, prompts, preds)  # the checkpoint runs only once the inputs are known good
+        battles = C.read_battles(args.prompts) if args.sweep else None
+    except ValueError as e:
+        raise ValueError(f"--sweep needs labelled votes (a battle file): {e}") from None
+    C.check_out(args.out)
+    preds = C.load_predictions(args.preds) if args.preds else None  # (beta, eta, model_list, rows)
+    if preds is not None and not torch.isfinite(preds[0]).all():
+        bad = int(torch.nonzero(~torch.isfinite(preds[0]).all(1))[0])
+        raise ValueError(f"--preds {args.preds}/predictions.safetensors: non-finite coefficients for prompt {bad + 1} "
+                         f"({preds[3][bad].get('prompt')!r:.60})")
+    model_list = preds[2] if preds else checkpoint_models(args.checkpoint)
+    c = read_costs(args.costs, model_list)
+    q = read_opponents(args.opponents, model_list)
+    try:
+        budgets = [float(x) for x in args.sweep_budgets.split(",")] if args.sweep_budgets else None
+    except ValueError:
+        raise ValueError(f"--sweep-budgets must be numbers separated by commas, got {args.sweep_budgets!r}") from None
+    if any(math.isnan(b) for b in budgets or []):
+        raise ValueError("--sweep-budgets has a NaN")
+    cheap = int(np.argmin(c))
+    for b in ([args.budget] if args.budget is not None else []) + (budgets or []):
+        if b < c[cheap]:
+            raise ValueError(f"budget {b:g} is infeasible: the cheapest model, {model_list[cheap]}, costs "
+                             f"{c[cheap]:g} per query ({args.costs})")
+    r = skipped = None
+    if args.sweep:
+        r, skipped = realised_scores(battles, {C.prompt_key(p_["prompt"]): z for z, p_ in enumerate(prompts)},
+                                     {m: i for i, m in enumerate(model_list)})
+        if np.isnan(r).all():
+            raise ValueError(f"{args.prompts}: no vote credits any model on any prompt (what --sweep measures: route.py --help)")
+    beta, raw = load_betas(args, prompts, preds)  # the checkpoint runs only once the inputs are known good
+    return prompts, model_list, c, q, budgets, r, skipped, beta, raw
+
+
+def main(argv=None):
+    p, args = parse_args(argv)
+    if args.bench:
+        return bench(args)
+    if args.bench_scale:
+        return bench_scale(args)
+    try:
+        prompts, model_list, c, q, budgets, r, skipped, beta, raw = read_inputs(args)
     except (ValueError, OSError) as e:  # OSError: missing files, a broken .gz
         sys.exit(f"error: {e}")
     out = Path(args.out)
@@ -290,64 +403,13 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if raw is not None:
         rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
-        C.save_predictions(out, raw[0], raw[1], model_list, rows)
-    N, M = beta.shape
-    Wq = C.win_rates(beta, q)
-    bbar = C.aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()  # the averaged leaderboard, DESIGN §2
-    q_name = args.opponents or f"uniform over {M} models"
-
-    # -------------------------------------------------------------------------
-    # route every prompt at --budget: routes.jsonl, metrics.json and a table
+        C.save_predictions(out, raw[0], raw[1], model_list, rows, loss=args.loss or checkpoint_loss(args.checkpoint),
+                           checkpoint=args.checkpoint)
+    Wq, target = C.win_rates(beta, q, mean_pairs=True)  # one sweep over the pairs serves both
+    bbar = averaged_leaderboard(beta, target)
+    q_name = args.opponents or f"uniform over {beta.shape[1]} models"
     if args.budget is not None:
-        I, J, Wt = C.route_all(args.router, beta, Wq, c, args.budget)
-        rng = np.random.default_rng(args.seed)
-        u = rng.random(N)
-        pick_i = Wt >= 0.5 if args.deterministic else u < Wt
-        chosen = np.where(pick_i, I, J)
-        cost = Wt * c[I] + (1 - Wt) * c[J]
-        R = Wt * Wq[np.arange(N), I] + (1 - Wt) * Wq[np.arange(N), J]
-        # one model: θ* is its own β exactly; a mixture: the root
-        theta = np.array([beta[z, I[z]] if Wt[z] == 1 else C.solve_theta(beta[z], q, R[z]) for z in range(N)])
-        lines = []
-        for z in range(N):
-            pi = {model_list[I[z]]: round(float(Wt[z]), 6)}
-            if Wt[z] < 1:
-                pi[model_list[J[z]]] = round(float(1 - Wt[z]), 6)
-            lines.append(json.dumps({"prompt": prompts[z]["prompt"], "id": prompts[z]["id"], "category": prompts[z]["category"],
-                                     "pi": pi, "model": model_list[chosen[z]], "expected_cost": float(cost[z]),
-                                     "win_rate": float(R[z]), "theta": float(theta[z]), "rating": float(C.rating(theta[z]))},
-                                    ensure_ascii=False) + "\n")
-        win = float(R.mean())
-        theta_bar = C.solve_theta(bbar, q, win)
-        mean_wq = Wq.mean(0)
-        ok = np.flatnonzero(c <= args.budget)
-        best = int(ok[np.argmax(mean_wq[ok])])
-        counts = np.bincount(chosen, minlength=M)
-        metrics = {"router": args.router, "budget": args.budget if math.isfinite(args.budget) else "inf", "prompts": N,
-                   "expected_cost": float(cost.mean()), "win_rate": win, "theta": theta_bar,
-                   "rating": float(C.rating(theta_bar)), "opponents": q_name,
-                   "best_single_model": {"model": model_list[best], "cost": float(c[best]), "win_rate": float(mean_wq[best]),
-                                         "theta": float(bbar[best]), "rating": float(C.rating(bbar[best]))},
-                   "chosen": {model_list[k]: int(counts[k]) for k in np.argsort(-counts, kind="stable") if counts[k]},
-                   "mixed_prompts": int((Wt < 1).sum()), "deterministic": args.deterministic, "seed": args.seed,
-                   "costs": args.costs, "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
-                   "theta_note": "theta/rating: the router's coefficient on the averaged leaderboard (Σβ̄ = 0); "
-                                 "win_rate: mean predicted win rate vs q"}
-        C.atomic_write(out / "routes.jsonl", "".join(lines))
-        C.write_json(out / "metrics.json", C.finite_or_none(metrics))
-        print(f"{args.router} router, budget {args.budget:g} per query, {N} prompts, opponents {q_name}")
-        print(f"{'prompt':42s} {'routed to':30s} {'π':>5s} {'cost':>8s} {'P(win)':>7s} {'rating':>7s}")
-        for z in range(min(N, 12)):
-            text = " ".join(prompts[z]["prompt"][-1].split())
-            print(f"{text[:40]:42s} {model_list[chosen[z]][:30]:30s} {Wt[z] if pick_i[z] else 1 - Wt[z]:5.2f} "
-                  f"{cost[z]:8.2f} {R[z]:7.3f} {C.rating(theta[z]):7.0f}")
-        if N > 12:
-            print(f"... {N - 12} more in {out / 'routes.jsonl'}")
-        print(f"router: expected cost {cost.mean():.3f} (budget {args.budget:g}), predicted win rate {win:.4f} vs q, "
-              f"rating {C.rating(theta_bar):.0f} on the averaged leaderboard; {int((Wt < 1).sum())} prompts mix two models")
-        print(f"best single model within budget: {model_list[best]} (cost {c[best]:g}), predicted win rate "
-              f"{mean_wq[best]:.4f}, rating {C.rating(bbar[best]):.0f}")
-
+        route_at_budget(args, prompts, model_list, beta, Wq, bbar, c, q, q_name)
     if args.sweep:
         if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
             free = c[Wq.argmax(1)].mean()
@@ -369,6 +431,119 @@ def checkpoint_models(path):
         return json.loads((Path(path) / "model_list.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: no readable model list (config.json p2l.model_list or model_list.json): {e}") from None
+
+
+def checkpoint_loss(path):
+    """The loss a checkpoint's head was trained with, recorded beside its predictions (None: not recorded)."""
+    return (C.read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}).get("loss")
+
+
+def averaged_leaderboard(beta, target):
+    """β̄: the BT fit to the mean pairwise matrix (what C.aggregate(beta, None, "bt") returns, DESIGN §2),
+    from the target win_rates computed alongside Wq."""
+    M = beta.shape[1]
+    with C.torch_threads(1):  # see C.torch_threads
+        bb, _, info = C.fit_pairs(*C.all_pairs(M), target, M, "bt", init=torch.from_numpy(beta.mean(0)))
+    if not info["converged"]:
+        raise RuntimeError(f"averaged leaderboard did not converge: gradient norm {info['grad_norm'].max().item():.2e}")
+    return bb[0].numpy()
+
+
+def route_at_budget(args, prompts, model_list, beta, Wq, bbar, c, q, q_name):
+    """Route every prompt at --budget: routes.jsonl, metrics.json and a printed table."""
+    out, (N, M) = Path(args.out), beta.shape
+    I, J, Wt = C.route_all(args.router, beta, Wq, c, args.budget)
+    u = np.random.default_rng(args.seed).random(N)
+    pick_i = Wt >= 0.5 if args.deterministic else u < Wt
+    chosen = np.where(pick_i, I, J)
+    cost = Wt * c[I] + (1 - Wt) * c[J]
+    z = np.arange(N)
+    R = Wt * Wq[z, I] + (1 - Wt) * Wq[z, J]
+    # one model: θ* is its own β exactly; a mixture: the root, which lies between the two models' β
+    bi, bj = beta[z, I], beta[z, J]
+    theta = np.where(Wt == 1, bi, C.solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj)))
+    win = float(R.mean())
+    theta_bar = C.solve_theta(bbar, q, win)
+    mean_wq = Wq.mean(0)
+    ok = np.flatnonzero(c <= args.budget)
+    best = int(ok[np.argmax(mean_wq[ok])])
+    # the best model's coefficient on the same terms as the router's: the root for its mean win rate vs q
+    # (β̄_best itself only when q is uniform, DESIGN §2)
+    theta_best = C.solve_theta(bbar, q, float(mean_wq[best]))
+    counts = np.bincount(chosen, minlength=M)
+    metrics = {"router": args.router, "budget": args.budget if math.isfinite(args.budget) else "inf", "prompts": N,
+               "expected_cost": float(cost.mean()), "win_rate": win, "theta": theta_bar,
+               "rating": float(C.rating(theta_bar)), "opponents": q_name,
+               "best_single_model": {"model": model_list[best], "cost": float(c[best]), "win_rate": float(mean_wq[best]),
+                                     "theta": theta_best, "rating": float(C.rating(theta_best))},
+               "chosen": {model_list[k]: int(counts[k]) for k in np.argsort(-counts, kind="stable") if counts[k]},
+               "mixed_prompts": int((Wt < 1).sum()), "deterministic": args.deterministic, "seed": args.seed,
+               "costs": args.costs, "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
+               "theta_note": "theta/rating: the coefficient on the averaged leaderboard (Σβ̄ = 0) whose mean win rate "
+                             "vs q is the router's (or the best model's); win_rate: mean predicted win rate vs q"}
+    write_routes(out / "routes.jsonl", prompts, model_list, I, J, Wt, chosen, cost, R, theta)
+    C.write_json(out / "metrics.json", C.finite_or_none(metrics))
+    print(f"{args.router} router, budget {args.budget:g} per query, {N} prompts, opponents {q_name}")
+    print(f"{'prompt':42s} {'routed to':30s} {'π':>5s} {'cost':>8s} {'P(win)':>7s} {'rating':>7s}")
+    for k in range(min(N, 12)):
+        text = " ".join(prompts[k]["prompt"][-1].split())
+        print(f"{text[:40]:42s} {model_list[chosen[k]][:30]:30s} {Wt[k] if pick_i[k] else 1 - Wt[k]:5.2f} "
+              f"{cost[k]:8.2f} {R[k]:7.3f} {C.rating(theta[k]):7.0f}")
+    if N > 12:
+        print(f"... {N - 12} more in {out / 'routes.jsonl'}")
+    print(f"router: expected cost {cost.mean():.3f} (budget {args.budget:g}), predicted win rate {win:.4f} vs q, "
+          f"rating {C.rating(theta_bar):.0f} on the averaged leaderboard; {int((Wt < 1).sum())} prompts mix two models")
+    print(f"best single model within budget: {model_list[best]} (cost {c[best]:g}), predicted win rate "
+          f"{mean_wq[best]:.4f}, rating {C.rating(theta_best):.0f}")
+
+
+def json_value(v, enc=json.encoder.encode_basestring):
+    """json.dumps(v, ensure_ascii=False) with the common cases (str, int, None) done without it."""
+    if isinstance(v, str):
+        return enc(v)
+    if v is None:
+        return "null"
+    if type(v) is int:
+        return int.__repr__(v)
+    return json.dumps(v, ensure_ascii=False)
+
+
+def route_lines(prompts, names, I, J, Wt, chosen, cost, R, theta):
+    """routes.jsonl lines, byte for byte what json.dumps({...}, ensure_ascii=False) writes per row (a test
+    checks), built from columns: strings through json's own C encoder, floats through repr as json does."""
+    enc = json.encoder.encode_basestring
+    names = [enc(m) for m in names]
+    wi = [repr(round(w, 6)) for w in Wt.tolist()]
+    wj = [repr(round(1 - w, 6)) for w in Wt.tolist()]
+    rating = C.rating(theta)
+    for arr in (cost, R, theta, rating):
+        if not np.isfinite(arr).all():
+            raise ValueError("a non-finite number in the routes (JSON has no NaN)")
+    cols = zip(prompts, I.tolist(), J.tolist(), Wt.tolist(), wi, wj, chosen.tolist(), map(repr, cost.tolist()),
+               map(repr, R.tolist()), map(repr, theta.tolist()), map(repr, rating.tolist()))
+    for p, i, j, w, a, b, k, co, r, th, ra in cols:
+        pi = f"{names[i]}: {a}" + (f", {names[j]}: {b}" if w < 1 else "")
+        yield (f'{{"prompt": [{", ".join(map(enc, p["prompt"]))}], "id": {json_value(p["id"])}, '
+               f'"category": {json_value(p["category"])}, "pi": {{{pi}}}, "model": {names[k]}, "expected_cost": {co}, '
+               f'"win_rate": {r}, "theta": {th}, "rating": {ra}}}\n')
+
+
+def write_routes(path, prompts, names, *cols, block=65536):
+    """routes.jsonl through a temp file renamed into place (never half-written), in blocks of lines."""
+    import os
+    import tempfile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for s in range(0, len(prompts), block):
+                f.write("".join(route_lines(prompts[s:s + block], names, *(x[s:s + block] for x in cols))))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
