@@ -413,6 +413,29 @@ def test_cv_end_to_end_scores_every_prompt_once(tiny_qwen, small_data, tmp_path)
     assert r.returncode != 0 and "--train/--val/--out" in r.stderr
 
 
+def test_routellm_name_map_applied_and_unknown_name_is_an_error(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("routellm_prepare", ROOT / "data/routellm/prepare.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    name_map = prep.read_name_map()
+    assert name_map["gpt-4-1106-preview"] == "gpt4_1106_preview"
+    bad = tmp_path / "mmlu_x.csv"
+    bad.write_text('prompt,gpt-4-1106-preview,some/other-model\n"q?",True,False\n')
+    with pytest.raises(ValueError, match=r"mmlu_x.csv: model 'some/other-model' is not in data/routellm/name_map.json"):
+        prep.read_correctness([bad], name_map, "mmlu", set(), lambda p: "x")
+    alpaca = {b["model_a"] for b in C.read_battles(ROOT / "data/alpaca_eval/val.jsonl.gz")} | {"gpt4_1106_preview"}
+    for bench, n in (("mmlu", 14042), ("gsm8k", 1319), ("mt_bench", 160)):
+        battles = C.read_battles(ROOT / f"data/routellm/{bench}.jsonl.gz")
+        assert len(battles) == n
+        assert {m for b in battles for m in (b["model_a"], b["model_b"])} <= alpaca  # mapped onto AlpacaEval's names
+    rows = [r for _, r in C.read_jsonl(ROOT / "data/routellm/gsm8k.jsonl.gz")]
+    for r in rows:  # the outcome follows from the two correctness flags
+        a, b = r["correct"]["gpt4_1106_preview"], r["correct"]["Mixtral-8x7B-Instruct-v0.1_concise"]
+        assert r["winner"] == {(1, 0): "model_a", (0, 1): "model_b", (1, 1): "tie", (0, 0): "tie (bothbad)"}[(a, b)]
+    assert sum(r["correct"]["gpt4_1106_preview"] for r in rows) == 1130  # GPT-4-1106 0.857 on GSM8K (SOURCES.md)
+
+
 @pytest.mark.slow
 def test_scale_head_soft_grk_trains_and_reloads_identically(tiny_qwen, small_data, tmp_path):
     m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "3", "--loss", "grk-soft", "--head-lr", "1e-2",
