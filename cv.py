@@ -10,6 +10,7 @@ marginal, with a paired bootstrap CI over prompts.
 
     python cv.py --folds 5 --only 0 --out out/cv-tiny -- --max-steps 2     # CPU, ~2 min: one fold, 2 steps
     python cv.py --folds 5 --out out/cv-default -- --epochs 2 --batch-size 16   # the default recipe, 5 folds
+    python cv.py --compare out/cv-default out/cv-other                       # recipe B vs A, paired over prompts
 
 Every head is scored on the same labels with the same NLL: a judge's soft label p_a (or 1 / 0 /
 ½ for a hard win / loss / tie) as the probability that a is preferred, under the head's
@@ -45,6 +46,33 @@ def split_folds(rows, k, seed):
     for j, (where, r) in enumerate(rows):
         folds[fold_of[C.prompt_key(C.parse_turns(r, where))]].append(j)
     return folds
+
+
+def keep_fraction(rows, idx, frac, seed):
+    """The votes (indices into rows) of a random fraction of the distinct prompts among idx: the
+    training-set-size axis of a scaling curve. Nested: a smaller fraction keeps a subset."""
+    if frac >= 1:
+        return idx
+    keys = sorted({C.prompt_key(C.parse_turns(rows[j][1], rows[j][0])) for j in idx})
+    random.Random(seed).shuffle(keys)
+    kept = set(keys[:max(1, round(frac * len(keys)))])
+    return [j for j in idx if C.prompt_key(C.parse_turns(rows[j][1], rows[j][0])) in kept]
+
+
+def compare(dir_a, dir_b, n_boot, seed):
+    """Paired comparison of two CV runs over the prompts both scored: B's P2L NLL minus A's."""
+    def load(d):
+        return {r["prompt"]: r for r in map(json.loads, (Path(d) / "prompts.jsonl").read_text().splitlines())}
+    a, b = load(dir_a), load(dir_b)
+    keys = sorted(a.keys() & b.keys())
+    if not keys:
+        sys.exit(f"error: {dir_a} and {dir_b} share no scored prompt")
+    sa, sb = (np.array([x[k]["p2l"] for k in keys]) for x in (a, b))
+    w = np.array([a[k]["w"] for k in keys])
+    (d_lo, d_hi), (r_lo, r_hi) = paired_bootstrap(sb, sa, w, n_boot, seed)
+    print(f"{len(keys)} prompts: P2L NLL {dir_a} {sa.sum() / w.sum():.4f}, {dir_b} {sb.sum() / w.sum():.4f}: "
+          f"B vs A {100 * (sb.sum() / sa.sum() - 1):+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "
+          f"(diff {(sb.sum() - sa.sum()) / w.sum():+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts)")
 
 
 def write_rows(path, rows):
@@ -115,10 +143,18 @@ def main():
     p.add_argument("--folds", type=int, default=5, help="K: each fold holds 1/K of the prompts out; 5 keeps 80%% for training, as the old split did")
     p.add_argument("--only", help="comma-separated fold indices to run (a cheap screen); the CI then covers those folds' prompts only")
     p.add_argument("--seed", type=int, default=0, help="fold assignment seed: keep it fixed to compare recipes on the same folds (paired)")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="train each fold on this random fraction of its "
+                   "training prompts (the held-out fold stays whole): one point of a scaling curve")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="no training: compare two finished CV runs' P2L "
+                   "NLL on the prompts both scored (paired bootstrap), e.g. a recipe against the default")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples over prompts")
     p.add_argument("--out", default="out/cv", help="fold data, fold checkpoints, cv.json and per-prompt NLLs (prompts.jsonl)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py's flags for every fold (not --train/--val/--out)")
     args = p.parse_args()
+    if args.compare:
+        return compare(*args.compare, args.boot, args.seed)
+    if not 0 < args.train_fraction <= 1:
+        p.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if any(a.split("=")[0] in ("--train", "--val", "--out") for a in train_args):
         p.error("cv.py sets train.py's --train/--val/--out per fold; do not pass them after --")
@@ -144,7 +180,8 @@ def main():
     for k in only:
         fold_dir = out / f"fold{k}"
         held = set(folds[k])
-        write_rows(fold_dir / "train.jsonl.gz", [rows[j] for j in range(len(rows)) if j not in held])
+        train_idx = keep_fraction(rows, [j for j in range(len(rows)) if j not in held], args.train_fraction, args.seed + 1 + k)
+        write_rows(fold_dir / "train.jsonl.gz", [rows[j] for j in train_idx])
         write_rows(fold_dir / "val.jsonl.gz", [rows[j] for j in folds[k]])
         metrics = train_fold(fold_dir, train_args, print)
         kk, sp, sm, ww, skipped = score_fold(fold_dir / "model", C.read_battles(fold_dir / "val.jsonl.gz"))
@@ -160,7 +197,7 @@ def main():
     assert len(set(keys)) == len(keys), "a prompt was scored twice: folds overlap"
     sp, sm, ww = (torch.cat(t).numpy() for t in (s_p2l, s_marg, w))
     (d_lo, d_hi), (r_lo, r_hi) = paired_bootstrap(sp, sm, ww, args.boot, args.seed)
-    res = {"folds": args.folds, "only": only, "seed": args.seed, "prompts": len(keys), "train_args": train_args,
+    res = {"folds": args.folds, "only": only, "train_fraction": args.train_fraction, "seed": args.seed, "prompts": len(keys), "train_args": train_args,
            "p2l_nll": float(sp.sum() / ww.sum()), "marginal_nll": float(sm.sum() / ww.sum()),
            "diff": float((sp.sum() - sm.sum()) / ww.sum()), "diff_ci": [d_lo, d_hi],
            "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": [r_lo, r_hi],

@@ -379,15 +379,23 @@ def test_torchrun_two_cpu_ranks(tiny_qwen, small_data, tmp_path):
 
 def test_cv_folds_never_share_a_prompt():
     rows = [x for f in ("train", "val") for x in C.read_jsonl(ROOT / f"data/alpaca_eval/{f}.jsonl.gz")]
+    key = [C.prompt_key(C.parse_turns(r, where)) for where, r in rows]
     for seed in (0, 1):
         folds = cv.split_folds(rows, 5, seed)
         assert sorted(j for f in folds for j in f) == list(range(len(rows)))  # every vote in exactly one fold
-        prompts = [{C.prompt_key(C.parse_turns(rows[j][1], "")) for j in f} for f in folds]
+        prompts = [{key[j] for j in f} for f in folds]
         assert sum(map(len, prompts)) == len(set().union(*prompts)) == 805  # no prompt in two folds
         assert sorted(map(len, prompts)) == [161] * 5
     assert cv.split_folds(rows, 5, 0) != cv.split_folds(rows, 5, 1)
     with pytest.raises(ValueError, match="cannot make"):
         cv.split_folds(rows[:3], 5, 0)
+    # --train-fraction: nested random subsets of the training prompts, each with all its votes
+    held = set(folds[0])
+    train = [j for j in range(len(rows)) if j not in held]
+    quarter, half = cv.keep_fraction(rows, train, 0.25, 7), cv.keep_fraction(rows, train, 0.5, 7)
+    pq, ph = {key[j] for j in quarter}, {key[j] for j in half}
+    assert len(pq) == 161 and len(ph) == 322 and pq <= ph and not ph & {key[j] for j in held}
+    assert len(half) == sum(key[j] in ph for j in train)
 
 
 @pytest.mark.slow
