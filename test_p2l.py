@@ -377,6 +377,7 @@ def test_torchrun_two_cpu_ranks(tiny_qwen, small_data, tmp_path):
 # cv.py: K-fold cross-validation by prompt, and the recipe flags it compares
 
 
+@pytest.mark.slow
 def test_cv_folds_never_share_a_prompt():
     rows = [x for f in ("train", "val") for x in C.read_jsonl(ROOT / f"data/alpaca_eval/{f}.jsonl.gz")]
     key = [C.prompt_key(C.parse_turns(r, where)) for where, r in rows]
