@@ -25,8 +25,9 @@ from scipy.special import expit
 CLS_TOKEN = "<|cls|>"  # the authors' released checkpoints use this exact string
 A, B, TIE, BOTHBAD = 0, 1, 2, 3  # outcome indices, the order of outcome_logprobs' last axis
 WINNERS = {"model_a": A, "model_b": B, "tie": TIE, "tie (bothbad)": BOTHBAD}
-LOSSES = ("bt", "bt-tie", "rk", "grk")
-HEAD_OF_LOSS = {"bt": "bt", "bt-tie": "bt", "rk": "rk", "grk": "grk"}
+LOSSES = ("bt", "bt-tie", "rk", "grk", "rk-soft", "grk-soft")
+HEAD_OF_LOSS = {"bt": "bt", "bt-tie": "bt", "rk": "rk", "grk": "grk", "rk-soft": "rk", "grk-soft": "grk"}
+SOFT_LOSSES = ("rk-soft", "grk-soft")  # tie-aware heads scored on a judge's soft label p_a itself (judge_logprobs)
 LN10 = math.log(10.0)
 
 
@@ -173,9 +174,11 @@ def group_by_prompt(battles, model_index, loss):
         # BT target: the soft label when the file has one, else 1/0 for decisive votes, 1/2 for
         # ties under bt-tie; plain bt drops ties (weight 0) as the paper's BT head does.
         p = bt["p_a"] if bt["p_a"] is not None else {A: 1.0, B: 0.0}.get(y, 0.5)
+        if loss in SOFT_LOSSES and bt["p_a"] is None:  # NaN: a hard vote, scored on its outcome y
+            p = math.nan
         if loss == "bt" and bt["p_a"] is None and y in (TIE, BOTHBAD):
             w = 0.0
-        if loss == "rk" and y == BOTHBAD:  # Rao-Kupper has no both-bad outcome: it is a tie
+        if HEAD_OF_LOSS[loss] == "rk" and y == BOTHBAD:  # Rao-Kupper has no both-bad outcome: it is a tie
             y = TIE
         g = groups.setdefault(prompt_key(bt["prompt"]), (bt["prompt"], []))
         g[1].append((model_index[bt["model_a"]], model_index[bt["model_b"]], y, p, w))
@@ -211,10 +214,12 @@ def vote_targets_of(outcome, p_a, weight, loss):
     y = outcome.astype(np.int64)
     hard = np.isnan(p_a)
     p = np.where(hard, np.select([y == A, y == B], [1.0, 0.0], 0.5), p_a)
+    if loss in SOFT_LOSSES:  # the soft label itself; NaN marks a hard vote, scored on its outcome y
+        p = p_a.copy()
     w = weight.copy()
     if loss == "bt":
         w[hard & ((y == TIE) | (y == BOTHBAD))] = 0.0
-    if loss == "rk":
+    if HEAD_OF_LOSS[loss] == "rk":
         y[y == BOTHBAD] = TIE
     return y, p, w
 
@@ -327,14 +332,35 @@ def outcome_logprobs(beta_a, beta_b, eta, head):
     raise ValueError(f"unknown head {head!r}")
 
 
+def judge_logprobs(beta_a, beta_b, eta, head):
+    """(log P(a preferred), log P(b preferred)) for a judge who must pick one of the two, as the
+    AlpacaEval judge must (its soft label p_a is this choice's probability). Under rk / grk a tie
+    or both-bad outcome leaves such a judge indifferent, so it picks each side half the time:
+    P(a preferred) = P(a) + ½·(P(tie) + P(both bad)). The two sum to 1, and for bt they are σ(±Δ),
+    so this NLL compares every head on the same labels."""
+    lp = outcome_logprobs(beta_a, beta_b, eta, head)
+    if head == "bt":
+        return lp[..., A], lp[..., B]
+    half = torch.logsumexp(lp[..., TIE:], -1) - math.log(2.0)
+    return torch.logaddexp(lp[..., A], half), torch.logaddexp(lp[..., B], half)
+
+
 def pair_nll(beta_a, beta_b, eta, y, p, loss):
     """Per-pair negative log-likelihood. bt / bt-tie use the (soft) target p = P(a preferred):
-    −p·log σ(Δ) − (1−p)·log σ(−Δ); rk / grk use the hard outcome y."""
+    −p·log σ(Δ) − (1−p)·log σ(−Δ); rk / grk use the hard outcome y. rk-soft / grk-soft: the
+    expected NLL of the soft label, −p·log P(a preferred) − (1−p)·log P(b preferred) with the
+    judge's choice probabilities of judge_logprobs; votes with p = NaN (no soft label) use y."""
     if loss in ("bt", "bt-tie"):
         d = beta_a - beta_b
         return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))
     lp = outcome_logprobs(beta_a, beta_b, eta, HEAD_OF_LOSS[loss])
-    return -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    hard = -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if loss not in SOFT_LOSSES:
+        return hard
+    soft = ~torch.isnan(p)
+    ps = torch.where(soft, p, torch.zeros_like(p))  # a NaN in the unused branch would still poison the gradient
+    la, lb = judge_logprobs(beta_a, beta_b, eta, HEAD_OF_LOSS[loss])
+    return torch.where(soft, -(ps * la + (1 - ps) * lb), hard)
 
 
 def batch_nll(beta, eta, pairs, loss):
@@ -353,7 +379,33 @@ def fit_marginal(pairs, n_models, loss, l2=1e-4):
     the aggregation section; the problem is convex for bt). A small ridge keeps a model that
     never won (or never lost) finite and fixes the bt/rk shift gauge near sum(beta) = 0."""
     beta, eta, _ = fit_votes(cat_pairs(pairs), n_models, loss, l2=l2)
-    return beta[0].float(), (eta[0] if eta is not None else torch.zeros((), dtype=torch.float64)).float()
+    beta, eta = beta[0], (eta[0] if eta is not None else torch.zeros((), dtype=torch.float64))
+    if loss in SOFT_LOSSES:
+        beta, eta = _fit_soft_marginal(pairs, beta, eta, loss, l2)
+    return beta.float(), eta.float()
+
+
+def _fit_soft_marginal(pairs, beta, eta, loss, l2):
+    """The marginal under rk-soft / grk-soft. Their expected NLL is not a sum of target·(−log P_o)
+    over outcomes, so the Newton solver cannot fit it; L-BFGS in float64 from the hard-winner fit
+    (a near start) can, on the same objective (mean NLL per unit weight + l2·|β|², gauge Σβ = 0
+    for rk)."""
+    allp = cat_pairs(pairs)
+    allp["row"] = torch.zeros_like(allp["row"])
+    M = len(beta)
+    x = torch.cat([beta, eta.reshape(1)]).double().detach().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s, w = batch_nll(x[None, :M], x[M:], allp, loss)
+        f = s / w + l2 * (x[:M] ** 2).sum() + (0.5 * x[:M].sum() ** 2 if HEAD_OF_LOSS[loss] == "rk" else 0.0)
+        f.backward()
+        return f
+
+    opt.step(closure)
+    return x[:M].detach(), x[M].detach()
 
 # -----------------------------------------------------------------------------
 # backbones and prompt tokenization
@@ -636,9 +688,18 @@ def padding_fraction(lengths, batches):
 # the P2L model: backbone -> pooled hidden state -> beta (M coefficients) and eta
 
 class P2LHead(nn.Module):
-    def __init__(self, hidden, n_models, head):
+    """hidden -> beta [N, M] (and eta [N] for rk/grk). The plain head is linear: β = W·x + b, and b
+    starts at the marginal leaderboard. scale: β = exp(s·x + s0)·b + W·x, a per-prompt scale on the
+    leaderboard (how decisive the judge is on this prompt: on AlpacaEval one such free scale per
+    prompt explains most of what the labels can say, README) plus a correction. rank r: the
+    correction is W = U·V with V [r, hidden] (rank 0: none, the scale alone), fewer ways to overfit."""
+    def __init__(self, hidden, n_models, head, scale=False, rank=None):
         super().__init__()
-        self.head = nn.Linear(hidden, n_models)
+        self.down = nn.Linear(hidden, rank, bias=False) if rank else None
+        self.head = nn.Linear(rank if rank else hidden, n_models)
+        if rank == 0:  # no correction: only the bias (the leaderboard) is used
+            self.head.weight.requires_grad_(False)
+        self.scale = nn.Linear(hidden, 1) if scale else None
         self.eta_head = nn.Linear(hidden, 1) if head != "bt" else None
 
     def forward(self, x):
@@ -646,8 +707,9 @@ class P2LHead(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(self.head.weight.dtype)
             eta = self.eta_head(x).squeeze(-1).float() if self.eta_head is not None else None
-            return self.head(x).float(), eta
-
+            corr = F.linear(self.down(x) if self.down is not None else x, self.head.weight)
+            base = self.head.bias if self.scale is None else torch.exp(self.scale(x)) * self.head.bias
+            return (base + corr).float(), eta
 
 AUTHORS_RK = "authors-rk"  # p2l.eta_transform of the authors' rk checkpoints; this project's is "softplus" (the default)
 
@@ -668,7 +730,8 @@ class P2LModel(nn.Module):
         super().__init__()
         self.model = backbone
         self.p2l = p2l  # model_list, loss, pooling, cls_token, max_len
-        self.head = P2LHead(backbone.config.hidden_size, len(p2l["model_list"]), HEAD_OF_LOSS[p2l["loss"]])
+        self.head = P2LHead(backbone.config.hidden_size, len(p2l["model_list"]), HEAD_OF_LOSS[p2l["loss"]],
+                            scale=p2l.get("head_scale", False), rank=p2l.get("head_rank"))
 
     def forward(self, input_ids, attention_mask):
         h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -685,10 +748,14 @@ class P2LModel(nn.Module):
         return beta, eta
 
     def init_head(self, beta, eta):
-        """Start at the averaged leaderboard: zero weights, bias = the marginal fit."""
+        """Start at the averaged leaderboard: zero weights (the correction's V stays random, else
+        U and V would get no gradient), scale 1, bias = the marginal fit."""
         with torch.no_grad():
             self.head.head.weight.zero_()
             self.head.head.bias.copy_(beta)
+            if self.head.scale is not None:
+                self.head.scale.weight.zero_()
+                self.head.scale.bias.zero_()
             if self.head.eta_head is not None:
                 self.head.eta_head.weight.zero_()
                 self.head.eta_head.bias.fill_(float(eta))

@@ -26,6 +26,7 @@ from scipy.optimize import linprog
 import route
 import csv
 import livebench_eval as L
+import cv
 
 ROOT = Path(__file__).resolve().parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -124,6 +125,71 @@ def test_marginal_fit_known_answer():
 
 def test_rating_scale():
     assert C.rating(math.log(10)) == pytest.approx(1400.0)
+
+
+def test_grk_soft_label_closed_form():
+    # φ_a = 2, φ_b = 1, θ = 2 (test_grk_closed_form): P(a) = 24/60, P(b) = 10/60, P(tie) = 11/60, P(both bad) = 15/60.
+    # A judge who must choose splits the 26/60 non-decisive mass: P(a preferred) = 37/60, P(b preferred) = 23/60.
+    nll = C.pair_nll(T([math.log(2.0)], dtype=torch.float64), T([0.0], dtype=torch.float64), T([0.0], dtype=torch.float64),
+                     T([C.A]), T([0.7], dtype=torch.float64), "grk-soft")
+    assert nll.item() == pytest.approx(-0.7 * math.log(37 / 60) - 0.3 * math.log(23 / 60), abs=1e-12)
+
+
+def test_rk_soft_label_closed_form():
+    # η = 0.5, Δ = 1 (test_rk_closed_form): P(a) = 0.6224593312, P(b) = 0.1824255238, P(tie) = 0.1951151450
+    pa, pb = 0.6224593312 + 0.1951151450 / 2, 0.1824255238 + 0.1951151450 / 2
+    raw = math.log(math.exp(0.5) - 1)
+    nll = C.pair_nll(T([1.0], dtype=torch.float64), T([0.0], dtype=torch.float64), T([raw], dtype=torch.float64),
+                     T([C.B]), T([0.25], dtype=torch.float64), "rk-soft")
+    assert nll.item() == pytest.approx(-0.25 * math.log(pa) - 0.75 * math.log(pb), abs=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["rk-soft", "grk-soft"])
+def test_soft_losses_hard_votes_and_finite_gradients(loss):
+    # a vote with no soft label (p = NaN) is scored on its outcome, exactly as the hard loss does,
+    # and the NaN does not leak into the gradient of the batch
+    ba, bb, eta = (T(v, dtype=torch.float64, requires_grad=True) for v in ([1.0, 0.3, 40.], [0.0, -0.2, -40.], [0.2, -1.0, 20.]))
+    y, p = T([C.TIE, C.A, C.B]), T([math.nan, 0.6, 1.0], dtype=torch.float64)
+    nll = C.pair_nll(ba, bb, eta, y, p, loss)
+    assert nll[0].item() == pytest.approx(C.pair_nll(ba, bb, eta, y, p, loss[:-5])[0].item(), abs=1e-12)
+    grads = torch.autograd.grad(nll.sum(), [ba, bb, eta])
+    assert all(torch.isfinite(g).all() for g in grads)
+    # bt's judge probabilities are σ(±Δ), so every head's judge NLL is the bt NLL when ties are impossible
+    la, lb = C.judge_logprobs(T([1.0]), T([0.0]), None, "bt")
+    assert (la.exp() + lb.exp()).item() == pytest.approx(1.0) and la.exp().item() == pytest.approx(0.7310585786)
+
+
+@pytest.mark.parametrize("loss", ["rk-soft", "grk-soft"])
+def test_soft_marginal_matches_the_mean_label(loss):
+    # every x-vs-y vote has soft label 0.7: the fitted marginal's P(x preferred) is the label's mean
+    battles = [{"prompt": [f"q{i}"], "model_a": "x", "model_b": "y", "outcome": C.A, "p_a": 0.7, "weight": 1.0}
+               for i in range(4)]
+    _, pairs, _ = C.group_by_prompt(battles, {"x": 0, "y": 1}, loss)
+    beta, eta = C.fit_marginal(pairs, 2, loss, l2=1e-6)
+    la, _ = C.judge_logprobs(beta[:1].double(), beta[1:].double(), eta.reshape(1).double(), C.HEAD_OF_LOSS[loss])
+    assert la.exp().item() == pytest.approx(0.7, abs=1e-4)
+    hard, _ = C.fit_marginal(pairs, 2, loss[:-5], l2=1e-6)  # the hard winners (all x) push x far ahead instead
+    assert (hard[0] - hard[1]).item() > (beta[0] - beta[1]).item() + 1
+
+
+def test_scale_head_known_answer():
+    # β = exp(s·x + s0)·b + U·(V·x): with s0 = log 2 and U = 0 the head doubles the leaderboard b
+    torch.manual_seed(0)
+    h = C.P2LHead(4, 3, "bt", scale=True, rank=2)
+    with torch.no_grad():
+        h.head.weight.zero_()
+        h.head.bias.copy_(T([1.0, -0.5, 0.25]))
+        h.scale.weight.zero_()
+        h.scale.bias.fill_(math.log(2.0))
+    x = torch.randn(5, 4)
+    beta, eta = h(x)
+    assert eta is None and torch.allclose(beta, T([2.0, -1.0, 0.5]).expand(5, 3))
+    with torch.no_grad():
+        h.head.weight.copy_(torch.randn(3, 2))
+    assert torch.allclose(h(x)[0], 2 * h.head.bias + x @ h.down.weight.T @ h.head.weight.T, atol=1e-6)
+    assert h.down.weight.shape == (2, 4)
+    only_scale = C.P2LHead(4, 3, "grk", scale=True, rank=0)  # rank 0: the scale alone, no correction to train
+    assert not only_scale.head.weight.requires_grad and only_scale.eta_head is not None
 
 # -----------------------------------------------------------------------------
 # battle files
@@ -324,7 +390,8 @@ def test_index_votes_equals_group_by_prompt_for_every_loss():
             index = {m: i for i, m in enumerate(v["models"])}
             prompts, pairs, skipped = C.group_by_prompt(battles, index, loss)
             ref = C.cat_pairs(pairs)
-            assert all(torch.equal(ref[k], v["pairs"][k]) for k in ("a", "b", "y", "p", "w")), (path, loss)
+            assert all(torch.equal(ref[k], v["pairs"][k]) for k in ("a", "b", "y", "w")), (path, loss)
+            assert torch.allclose(ref["p"], v["pairs"]["p"], equal_nan=True), (path, loss)  # soft losses: NaN = hard vote
             assert v["n_battles"] == len(battles) and skipped == v["skipped"] == 0
             assert len(np.unique(v["pairs"]["row"].numpy())) == len(prompts)
     v = C.index_votes(ROOT / "data/alpaca_eval/train.jsonl.gz", "bt")
@@ -649,6 +716,88 @@ def test_torchrun_two_cpu_ranks(tiny_qwen, small_data, tmp_path):
                      launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29732"))
     assert m["world_size"] == 2 and m["steps"] == 2
     assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
+
+# -----------------------------------------------------------------------------
+# cv.py: K-fold cross-validation by prompt, and the recipe flags it compares
+
+
+@pytest.mark.slow
+def test_cv_folds_never_share_a_prompt():
+    rows = [x for f in ("train", "val") for x in C.read_jsonl(ROOT / f"data/alpaca_eval/{f}.jsonl.gz")]
+    key = [C.prompt_key(C.parse_turns(r, where)) for where, r in rows]
+    for seed in (0, 1):
+        folds = cv.split_folds(rows, 5, seed)
+        assert sorted(j for f in folds for j in f) == list(range(len(rows)))  # every vote in exactly one fold
+        prompts = [{key[j] for j in f} for f in folds]
+        assert sum(map(len, prompts)) == len(set().union(*prompts)) == 805  # no prompt in two folds
+        assert sorted(map(len, prompts)) == [161] * 5
+    assert cv.split_folds(rows, 5, 0) != cv.split_folds(rows, 5, 1)
+    with pytest.raises(ValueError, match="cannot make"):
+        cv.split_folds(rows[:3], 5, 0)
+    # --train-fraction: nested random subsets of the training prompts, each with all its votes
+    held = set(folds[0])
+    train = [j for j in range(len(rows)) if j not in held]
+    quarter, half = cv.keep_fraction(rows, train, 0.25, 7), cv.keep_fraction(rows, train, 0.5, 7)
+    pq, ph = {key[j] for j in quarter}, {key[j] for j in half}
+    assert len(pq) == 161 and len(ph) == 322 and pq <= ph and not ph & {key[j] for j in held}
+    assert len(half) == sum(key[j] in ph for j in train)
+
+
+@pytest.mark.slow
+def test_cv_end_to_end_scores_every_prompt_once(tiny_qwen, small_data, tmp_path):
+    out = tmp_path / "cv"
+    cmd = [sys.executable, "cv.py", "--data", *small_data, "--folds", "2", "--boot", "50", "--out", str(out), "--",
+           "--model", tiny_qwen, "--epochs", "0", "--max-len", "64"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "cv.json").read_text())
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert res["prompts"] == len(rows) == len({x["prompt"] for x in rows}) == 32  # 24 + 8 prompts, each scored once
+    held = [{C.prompt_key(b["prompt"]) for b in C.read_battles(out / f"fold{k}" / f"{s}.jsonl.gz")}
+            for k in (0, 1) for s in ("train", "val")]
+    assert not held[0] & held[1] and not held[2] & held[3] and held[1] == held[2]  # 2 folds: each one's val is the other's train
+    # zero steps: P2L is the marginal leaderboard of its fold, so the difference is exactly 0
+    assert res["diff"] == pytest.approx(0.0, abs=1e-6) and res["p2l_nll"] > 0
+    metrics = json.loads((out / "fold0" / "model" / "metrics.json").read_text())
+    assert res["per_fold"][0]["p2l_nll"] == pytest.approx(metrics["p2l"]["nll"], abs=1e-6)  # bt: judge NLL = train.py's
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.count("trained already") == 2  # same arguments: folds are reused
+    r = subprocess.run(cmd[:-1] + ["--out", "x"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--train/--val/--out" in r.stderr
+
+
+def test_routellm_name_map_applied_and_unknown_name_is_an_error(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("routellm_prepare", ROOT / "data/routellm/prepare.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    name_map = prep.read_name_map()
+    assert name_map["gpt-4-1106-preview"] == "gpt4_1106_preview"
+    bad = tmp_path / "mmlu_x.csv"
+    bad.write_text('prompt,gpt-4-1106-preview,some/other-model\n"q?",True,False\n')
+    with pytest.raises(ValueError, match=r"mmlu_x.csv: model 'some/other-model' is not in data/routellm/name_map.json"):
+        prep.read_correctness([bad], name_map, "mmlu", set(), lambda p: "x")
+    alpaca = {b["model_a"] for b in C.read_battles(ROOT / "data/alpaca_eval/val.jsonl.gz")} | {"gpt4_1106_preview"}
+    for bench, n in (("mmlu", 14042), ("gsm8k", 1319), ("mt_bench", 160)):
+        battles = C.read_battles(ROOT / f"data/routellm/{bench}.jsonl.gz")
+        assert len(battles) == n
+        assert {m for b in battles for m in (b["model_a"], b["model_b"])} <= alpaca  # mapped onto AlpacaEval's names
+    rows = [r for _, r in C.read_jsonl(ROOT / "data/routellm/gsm8k.jsonl.gz")]
+    for r in rows:  # the outcome follows from the two correctness flags
+        a, b = r["correct"]["gpt4_1106_preview"], r["correct"]["Mixtral-8x7B-Instruct-v0.1_concise"]
+        assert r["winner"] == {(1, 0): "model_a", (0, 1): "model_b", (1, 1): "tie", (0, 0): "tie (bothbad)"}[(a, b)]
+    assert sum(r["correct"]["gpt4_1106_preview"] for r in rows) == 1130  # GPT-4-1106 0.857 on GSM8K (SOURCES.md)
+
+
+@pytest.mark.slow
+def test_scale_head_soft_grk_trains_and_reloads_identically(tiny_qwen, small_data, tmp_path):
+    m, _ = run_train(tiny_qwen, small_data, tmp_path / "ck", "--max-steps", "3", "--loss", "grk-soft", "--head-lr", "1e-2",
+                     "--head-scale", "--head-rank", "4", "--reg-marginal", "0.1")
+    assert m["steps"] == 3 and m["p2l"]["nll"] != pytest.approx(m["marginal"]["nll"], abs=1e-7)  # it moved
+    assert reloaded_val_nll(tmp_path / "ck", small_data[1]) == pytest.approx(m["p2l"]["nll"], abs=1e-5)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())["p2l"]
+    assert cfg["head_scale"] is True and cfg["head_rank"] == 4
+
 
 # =============================================================================
 # evaluate.py: metrics by hand, known-coefficient checkpoint, unknown models, predictions round trip

@@ -33,6 +33,12 @@ p.add_argument("--val", default="data/alpaca_eval/val.jsonl.gz", help="held-out 
 p.add_argument("--out", default="out/train", help="checkpoint dir: weights, config, tokenizer, log, metrics.json")
 p.add_argument("--loss", default="bt", choices=C.LOSSES, help="bt uses soft labels p_a and drops ties; bt-tie counts a "
                "tie as 1/2; rk / grk (the paper's best) model ties (and grk both-bad) explicitly")
+p.add_argument("--head-scale", action="store_true", help="beta = exp(s(x))·marginal + correction: a per-prompt scale on "
+               "the marginal leaderboard, the dominant per-prompt effect on AlpacaEval (README), made easy to learn")
+p.add_argument("--head-rank", type=int, help="rank of the head's correction W = U·V (default: a full linear layer; "
+               "0: none, e.g. the scale alone): fewer parameters to overfit a few hundred prompts")
+p.add_argument("--reg-marginal", type=float, default=0.0, help="add this times the mean squared distance of each "
+               "prompt's beta from the marginal leaderboard to the loss: shrinks P2L toward the leaderboard it starts at")
 p.add_argument("--epochs", type=float, default=1, help="passes over the training prompts (the paper trains 1)")
 p.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch per rank; all votes of a prompt share its forward pass")
 p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: micro-batches of prompts of similar length "
@@ -63,7 +69,8 @@ p.add_argument("--bench", type=int, default=0, metavar="N", help="time N micro-b
 args = p.parse_args()
 for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8),
                            ("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 0), ("--save-every", args.save_every, 0),
-                           ("--eval-every", args.eval_every, 0), ("--warmup", args.warmup, 0), ("--lr", args.lr, 0), ("--head-lr", args.head_lr, 0)):
+                           ("--eval-every", args.eval_every, 0), ("--warmup", args.warmup, 0), ("--lr", args.lr, 0), ("--head-lr", args.head_lr, 0),
+                           ("--head-rank", args.head_rank or 0, 0), ("--reg-marginal", args.reg_marginal, 0.0)):
     if not value >= least:  # also catches NaN
         p.error(f"{flag} must be >= {least}, got {value}")
 if args.max_tokens and args.max_tokens < args.max_len:
@@ -130,7 +137,8 @@ cls_id = C.add_cls_token(tok, backbone) if pooling == "last" else None
 if tok.pad_token is None:
     tok.pad_token = tok.eos_token
 p2l = {"model_list": model_list, "loss": args.loss, "pooling": pooling, "max_len": args.max_len,
-       "cls_token": C.CLS_TOKEN if pooling == "last" else None, "backbone": args.model}
+       "cls_token": C.CLS_TOKEN if pooling == "last" else None, "backbone": args.model,
+       "head_scale": args.head_scale, "head_rank": args.head_rank}
 model = C.P2LModel(backbone, p2l)
 model.init_head(beta0, eta0)
 if args.grad_checkpointing:
@@ -215,7 +223,8 @@ def batch_loss(batch, per_pair=False):
     with autocast():
         beta, eta = engine(x.to(device), m.to(device))
     s, w = C.batch_nll(beta, eta, {k: v.to(device) for k, v in pairs.items()}, args.loss)
-    return s / w.clamp_min(1e-12), len(pairs["a"])
+    reg = args.reg_marginal * (beta - beta0.to(device)).pow(2).mean() if args.reg_marginal else 0.0
+    return s / w.clamp_min(1e-12) + reg, len(pairs["a"])
 
 
 @torch.no_grad()

@@ -1,0 +1,215 @@
+"""K-fold cross-validation by prompt: every prompt is scored by a P2L that never saw it.
+
+The prompts of the --data files (default: all 805 AlpacaEval prompts, train + val) are shuffled
+with a fixed seed and dealt into K folds. For each fold, train.py runs through its command line
+on the other K−1 folds (the arguments after `--` are passed to it unchanged) with the fold as its
+--val; then the fold's checkpoint predicts every held-out prompt, and each prompt's votes are
+scored under that P2L and under the marginal leaderboard fitted on the same training part (the
+checkpoint's marginal.json). The result: the mean NLL per vote over ALL prompts, P2L minus
+marginal, with a paired bootstrap CI over prompts.
+
+    python cv.py --folds 5 --only 0 --out out/cv-tiny -- --max-steps 2     # CPU, ~2 min: one fold, 2 steps
+    python cv.py --folds 5 --out out/cv-default -- --epochs 2 --batch-size 16   # the default recipe, 5 folds
+    python cv.py --compare out/cv-default out/cv-other                       # recipe B vs A, paired over prompts
+
+Every head is scored on the same labels with the same NLL: a judge's soft label p_a (or 1 / 0 /
+½ for a hard win / loss / tie) as the probability that a is preferred, under the head's
+P(a preferred) = P(a) + ½·(P(tie) + P(both bad)) (common.judge_logprobs; σ(Δ) for bt, so for bt
+this is exactly the training NLL). A fold whose checkpoint already holds metrics.json from the
+same train.py arguments is not trained again (an interrupted CV picks up where it stopped).
+"""
+import argparse
+import gzip
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common as C
+
+
+def split_folds(rows, k, seed):
+    """Deal the distinct prompts of rows (raw battle dicts with where-strings) into k folds.
+    Returns a list of k lists of row indices; all votes of a prompt land in one fold."""
+    keys = sorted({C.prompt_key(C.parse_turns(r, where)) for where, r in rows})
+    if len(keys) < k:
+        raise ValueError(f"{len(keys)} prompts cannot make {k} folds")
+    random.Random(seed).shuffle(keys)
+    fold_of = {key: i % k for i, key in enumerate(keys)}
+    folds = [[] for _ in range(k)]
+    for j, (where, r) in enumerate(rows):
+        folds[fold_of[C.prompt_key(C.parse_turns(r, where))]].append(j)
+    return folds
+
+
+def keep_fraction(rows, idx, frac, seed):
+    """The votes (indices into rows) of a random fraction of the distinct prompts among idx: the
+    training-set-size axis of a scaling curve. Nested: a smaller fraction keeps a subset."""
+    if frac >= 1:
+        return idx
+    keys = sorted({C.prompt_key(C.parse_turns(rows[j][1], rows[j][0])) for j in idx})
+    random.Random(seed).shuffle(keys)
+    kept = set(keys[:max(1, round(frac * len(keys)))])
+    return [j for j in idx if C.prompt_key(C.parse_turns(rows[j][1], rows[j][0])) in kept]
+
+
+def compare(dir_a, dir_b, n_boot, seed):
+    """Paired comparison of two CV runs over the prompts both scored: B's P2L NLL minus A's."""
+    def load(d):
+        return {r["prompt"]: r for r in map(json.loads, (Path(d) / "prompts.jsonl").read_text().splitlines())}
+    a, b = load(dir_a), load(dir_b)
+    keys = sorted(a.keys() & b.keys())
+    if not keys:
+        sys.exit(f"error: {dir_a} and {dir_b} share no scored prompt")
+    sa, sb = (np.array([x[k]["p2l"] for k in keys]) for x in (a, b))
+    w = np.array([a[k]["w"] for k in keys])
+    (d_lo, d_hi), (r_lo, r_hi) = paired_bootstrap(sb, sa, w, n_boot, seed)
+    print(f"{len(keys)} prompts: P2L NLL {dir_a} {sa.sum() / w.sum():.4f}, {dir_b} {sb.sum() / w.sum():.4f}: "
+          f"B vs A {100 * (sb.sum() / sa.sum() - 1):+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "
+          f"(diff {(sb.sum() - sa.sum()) / w.sum():+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts)")
+
+
+def write_rows(path, rows):
+    """Battle rows to a .jsonl.gz, atomically (train.py reads it by name)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in rows)
+    C.atomic_write(path, gzip.compress(text.encode("utf-8"), mtime=0))
+
+
+def train_fold(fold_dir, train_args, log):
+    """Run train.py on this fold unless its checkpoint already comes from the same arguments."""
+    argv = ["--train", str(fold_dir / "train.jsonl.gz"), "--val", str(fold_dir / "val.jsonl.gz"),
+            "--out", str(fold_dir / "model")] + train_args
+    done = fold_dir / "model" / "metrics.json"
+    if done.exists():
+        ran = json.loads((fold_dir / "model" / "training_args.json").read_text())["argv"][1:]
+        if ran == argv:
+            log(f"{fold_dir.name}: trained already, reusing {done}")
+            return json.loads(done.read_text())
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "train.py")] + argv
+    log("$ " + " ".join(cmd))
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        sys.exit(f"error: train.py failed on {fold_dir.name} (exit {r.returncode})")
+    return json.loads(done.read_text())
+
+
+def score_fold(ckpt, battles):
+    """Per-prompt (P2L NLL sum, marginal NLL sum, weight sum) of the held-out votes, in the order of
+    their prompts' first appearance, with the prompt keys. Votes for models the fold's training
+    part never saw are skipped (counted)."""
+    model, tok = C.load_checkpoint(ckpt)
+    p2l = model.p2l
+    head = C.HEAD_OF_LOSS[p2l["loss"]]
+    index = {m: i for i, m in enumerate(p2l["model_list"])}
+    prompts, pairs, skipped = C.group_by_prompt(battles, index, "bt-tie")  # p: soft label, or 1 / 0 / ½
+    ids = C.encode_for(model, tok, prompts)
+    beta, eta = C.predict(model, ids, tok.pad_token_id, batch_size=32)
+    marg = json.loads((Path(ckpt) / "marginal.json").read_text())
+    if marg["model_list"] != p2l["model_list"]:
+        raise ValueError(f"{ckpt}: marginal.json and the checkpoint list different models")
+    beta_m = torch.tensor(marg["beta"], dtype=torch.float64).expand(len(prompts), -1)
+    eta_m = torch.full((len(prompts),), float(marg["eta"]), dtype=torch.float64)
+    eta = eta.double() if eta is not None else eta_m  # bt ignores eta
+    out = []
+    for b, e in ((beta.double(), eta), (beta_m, eta_m)):
+        allp = C.cat_pairs(pairs)
+        r = allp["row"]
+        la, lb = C.judge_logprobs(b[r, allp["a"]], b[r, allp["b"]], e[r], head)
+        nll = -(allp["p"] * la + (1 - allp["p"]) * lb) * allp["w"]
+        out.append(torch.zeros(len(prompts), dtype=torch.float64).index_add_(0, r, nll))
+    w = torch.tensor([pp["w"].sum().item() for pp in pairs], dtype=torch.float64)
+    return [C.prompt_key(t) for t in prompts], out[0], out[1], w, skipped
+
+
+def paired_bootstrap(s_p2l, s_marg, w, n_boot, seed):
+    """95% percentile CIs over prompts of the per-vote NLL difference and of the relative change."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(w), size=(n_boot, len(w)))
+    sp, sm, sw = s_p2l[idx].sum(1), s_marg[idx].sum(1), w[idx].sum(1)
+    diff, rel = (sp - sm) / sw, sp / sm - 1
+    return np.percentile(diff, [2.5, 97.5]).tolist(), np.percentile(rel, [2.5, 97.5]).tolist()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", default=["data/alpaca_eval/train.jsonl.gz", "data/alpaca_eval/val.jsonl.gz"],
+                   help="battle files pooled into one set of prompts (default: all 805 AlpacaEval prompts)")
+    p.add_argument("--folds", type=int, default=5, help="K: each fold holds 1/K of the prompts out; 5 keeps 80%% for training, as the old split did")
+    p.add_argument("--only", help="comma-separated fold indices to run (a cheap screen); the CI then covers those folds' prompts only")
+    p.add_argument("--seed", type=int, default=0, help="fold assignment seed: keep it fixed to compare recipes on the same folds (paired)")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="train each fold on this random fraction of its "
+                   "training prompts (the held-out fold stays whole): one point of a scaling curve")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="no training: compare two finished CV runs' P2L "
+                   "NLL on the prompts both scored (paired bootstrap), e.g. a recipe against the default")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples over prompts")
+    p.add_argument("--out", default="out/cv", help="fold data, fold checkpoints, cv.json and per-prompt NLLs (prompts.jsonl)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py's flags for every fold (not --train/--val/--out)")
+    args = p.parse_args()
+    if args.compare:
+        return compare(*args.compare, args.boot, args.seed)
+    if not 0 < args.train_fraction <= 1:
+        p.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if any(a.split("=")[0] in ("--train", "--val", "--out") for a in train_args):
+        p.error("cv.py sets train.py's --train/--val/--out per fold; do not pass them after --")
+    if args.folds < 2:
+        p.error(f"--folds must be >= 2, got {args.folds}")
+    try:
+        only = sorted({int(i) for i in args.only.split(",")}) if args.only else list(range(args.folds))
+    except ValueError:
+        p.error(f"--only must be comma-separated fold indices, got {args.only!r}")
+    if not all(0 <= i < args.folds for i in only):
+        p.error(f"--only: fold indices must be in 0..{args.folds - 1}, got {args.only}")
+    try:
+        for path in args.data:  # every row valid (file:line errors) before any training
+            C.read_battles(path)
+        rows = [(where, r) for path in args.data for where, r in C.read_jsonl(path)]
+        folds = split_folds(rows, args.folds, args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    out = Path(args.out)
+    t0 = time.time()
+
+    keys, s_p2l, s_marg, w, per_fold = [], [], [], [], []
+    for k in only:
+        fold_dir = out / f"fold{k}"
+        held = set(folds[k])
+        train_idx = keep_fraction(rows, [j for j in range(len(rows)) if j not in held], args.train_fraction, args.seed + 1 + k)
+        write_rows(fold_dir / "train.jsonl.gz", [rows[j] for j in train_idx])
+        write_rows(fold_dir / "val.jsonl.gz", [rows[j] for j in folds[k]])
+        metrics = train_fold(fold_dir, train_args, print)
+        kk, sp, sm, ww, skipped = score_fold(fold_dir / "model", C.read_battles(fold_dir / "val.jsonl.gz"))
+        keys += kk
+        s_p2l.append(sp)
+        s_marg.append(sm)
+        w.append(ww)
+        fold = {"fold": k, "prompts": len(kk), "votes_skipped": skipped, "p2l_nll": (sp.sum() / ww.sum()).item(),
+                "marginal_nll": (sm.sum() / ww.sum()).item(), "train_seconds": metrics["train_seconds"]}
+        per_fold.append(fold)
+        print(f"fold {k}: {len(kk)} prompts, P2L {fold['p2l_nll']:.4f} vs marginal {fold['marginal_nll']:.4f} "
+              f"({100 * (fold['p2l_nll'] / fold['marginal_nll'] - 1):+.2f}%), trained in {metrics['train_seconds'] / 60:.1f} min")
+    assert len(set(keys)) == len(keys), "a prompt was scored twice: folds overlap"
+    sp, sm, ww = (torch.cat(t).numpy() for t in (s_p2l, s_marg, w))
+    (d_lo, d_hi), (r_lo, r_hi) = paired_bootstrap(sp, sm, ww, args.boot, args.seed)
+    res = {"folds": args.folds, "only": only, "train_fraction": args.train_fraction, "seed": args.seed, "prompts": len(keys), "train_args": train_args,
+           "p2l_nll": float(sp.sum() / ww.sum()), "marginal_nll": float(sm.sum() / ww.sum()),
+           "diff": float((sp.sum() - sm.sum()) / ww.sum()), "diff_ci": [d_lo, d_hi],
+           "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": [r_lo, r_hi],
+           "minutes": round((time.time() - t0) / 60, 2),
+           "train_minutes": round(sum(f["train_seconds"] for f in per_fold) / 60, 2), "per_fold": per_fold}
+    C.write_json(out / "cv.json", res)
+    C.atomic_write(out / "prompts.jsonl", "".join(json.dumps({"prompt": key, "p2l": float(a), "marginal": float(b), "w": float(c)},
+                                                             ensure_ascii=False) + "\n" for key, a, b, c in zip(keys, sp, sm, ww)))
+    print(f"CV ({len(only)} of {args.folds} folds, {len(keys)} prompts): judge NLL P2L {res['p2l_nll']:.4f} vs marginal "
+          f"{res['marginal_nll']:.4f}: {100 * res['rel']:+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "
+          f"(diff {res['diff']:+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts, {args.boot} resamples); "
+          f"{res['minutes']:.1f} min, {res['train_minutes']:.1f} in train.py; {out / 'cv.json'}")
+
+
+if __name__ == "__main__":
+    main()
