@@ -17,7 +17,8 @@ venv: .venv/.installed
 # prompts against the averaged leaderboard, aggregate leaderboards (overall, per sub-source), route under budgets;
 # then LiveBench
 run: venv
-	$(PY) train.py --epochs 2 --batch-size 16 --out out/train
+	# the head: a per-prompt scale on the marginal leaderboard + a rank-8 correction (beat the plain linear head in 5-fold CV)
+	$(PY) train.py --epochs 2 --batch-size 16 --head-scale --head-rank 8 --out out/train
 	$(PY) evaluate.py --checkpoint out/train --data data/alpaca_eval/val.jsonl.gz --out out/eval
 	$(PY) aggregate.py --preds out/eval --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
 	$(PY) route.py --preds out/eval --prompts data/alpaca_eval/val.jsonl.gz --budget 10 --sweep --out out/route
@@ -33,17 +34,20 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" test_p2l.py
 
-# speed: grouped-by-prompt vs per-vote training, exact aggregation vs L-BFGS, hull routing vs LP
+# speed: grouped-by-prompt vs per-vote training; aggregation from predictions to the board vs torch L-BFGS over the
+# per-prompt pairwise tensors; one routing decision from β, and route.py on 100k prompts, vs scipy's HiGHS LP
 bench: venv
 	$(PY) train.py --bench 3 --batch-size 2 --out out/bench
 	$(PY) aggregate.py --bench
-	$(PY) route.py --bench --out out/bench
+	$(PY) route.py --bench --bench-n 100000 --out out/bench
 
 # scale: each data stage on synthetic battles at 10k and at the paper's size (1.5M battles, 130 models): time and
 # peak RSS per stage, growth as a ratio, padding and useful tokens/s of the two samplers (~12 min on 2 busy CPUs;
-# tokenization is measured on 100k prompts and extrapolated to the rest, as the output says)
+# tokenization is measured on 100k prompts and extrapolated to the rest, as the output says), then aggregation with 200
+# bootstrap resamples and budgeted routing on 1.5M synthetic prediction rows (~9 and ~4 min), each also at 10k
 bench-scale: venv
 	$(PY) bench_scale.py --sizes 10000,1500000 --out out/bench-scale
-# --- aggregation with bootstrap and routing on 1.5M prediction rows (aggregate.py / route.py commands): wired here by the lead ---
+	$(PY) aggregate.py --bench-scale 1500000 --bootstrap 200 --out out/bench-scale/aggregate
+	$(PY) route.py --bench-scale 1500000 --out out/bench-scale/route
 
 .PHONY: venv run test test-fast bench bench-scale

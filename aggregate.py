@@ -1,4 +1,4 @@
-"""Leaderboards from P2L: for any set of prompts (DESIGN §2), per group with bootstrap CIs, each
+"""Leaderboards from P2L: for any set of prompts (docs/design.md §2), per group with bootstrap CIs, each
 model's strengths and weaknesses, the aggregation-scale curve, and maximum-likelihood
 leaderboards from raw votes. Everything is the same exact Newton solve (common.fit_pairs): the
 coefficients whose pairwise outcome probabilities best match a target, to a gradient norm <= 1e-8.
@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
-import common as C
+from common import (
+    A, BOTHBAD, HEAD_OF_LOSS, LOSSES, TIE, add_checkpoint_options, aggregate, all_pairs, atomic_write,
+    cat_pairs, check_out, encode_for, fit_pairs, fit_votes, group_by_prompt, leaderboard_rows,
+    load_checkpoint, load_predictions, lock_dir, map_blocks, mean_pair_probs, outcome_logprobs,
+    pair_prob_sums, predict, predictions_meta, prompt_key, read_battles, read_json_object,
+    row_blocks, save_png, torch_threads, write_json,
+)
 
 # The arena-catalog votes carry 10 broad topic categories; the official boards (leaderboards.csv)
 # are task/language slices. Three topics have a board that selects the same kind of prompt; the
@@ -41,12 +47,12 @@ ARENA_DEFAULT_BOARD = "english"
 def fit_targets(target, init, M, head):
     """Newton fits of K targets [K, P, O] from starts init [K, D], in blocks of problems that keep the
     solver's per-pair tensors to a few hundred MB: (beta [K, M] float64, eta [K] or None)."""
-    a, b = C.all_pairs(M)
+    a, b = all_pairs(M)
     block = max(1, 2 ** 19 // max(len(a), 1))
     bs, es = [], []
     for s in range(0, target.shape[0], block):
-        with C.torch_threads(1):  # see C.torch_threads
-            bb, ee, info = C.fit_pairs(a, b, target[s:s + block], M, head, init=init[s:s + block])
+        with torch_threads(1):  # see torch_threads
+            bb, ee, info = fit_pairs(a, b, target[s:s + block], M, head, init=init[s:s + block])
         if not info["converged"]:
             raise RuntimeError(f"aggregation did not converge (gradient norm {info['grad_norm'].max():.1e})")
         bs.append(bb)
@@ -60,7 +66,7 @@ def solve_many(beta, eta, head, W):
     at the weighted mean of the coefficients: not the answer, but close to it (exact for one prompt)."""
     w = W / W.sum(1, keepdim=True)
     x = beta.double() if head == "bt" else torch.cat([beta.double(), eta.double()[:, None]], 1)
-    return fit_targets(C.mean_pair_probs(beta, eta, head, w), w @ x, beta.shape[1], head)
+    return fit_targets(mean_pair_probs(beta, eta, head, w), w @ x, beta.shape[1], head)
 
 
 def bootstrap_counts(n, n_boot, rng, block=65536):
@@ -83,7 +89,7 @@ def bootstrap_counts(n, n_boot, rng, block=65536):
 def solve_bootstrap(blocks, n, M, head, n_boot, seed):
     """The aggregate leaderboard (row 0) and n_boot prompt-resample replicates (rows 1..), streaming
     the prompts: blocks(s, e) gives (beta [e − s, M], eta or None) of prompts s..e−1, from memory or
-    from the predictions file (C.prediction_blocks). Memory is O(n_boot x (M² + block)), never n x n_boot."""
+    from the predictions matrix. Memory is O(n_boot x (M² + block)), never n x n_boot."""
     rng = np.random.default_rng(seed)
     sums, init = 0, 0
     for (s, e), w in bootstrap_counts(n, n_boot, rng):
@@ -92,9 +98,9 @@ def solve_bootstrap(blocks, n, M, head, n_boot, seed):
         init = init + w @ x
 
         def part(se, beta=beta, eta=eta, w=w):
-            return C.pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
-        rows = C.row_blocks(e - s, M, 2 ** 17 if head == "bt" else 2 ** 22 // max(M * (M - 1) // 2, 1) * M)
-        for p in C.map_blocks(part, rows):  # summed in block order: deterministic
+            return pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
+        rows = row_blocks(e - s, M, 2 ** 17 if head == "bt" else 2 ** 22 // max(M * (M - 1) // 2, 1) * M)
+        for p in map_blocks(part, rows):  # summed in block order: deterministic
             sums = sums + p
     target = sums / n  # every replicate has n draws
     if head == "bt":
@@ -151,8 +157,8 @@ def standing(beta, eta, head, chunk=256):
         bs = beta[s:s + chunk].double()
         ba, bb = bs[:, :, None].expand(-1, M, M), bs[:, None, :].expand(-1, M, M)
         e = eta[s:s + chunk].double()[:, None, None].expand(-1, M, M) if eta is not None else None
-        p = C.outcome_logprobs(ba, bb, e, head).exp()
-        score = p[..., C.A] + 0.5 * (p[..., C.TIE] + p[..., C.BOTHBAD])
+        p = outcome_logprobs(ba, bb, e, head).exp()
+        score = p[..., A] + 0.5 * (p[..., TIE] + p[..., BOTHBAD])
         out[s:s + chunk] = (score.sum(2) - score.diagonal(dim1=1, dim2=2)) / (M - 1)
     return out
 
@@ -182,6 +188,19 @@ def short(turns, n=90):
 # inputs
 
 
+def write_leaderboard(stem, rows, meta=None):
+    """stem.json ({**meta, "leaderboard": rows}) and stem.csv (the rows), each written atomically."""
+    import csv
+    import io
+    write_json(f"{stem}.json", {**(meta or {}), "leaderboard": rows})
+    buf = io.StringIO()
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    wr = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    wr.writeheader()
+    wr.writerows(rows)
+    atomic_write(f"{stem}.csv", buf.getvalue())
+
+
 def load_preds(path, loss):
     """Per-prompt predictions and their loss: --loss, else the one predictions.safetensors records
     (or, for older files, evaluate.py's metrics.json beside them), else bt when there is no eta."""
@@ -189,25 +208,25 @@ def load_preds(path, loss):
     for f in ("predictions.safetensors", "predictions.jsonl"):
         if not (path / f).exists():
             raise ValueError(f"--preds {path}: no {f} (evaluate.py writes it)")
-    beta, eta, models, rows = C.load_predictions(path)  # names a bad predictions.jsonl line
+    beta, eta, models, rows = load_predictions(path)  # names a bad predictions.jsonl line
     if not torch.isfinite(beta).all() or (eta is not None and not torch.isfinite(eta).all()):
         raise ValueError(f"{path / 'predictions.safetensors'}: non-finite coefficients")
     if loss is None:  # the file records its head's loss; files written before it did: evaluate.py's metrics.json
-        loss = C.predictions_meta(path).get("loss")
+        loss = predictions_meta(path).get("loss")
         if loss is None and (path / "metrics.json").exists():
-            mj = C.read_json_object(path / "metrics.json", "evaluate.py metrics")
+            mj = read_json_object(path / "metrics.json", "evaluate.py metrics")
             digest = mj.get("predictions_sha256")
             if digest and digest != hashlib.sha256((path / "predictions.safetensors").read_bytes()).hexdigest():
                 raise ValueError(f"--preds {path}: metrics.json belongs to other predictions (its predictions_sha256 differs); "
                                  "rerun evaluate.py there, or pass --loss")
             print(f"--preds {path}: predictions.safetensors records no loss (an older writer): taking it from metrics.json")
             loss = mj.get("loss")
-        loss = loss if loss in C.LOSSES else None
+        loss = loss if loss in LOSSES else None
     if loss is None:
         if eta is not None:
             raise ValueError(f"--preds {path} has eta (an rk or grk head): say which with --loss")
         loss = "bt"
-    if C.HEAD_OF_LOSS[loss] == "bt":
+    if HEAD_OF_LOSS[loss] == "bt":
         eta = None
     elif eta is None:
         raise ValueError(f"--loss {loss} needs eta, which {path / 'predictions.safetensors'} does not have")
@@ -228,23 +247,23 @@ def fit_truth(votes_path, models, loss, prompt_group, l2):
     """Ground-truth leaderboards from held-out votes: "all" (every vote on a prompt of the
     predictions) and one per group, a vote's group being its prompt's. prompt_group: prompt key ->
     group name, or None outside any group. Returns {group: (coefficients [M], mask of models seen)}."""
-    battles = [b for b in C.read_battles(votes_path) if C.prompt_key(b["prompt"]) in prompt_group]
+    battles = [b for b in read_battles(votes_path) if prompt_key(b["prompt"]) in prompt_group]
     if not battles:
         raise ValueError(f"--truth {votes_path}: none of its prompts is in --preds")
     sets = {"all": battles}
     for b in battles:
-        g = prompt_group[C.prompt_key(b["prompt"])]
+        g = prompt_group[prompt_key(b["prompt"])]
         if g is not None:
             sets.setdefault(g, []).append(b)
     index = {m: i for i, m in enumerate(models)}
     truth = {}
     for g, bs in sets.items():
-        _, pairs, _ = C.group_by_prompt(bs, index, loss)
-        allp = C.cat_pairs(pairs)
-        beta, _, info = C.fit_votes(allp, len(models), loss, l2=l2 or 0.0, names=models)
+        _, pairs, _ = group_by_prompt(bs, index, loss)
+        allp = cat_pairs(pairs)
+        beta, _, info = fit_votes(allp, len(models), loss, l2=l2 or 0.0, names=models)
         if info["separated"][0] and l2 is None:  # as --votes: a weak N(0, 10²) prior where the MLE does not exist
             print(f"note: --truth '{g}': {info['separated'][0]}; fitted with ridge l2 = {1 / (200 * len(allp['a'])):.3g}")
-            beta, _, info = C.fit_votes(allp, len(models), loss, l2=1.0 / (200 * len(allp["a"])))
+            beta, _, info = fit_votes(allp, len(models), loss, l2=1.0 / (200 * len(allp["a"])))
         if not info["converged"]:
             raise ValueError(f"--truth {votes_path}: the vote fit for '{g}' has no finite maximum (a model never won "
                              f"or never lost); pass a small --l2, e.g. 1e-6")
@@ -260,7 +279,7 @@ def fit_truth(votes_path, models, loss, prompt_group, l2):
 def run_preds(args):
     gen = torch.Generator().manual_seed(args.seed)
     beta, eta, models, rows, loss = load_preds(args.preds, args.loss)
-    head = C.HEAD_OF_LOSS[loss]
+    head = HEAD_OF_LOSS[loss]
     N, M = beta.shape
     where = Path(args.preds) / "predictions.jsonl"
     groups = {"all": torch.arange(N)}
@@ -275,7 +294,7 @@ def run_preds(args):
         lo, hi = ci(bb[1:])
         e0 = ee[0].item() if ee is not None else None
         fits[g] = (bb, ee)
-        boards[g] = C.leaderboard_rows(models, bb[0], e0, head, lo, hi, n=len(members))
+        boards[g] = leaderboard_rows(models, bb[0], e0, head, lo, hi, n=len(members))
     secs = time.time() - t0
     meta = {"source": str(args.preds), "loss": loss, "prompts": N, "models": M, "bootstrap": args.bootstrap}
     print_table(boards["all"], f"P2L leaderboard aggregated over {N} prompts of {args.preds} ({loss} head, {M} models, "
@@ -294,14 +313,14 @@ def run_preds(args):
     curve = scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, fits["all"][0][0]) if args.truth else None
     # every number is computed: only now write, each file atomically
     out = Path(args.out)
-    lock = C.lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
+    lock = lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
     for name, (rws, m) in outputs.items():
-        C.write_leaderboard(out / name, rws, m)
+        write_leaderboard(out / name, rws, m)
     if report:
-        C.write_json(out / "strengths.json", report[0])
-        C.atomic_write(out / "strengths.md", report[1])
+        write_json(out / "strengths.json", report[0])
+        atomic_write(out / "strengths.md", report[1])
     if curve:
-        C.write_json(out / "scale_curve.json", curve)
+        write_json(out / "scale_curve.json", curve)
         plot_curve(curve, out / "scale_curve.png")
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
 
@@ -374,10 +393,10 @@ def scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, overall)
     """The paper's §3.5: Spearman between the leaderboard aggregated from n random prompts of a
     group and that group's ground-truth leaderboard (the vote fit on --truth), for n = 1..N. For
     reference, the overall aggregate's Spearman with each group's truth: what ignoring the group gets."""
-    pg = {C.prompt_key(r["prompt"]): None for r in rows}
+    pg = {prompt_key(r["prompt"]): None for r in rows}
     for g, members in groups.items():
         if g != "all":
-            pg.update({C.prompt_key(rows[i]["prompt"]): g for i in members.tolist()})
+            pg.update({prompt_key(rows[i]["prompt"]): g for i in members.tolist()})
     truth = fit_truth(args.truth, models, loss, pg, args.l2)
     curve = {"truth": str(args.truth), "reps": args.curve_reps, "groups": {}}
     print(f"\naggregation-scale curve: Spearman(aggregate of n random prompts, vote fit on {args.truth}), "
@@ -413,30 +432,30 @@ def plot_curve(curve, path):
     ax.set_title("Aggregation scale: leaderboard from n prompts")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    C.save_png(fig, path)
+    save_png(fig, path)
 
 
 def run_prompt(args):
-    model, tok = C.load_checkpoint(args.checkpoint, loss=args.loss, max_len=args.max_len)
+    model, tok = load_checkpoint(args.checkpoint, loss=args.loss, max_len=args.max_len)
     loss = model.p2l["loss"]
-    head = C.HEAD_OF_LOSS[loss]
+    head = HEAD_OF_LOSS[loss]
     prompts = [[p] for p in args.prompt]
     if not all(p[0].strip() for p in prompts):
         raise ValueError("--prompt: empty prompt")
-    beta, eta = C.predict(model, C.encode_for(model, tok, prompts), tok.pad_token_id)
-    bb, ee = C.aggregate(beta, eta, loss)
-    rows = C.leaderboard_rows(model.p2l["model_list"], bb, ee if head != "bt" else None, head)
+    beta, eta = predict(model, encode_for(model, tok, prompts), tok.pad_token_id)
+    bb, ee = aggregate(beta, eta, loss)
+    rows = leaderboard_rows(model.p2l["model_list"], bb, ee if head != "bt" else None, head)
     what = f'"{short(prompts[0], 100)}"' if len(prompts) == 1 else f"{len(prompts)} prompts"
     print_table(rows, f"P2L leaderboard for {what} ({args.checkpoint}, {loss} head)", args.show)
     if args.out:
-        C.write_leaderboard(Path(args.out) / "leaderboard", rows, {"checkpoint": str(args.checkpoint), "loss": loss,
+        write_leaderboard(Path(args.out) / "leaderboard", rows, {"checkpoint": str(args.checkpoint), "loss": loss,
                                                                    "prompts": args.prompt})
 
 
 def run_votes(args):
     gen = torch.Generator().manual_seed(args.seed)
     loss = args.loss or "bt-tie"
-    battles = [b for path in args.votes for b in C.read_battles(path)]
+    battles = [b for path in args.votes for b in read_battles(path)]
     sets = {"all": battles}
     if args.by:
         for b in battles:
@@ -446,11 +465,11 @@ def run_votes(args):
     boards, l2, notes = {}, {}, []
     for g in ["all"] + sorted(s for s in sets if s != "all"):
         models = sorted({m for b in sets[g] for m in (b["model_a"], b["model_b"])})  # only models with votes here
-        _, pairs, _ = C.group_by_prompt(sets[g], {m: i for i, m in enumerate(models)}, loss)
-        allp = C.cat_pairs(pairs)
+        _, pairs, _ = group_by_prompt(sets[g], {m: i for i, m in enumerate(models)}, loss)
+        allp = cat_pairs(pairs)
         V = len(allp["a"])
         W = bootstrap_weights(V, args.bootstrap, gen)  # votes resampled, as Arena's own CIs do
-        bb, ee, info = C.fit_votes(allp, len(models), loss, l2=args.l2 or 0.0, weights=W, names=models)
+        bb, ee, info = fit_votes(allp, len(models), loss, l2=args.l2 or 0.0, weights=W, names=models)
         why = [w for w in info["separated"] if w]
         if why and args.l2 == 0:
             raise ValueError(f"--votes: the {loss} maximum-likelihood fit for '{g}' does not exist"
@@ -460,13 +479,13 @@ def run_votes(args):
             l2[g] = 1.0 / (200.0 * V)
             notes.append(f"'{g}': no maximum-likelihood fit ({why[0]}{'' if info['separated'][0] else ', in a resample'}); "
                          f"fitted with ridge l2 = {l2[g]:.3g} (a N(0, 10²) prior on each coefficient)")
-            bb, ee, info = C.fit_votes(allp, len(models), loss, l2=l2[g], weights=W)
+            bb, ee, info = fit_votes(allp, len(models), loss, l2=l2[g], weights=W)
         if not info["converged"]:
             bad = (info["grad_norm"] > 1e-8).sum().item()
             raise ValueError(f"--votes: the {loss} fit for '{g}' has no finite maximum in {bad} of {1 + args.bootstrap} "
                              f"resamples (a model that never lost or never won); pass a small ridge, e.g. --l2 1e-4")
         lo, hi = ci(bb[1:])
-        boards[g] = C.leaderboard_rows(models, bb[0], ee[0].item() if ee is not None else None, C.HEAD_OF_LOSS[loss],
+        boards[g] = leaderboard_rows(models, bb[0], ee[0].item() if ee is not None else None, HEAD_OF_LOSS[loss],
                                        lo, hi, n=V)
     print_table(boards["all"], f"{loss} maximum-likelihood leaderboard from {len(battles)} votes "
                 f"({', '.join(map(str, args.votes))}; 95% CI from {args.bootstrap} vote resamples)", args.show)
@@ -476,13 +495,13 @@ def run_votes(args):
     meta = {"source": [str(p) for p in args.votes], "loss": loss, "votes": len(battles), "bootstrap": args.bootstrap,
             "l2": args.l2 or 0.0, "l2_by_group": l2, "notes": notes}
     out = Path(args.out)
-    lock = C.lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
-    C.write_leaderboard(out / "leaderboard", boards["all"], meta)
+    lock = lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
+    write_leaderboard(out / "leaderboard", boards["all"], meta)
     if args.by:
-        C.write_leaderboard(out / f"leaderboard_by_{args.by}", [{"group": g, **r} for g in sorted(boards) if g != "all"
+        write_leaderboard(out / f"leaderboard_by_{args.by}", [{"group": g, **r} for g in sorted(boards) if g != "all"
                                                                  for r in boards[g]], {**meta, "by": args.by})
     if check:
-        C.write_json(out / "official_check.json", check)
+        write_json(out / "official_check.json", check)
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
 
 
@@ -549,14 +568,14 @@ def run_bench(args):
     N, M = args.bench_n, args.bench_m
     beta = (1.5 * torch.randn(M) + torch.randn(N, M)).float()
     models = [f"m{k}" for k in range(M)]
-    a, b = C.all_pairs(M)
+    a, b = all_pairs(M)
     P = len(a)
 
     def ours():
         bb, _ = solve_many(beta, None, "bt", torch.ones(1, N, dtype=torch.float64))
-        return bb[0], C.leaderboard_rows(models, bb[0])
+        return bb[0], leaderboard_rows(models, bb[0])
     t_ours, (bn, _) = min((timed(ours) for _ in range(3)), key=lambda r: r[0])
-    t_mean = min(timed(lambda: C.mean_pair_probs(beta, None, "bt"))[0] for _ in range(3))
+    t_mean = min(timed(lambda: mean_pair_probs(beta, None, "bt"))[0] for _ in range(3))
     want = bn - bn.mean()
 
     def lbfgs():
@@ -592,7 +611,7 @@ def run_bench(args):
           f"({hit[0][1] if hit else '-'} of {evals} evaluations; {t_total:.1f} s in all; final gap {gap:.1e})")
     print(f"ratio L-BFGS / ours end to end: {t_lbfgs / t_ours:.1f}x")
     if args.out:
-        C.write_json(Path(args.out) / "bench.json", {"N": N, "M": M, "head": "bt", "threads": torch.get_num_threads(),
+        write_json(Path(args.out) / "bench.json", {"N": N, "M": M, "head": "bt", "threads": torch.get_num_threads(),
                      "ours_s": t_ours, "mean_pairs_s": t_mean, "pairs_per_s": rate, "division_per_s_one_thread": limit,
                      "lbfgs_s": t_lbfgs, "lbfgs_evals": evals, "lbfgs_total_s": t_total, "lbfgs_gap": gap,
                      "ratio": t_lbfgs / t_ours})
@@ -624,7 +643,7 @@ def run_bench_scale(args, small=10_000):
     print(f"time grew {rows[1]['seconds'] / rows[0]['seconds']:.1f}x for {rows[1]['prompts'] / rows[0]['prompts']:.0f}x "
           f"the prompts ({growth:.2f} of linear)")
     if args.out:
-        C.write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
+        write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
 
 
 def main(argv=None):
@@ -639,7 +658,7 @@ def main(argv=None):
                      "synthetic prompts x 130 models and on 10,000 (growth as a ratio)")
     p.add_argument("--prompt", action="append", help="with --checkpoint; repeat it to aggregate several prompts into one board")
     p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes)")
-    C.add_checkpoint_options(p, "; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
+    add_checkpoint_options(p, "; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
                              "--votes: default bt-tie, Arena's own convention (a tie is half a win)")
     p.add_argument("--by", help="also a leaderboard per value of this field (e.g. category); with --preds, the strengths report")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (prompts, or votes with --votes) for 95%% CIs; 0 = none")
@@ -674,7 +693,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     try:
         if args.out:  # an --out that cannot be a directory fails before any work; held locked to the end
-            C.check_out(args.out)
+            check_out(args.out)
         if args.preds:
             run_preds(args)
         elif args.checkpoint:

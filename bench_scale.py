@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--sizes", default="10000,1500000", help="battle counts to run, comma-separated (small first: the ratio is big/small)")
 p.add_argument("--models", type=int, default=130, help="the paper's model count")
 p.add_argument("--unique", type=float, default=0.85, help="fraction of battles with a prompt of their own (Arena prompts are mostly unique)")

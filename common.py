@@ -36,7 +36,7 @@ def rating(beta):
     return 1000.0 + 400.0 * beta / LN10
 
 # -----------------------------------------------------------------------------
-# battles: one vote per JSONL line (DESIGN §3), also the public Arena column forms
+# battles: one vote per JSONL line (docs/design.md §3), also the public Arena column forms
 
 def open_text(path):
     """A text file, gunzipped on the fly when its name ends in .gz; a UTF-8 byte-order mark (as
@@ -289,7 +289,7 @@ def pairs_of(votes, prompts):
     return out
 
 # -----------------------------------------------------------------------------
-# outcome models, all in log space (DESIGN §1)
+# outcome models, all in log space (docs/design.md §1)
 
 def outcome_logprobs(beta_a, beta_b, eta, head):
     """log P(outcome) for outcomes (a wins, b wins, tie, both bad) along a new last axis.
@@ -847,7 +847,7 @@ def predict_prompts(model, tok, prompts, shard_dir, batch_size=16, device="cpu",
     return out
 
 # -----------------------------------------------------------------------------
-# files: atomic writes and checkpoints (DESIGN §3)
+# files: atomic writes and checkpoints (docs/design.md §3)
 
 def atomic_write(path, data):
     """Write text or bytes so that readers see the old file or the whole new one, never half."""
@@ -1246,7 +1246,7 @@ def autodetect_device():
     return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
 
 # -----------------------------------------------------------------------------
-# aggregation and leaderboards (DESIGN §2). One Newton solver fits "the coefficients whose pairwise
+# aggregation and leaderboards (docs/design.md §2). One Newton solver fits "the coefficients whose pairwise
 # outcome probabilities best match a target": the target is the mean of per-prompt predicted
 # probabilities (aggregating a P2L over a set of prompts) or the vote counts (a leaderboard by
 # maximum likelihood from battles). Both are Σ_pairs Σ_outcomes target · (−log P), so both are
@@ -1501,7 +1501,7 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
 
 
 def aggregate(beta, eta, loss, weights=None):
-    """The leaderboard of a set of prompts (DESIGN §2): per-prompt coefficients beta [N, M] (eta [N]
+    """The leaderboard of a set of prompts (docs/design.md §2): per-prompt coefficients beta [N, M] (eta [N]
     for rk/grk) -> (beta_bar [M] float64, eta_bar float; 0.0 for bt, where it is unused), the
     coefficients whose pairwise outcome probabilities best match the per-prompt ones by
     cross-entropy (weights [N]: optional per-prompt weights). For bt this is the BT fit to the mean
@@ -1653,20 +1653,8 @@ def leaderboard_rows(models, beta, eta=None, head="bt", lo=None, hi=None, n=None
     return rows
 
 
-def write_leaderboard(stem, rows, meta=None):
-    """stem.json ({**meta, "leaderboard": rows}) and stem.csv (the rows), each written atomically."""
-    import csv
-    import io
-    write_json(f"{stem}.json", {**(meta or {}), "leaderboard": rows})
-    buf = io.StringIO()
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    wr = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    wr.writeheader()
-    wr.writerows(rows)
-    atomic_write(f"{stem}.csv", buf.getvalue())
-
 # -----------------------------------------------------------------------------
-# routing (DESIGN §2, the paper's Algorithm 1): route.py and livebench_eval.py share it. For one prompt
+# routing (docs/design.md §2, the paper's Algorithm 1): route.py, serve.py and livebench_eval.py share it. For one prompt
 # with coefficients β, costs c, budget C and opponents q: s = Wq with W_ab = σ(β_a − β_b) is each
 # model's predicted win rate against q, and π* = argmax π·s over the simplex with c·π <= C. The
 # routing math is float64 numpy.

@@ -30,20 +30,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common as C
+from common import (
+    HEAD_OF_LOSS, atomic_write, cat_pairs, encode_for, group_by_prompt, judge_logprobs, load_checkpoint,
+    parse_turns, predict, prompt_key, read_battles, read_jsonl, write_json,
+)
 
 
 def split_folds(rows, k, seed):
     """Deal the distinct prompts of rows (raw battle dicts with where-strings) into k folds.
     Returns a list of k lists of row indices; all votes of a prompt land in one fold."""
-    keys = sorted({C.prompt_key(C.parse_turns(r, where)) for where, r in rows})
+    keys = sorted({prompt_key(parse_turns(r, where)) for where, r in rows})
     if len(keys) < k:
         raise ValueError(f"{len(keys)} prompts cannot make {k} folds")
     random.Random(seed).shuffle(keys)
     fold_of = {key: i % k for i, key in enumerate(keys)}
     folds = [[] for _ in range(k)]
     for j, (where, r) in enumerate(rows):
-        folds[fold_of[C.prompt_key(C.parse_turns(r, where))]].append(j)
+        folds[fold_of[prompt_key(parse_turns(r, where))]].append(j)
     return folds
 
 
@@ -52,10 +55,10 @@ def keep_fraction(rows, idx, frac, seed):
     training-set-size axis of a scaling curve. Nested: a smaller fraction keeps a subset."""
     if frac >= 1:
         return idx
-    keys = sorted({C.prompt_key(C.parse_turns(rows[j][1], rows[j][0])) for j in idx})
+    keys = sorted({prompt_key(parse_turns(rows[j][1], rows[j][0])) for j in idx})
     random.Random(seed).shuffle(keys)
     kept = set(keys[:max(1, round(frac * len(keys)))])
-    return [j for j in idx if C.prompt_key(C.parse_turns(rows[j][1], rows[j][0])) in kept]
+    return [j for j in idx if prompt_key(parse_turns(rows[j][1], rows[j][0])) in kept]
 
 
 def compare(dir_a, dir_b, n_boot, seed):
@@ -77,7 +80,7 @@ def compare(dir_a, dir_b, n_boot, seed):
 def write_rows(path, rows):
     """Battle rows to a .jsonl.gz, atomically (train.py reads it by name)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in rows)
-    C.atomic_write(path, gzip.compress(text.encode("utf-8"), mtime=0))
+    atomic_write(path, gzip.compress(text.encode("utf-8"), mtime=0))
 
 
 def train_fold(fold_dir, train_args, log):
@@ -102,13 +105,13 @@ def score_fold(ckpt, battles):
     """Per-prompt (P2L NLL sum, marginal NLL sum, weight sum) of the held-out votes, in the order of
     their prompts' first appearance, with the prompt keys. Votes for models the fold's training
     part never saw are skipped (counted)."""
-    model, tok = C.load_checkpoint(ckpt)
+    model, tok = load_checkpoint(ckpt)
     p2l = model.p2l
-    head = C.HEAD_OF_LOSS[p2l["loss"]]
+    head = HEAD_OF_LOSS[p2l["loss"]]
     index = {m: i for i, m in enumerate(p2l["model_list"])}
-    prompts, pairs, skipped = C.group_by_prompt(battles, index, "bt-tie")  # p: soft label, or 1 / 0 / ½
-    ids = C.encode_for(model, tok, prompts)
-    beta, eta = C.predict(model, ids, tok.pad_token_id, batch_size=32)
+    prompts, pairs, skipped = group_by_prompt(battles, index, "bt-tie")  # p: soft label, or 1 / 0 / ½
+    ids = encode_for(model, tok, prompts)
+    beta, eta = predict(model, ids, tok.pad_token_id, batch_size=32)
     marg = json.loads((Path(ckpt) / "marginal.json").read_text())
     if marg["model_list"] != p2l["model_list"]:
         raise ValueError(f"{ckpt}: marginal.json and the checkpoint list different models")
@@ -117,13 +120,13 @@ def score_fold(ckpt, battles):
     eta = eta.double() if eta is not None else eta_m  # bt ignores eta
     out = []
     for b, e in ((beta.double(), eta), (beta_m, eta_m)):
-        allp = C.cat_pairs(pairs)
+        allp = cat_pairs(pairs)
         r = allp["row"]
-        la, lb = C.judge_logprobs(b[r, allp["a"]], b[r, allp["b"]], e[r], head)
+        la, lb = judge_logprobs(b[r, allp["a"]], b[r, allp["b"]], e[r], head)
         nll = -(allp["p"] * la + (1 - allp["p"]) * lb) * allp["w"]
         out.append(torch.zeros(len(prompts), dtype=torch.float64).index_add_(0, r, nll))
     w = torch.tensor([pp["w"].sum().item() for pp in pairs], dtype=torch.float64)
-    return [C.prompt_key(t) for t in prompts], out[0], out[1], w, skipped
+    return [prompt_key(t) for t in prompts], out[0], out[1], w, skipped
 
 
 def paired_bootstrap(s_p2l, s_marg, w, n_boot, seed):
@@ -136,7 +139,7 @@ def paired_bootstrap(s_p2l, s_marg, w, n_boot, seed):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=["data/alpaca_eval/train.jsonl.gz", "data/alpaca_eval/val.jsonl.gz"],
                    help="battle files pooled into one set of prompts (default: all 805 AlpacaEval prompts)")
     p.add_argument("--folds", type=int, default=5, help="K: each fold holds 1/K of the prompts out; 5 keeps 80%% for training, as the old split did")
@@ -167,8 +170,8 @@ def main():
         p.error(f"--only: fold indices must be in 0..{args.folds - 1}, got {args.only}")
     try:
         for path in args.data:  # every row valid (file:line errors) before any training
-            C.read_battles(path)
-        rows = [(where, r) for path in args.data for where, r in C.read_jsonl(path)]
+            read_battles(path)
+        rows = [(where, r) for path in args.data for where, r in read_jsonl(path)]
         folds = split_folds(rows, args.folds, args.seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -183,7 +186,7 @@ def main():
         write_rows(fold_dir / "train.jsonl.gz", [rows[j] for j in train_idx])
         write_rows(fold_dir / "val.jsonl.gz", [rows[j] for j in folds[k]])
         metrics = train_fold(fold_dir, train_args, print)
-        kk, sp, sm, ww, skipped = score_fold(fold_dir / "model", C.read_battles(fold_dir / "val.jsonl.gz"))
+        kk, sp, sm, ww, skipped = score_fold(fold_dir / "model", read_battles(fold_dir / "val.jsonl.gz"))
         keys += kk
         s_p2l.append(sp)
         s_marg.append(sm)
@@ -202,8 +205,8 @@ def main():
            "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": [r_lo, r_hi],
            "minutes": round((time.time() - t0) / 60, 2),
            "train_minutes": round(sum(f["train_seconds"] for f in per_fold) / 60, 2), "per_fold": per_fold}
-    C.write_json(out / "cv.json", res)
-    C.atomic_write(out / "prompts.jsonl", "".join(json.dumps({"prompt": key, "p2l": float(a), "marginal": float(b), "w": float(c)},
+    write_json(out / "cv.json", res)
+    atomic_write(out / "prompts.jsonl", "".join(json.dumps({"prompt": key, "p2l": float(a), "marginal": float(b), "w": float(c)},
                                                              ensure_ascii=False) + "\n" for key, a, b, c in zip(keys, sp, sm, ww)))
     print(f"CV ({len(only)} of {args.folds} folds, {len(keys)} prompts): judge NLL P2L {res['p2l_nll']:.4f} vs marginal "
           f"{res['marginal_nll']:.4f}: {100 * res['rel']:+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "

@@ -10,7 +10,7 @@ the marginal's, and how well the aggregated P2L leaderboard matches a fit to the
 
 Metrics, over the votes whose two models the checkpoint knows, each vote weighted by its weight w
 (plain bt gives hard-label ties w = 0, as in training), all in float64:
-- nll: mean −log-likelihood under the head's own outcome model (C.pair_nll): bt / bt-tie the
+- nll: mean −log-likelihood under the head's own outcome model (pair_nll): bt / bt-tie the
   soft-label cross-entropy −p·log σ(Δ) − (1−p)·log σ(−Δ); rk / grk −log P(observed outcome).
   The same number train.py reports as val NLL.
 - accuracy: decisive votes only (winner model_a or model_b): the vote counts as right when the
@@ -21,7 +21,7 @@ Metrics, over the votes whose two models the checkpoint knows, each vote weighte
   both-bad counted as a tie; grk: a, b, tie, both-bad), in [0, 2].
 - tie_nll (rk, grk), bothbad_nll (grk): the mean −log P over the votes with that outcome.
 Baselines: marginal = one leaderboard for every prompt (marginal.json, the head's starting
-point); category = C.fit_marginal on the training votes of the vote's category, the marginal for
+point); category = fit_marginal on the training votes of the vote's category, the marginal for
 a category with no training votes (listed in the output); uniform = all β equal, which is
 P(a≻b) = ½ for bt; rk fits η alone, grk fits η and the common β (β sets how often both are bad),
 so uniform matches the base rates of ties and both-bad but knows nothing about models.
@@ -29,7 +29,6 @@ so uniform matches the base rates of ties and both-bad but knows nothing about m
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -40,7 +39,12 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-import common as C
+from common import (
+    A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, aggregate, autodetect_device,
+    batch_nll, cat_pairs, check_device, check_out, dist_env, fit_marginal, group_by_prompt, load_checkpoint,
+    load_predictions, outcome_logprobs, pair_nll, predict_prompts, prompt_key, read_battles, read_json_object,
+    read_marginal, save_predictions, write_json,
+)
 
 
 # -----------------------------------------------------------------------------
@@ -54,7 +58,7 @@ def checkpoint_info(ckpt):
     if not (ckpt / "config.json").exists():
         sys.exit(f"error: --checkpoint {ckpt}: not a checkpoint directory (no config.json)")
     try:
-        p2l = C.read_json_object(ckpt / "config.json", "checkpoint config").get("p2l") or {}
+        p2l = read_json_object(ckpt / "config.json", "checkpoint config").get("p2l") or {}
         models = p2l.get("model_list")
         if models is None and (ckpt / "model_list.json").exists():
             models = json.loads((ckpt / "model_list.json").read_text(encoding="utf-8"))
@@ -66,8 +70,8 @@ def checkpoint_info(ckpt):
 def fit_uniform(pairs, n_models, loss):
     """All β equal. bt: nothing to fit (β = 0). rk: η alone (the shift of β is irrelevant). grk: η and the
     common β, because β sets P(both bad) = 1/(1 + 2e^β) and must be free to match its base rate."""
-    head = C.HEAD_OF_LOSS[loss]
-    allp = C.cat_pairs(pairs)
+    head = HEAD_OF_LOSS[loss]
+    allp = cat_pairs(pairs)
     allp["row"] = torch.zeros_like(allp["row"])
     c = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     eta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -78,7 +82,7 @@ def fit_uniform(pairs, n_models, loss):
 
         def closure():
             opt.zero_grad()
-            s, w = C.batch_nll(c.expand(1, n_models), eta, allp, loss)
+            s, w = batch_nll(c.expand(1, n_models), eta, allp, loss)
             (s / w).backward()
             return s / w
         opt.step(closure)
@@ -88,24 +92,24 @@ def fit_uniform(pairs, n_models, loss):
 def vote_metrics(beta, eta, row, pairs, loss, n_prompts):
     """The metrics of the docstring for coefficients beta [R, M] (eta [R] or None), vote i scored with
     row row[i]; also the per-prompt weighted NLL sums (pairs['row'] is the prompt) for the bootstrap."""
-    head = C.HEAD_OF_LOSS[loss]
+    head = HEAD_OF_LOSS[loss]
     beta = beta.double()
     e = eta.double()[row] if eta is not None else None
     ba, bb = beta[row, pairs["a"]], beta[row, pairs["b"]]
     y, p, w = pairs["y"], pairs["p"], pairs["w"]
-    nll = C.pair_nll(ba, bb, e, y, p, loss)
-    prob = C.outcome_logprobs(ba, bb, e, head).exp()
-    brier = (prob[:, C.A] - p) ** 2 if head == "bt" else ((prob - F.one_hot(y, 4).double()) ** 2).sum(-1)
-    right = torch.where(ba > bb, (y == C.A).double(), torch.where(ba < bb, (y == C.B).double(), 0.5))
+    nll = pair_nll(ba, bb, e, y, p, loss)
+    prob = outcome_logprobs(ba, bb, e, head).exp()
+    brier = (prob[:, A] - p) ** 2 if head == "bt" else ((prob - F.one_hot(y, 4).double()) ** 2).sum(-1)
+    right = torch.where(ba > bb, (y == A).double(), torch.where(ba < bb, (y == B).double(), 0.5))
 
     def mean(x, keep):
         wk = w * keep
         return (x * wk).sum().item() / wk.sum().item() if wk.sum() > 0 else None
-    out = {"nll": mean(nll, 1.0), "accuracy": mean(right, (y == C.A) | (y == C.B)), "brier": mean(brier, 1.0)}
+    out = {"nll": mean(nll, 1.0), "accuracy": mean(right, (y == A) | (y == B)), "brier": mean(brier, 1.0)}
     if head != "bt":
-        out["tie_nll"] = mean(nll, y == C.TIE)
+        out["tie_nll"] = mean(nll, y == TIE)
     if head == "grk":
-        out["bothbad_nll"] = mean(nll, y == C.BOTHBAD)
+        out["bothbad_nll"] = mean(nll, y == BOTHBAD)
     per_prompt = torch.zeros(n_prompts, dtype=torch.float64).index_add_(0, pairs["row"], nll * w)
     return out, per_prompt
 
@@ -116,8 +120,8 @@ def agreement(beta1, eta1, beta2, eta2, keep, head):
     def p_win(b, e):
         b = b.double()[keep]
         n = len(b)
-        return C.outcome_logprobs(b[:, None].expand(n, n), b[None, :].expand(n, n),
-                                  torch.full((n, n), float(e), dtype=torch.float64), head)[..., C.A].exp()
+        return outcome_logprobs(b[:, None].expand(n, n), b[None, :].expand(n, n),
+                                  torch.full((n, n), float(e), dtype=torch.float64), head)[..., A].exp()
     off = ~torch.eye(int(keep.sum()), dtype=torch.bool)
     x, y = beta1[keep].tolist(), beta2[keep].tolist()
     defined = len(set(x)) > 1 and len(set(y)) > 1  # else a rank correlation is undefined: None, not NaN
@@ -127,16 +131,16 @@ def agreement(beta1, eta1, beta2, eta2, keep, head):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="P2L checkpoint dir (this project's or the authors' released layout); its "
                    "marginal.json supplies the baselines. With --preds only its config.json and marginal.json are read")
-    p.add_argument("--data", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles JSONL(.gz), DESIGN §3; "
+    p.add_argument("--data", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles JSONL(.gz), docs/design.md §3; "
                    "soft labels (p_a) and the Arena column forms are read too")
     p.add_argument("--out", default="out/eval", help="predictions.safetensors + predictions.jsonl and metrics.json, written "
                    "as one set when everything has succeeded (metrics.json last; it records the predictions' sha256)")
     p.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
                    "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated")
-    C.add_checkpoint_options(p, "; also the outcome model the predictions are scored with")
+    add_checkpoint_options(p, "; also the outcome model the predictions are scored with")
     p.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
                    "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
     p.add_argument("--strict", action="store_true", help="a vote naming a model the checkpoint does not know is an error "
@@ -146,7 +150,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (batched by length, little padding)")
     p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: as many prompts (sorted by length) as "
                    "fit this many padded tokens per forward pass; `torchrun --nproc_per_node N evaluate.py ...` splits prompts over N ranks")
-    p.add_argument("--device", default=C.autodetect_device(), help="cuda / mps / cpu (default: what is there)")
+    p.add_argument("--device", default=autodetect_device(), help="cuda / mps / cpu (default: what is there)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on GPUs; fp32 "
                    "reproduces the NLL train.py reported to ~1e-6")
     args = p.parse_args(argv)
@@ -157,9 +161,9 @@ def parse_args(argv):
         if v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
     try:
-        C.check_out(args.out)
+        check_out(args.out)
         if not args.preds:
-            C.check_device(args.device)
+            check_device(args.device)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -169,18 +173,18 @@ def read_inputs(args):
     """Everything that can be wrong with the inputs fails here: before the (slow) model load, any
     forward pass, or anything written. Returns a dict of what the later steps need."""
     try:
-        battles = C.read_battles(args.data)
+        battles = read_battles(args.data)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     ck_loss, ck_models = checkpoint_info(args.checkpoint) if args.checkpoint else (None, None)
     loss = args.loss or ck_loss
-    if loss not in C.LOSSES:
+    if loss not in LOSSES:
         sys.exit(f"error: {args.checkpoint or args.preds}: no loss recorded (the authors' released layout does not say): "
-                 f"pass --loss ({'|'.join(C.LOSSES)})")
+                 f"pass --loss ({'|'.join(LOSSES)})")
     preds = None
     if args.preds:
         try:
-            preds = C.load_predictions(args.preds)
+            preds = load_predictions(args.preds)
         except (ValueError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: --preds {args.preds}: {e}")
         model_list = preds[2]
@@ -197,7 +201,7 @@ def read_inputs(args):
                  f"({len(unknown)} unknown models in all; drop --strict to skip and count such votes)")
     # the marginal leaderboard and the training votes behind it, read now when a baseline needs them
     try:  # its `train` is found again if the checkpoint was moved
-        mj = C.read_marginal(args.checkpoint) if args.checkpoint else None
+        mj = read_marginal(args.checkpoint) if args.checkpoint else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     train_path = args.train_votes or (mj or {}).get("train")
@@ -205,34 +209,34 @@ def read_inputs(args):
         sys.exit(f"error: {f'--checkpoint {args.checkpoint} has no marginal.json' if args.checkpoint else 'no --checkpoint'} "
                  "to take the baselines from: pass --train-votes FILE (the votes the checkpoint was trained on) to fit them")
     use_mj = mj is not None and not args.train_votes and mj.get("loss") == loss and all(m in mj.get("model_list", []) for m in model_list)
-    need_train = not use_mj or any(b["category"] is not None for b in battles) or C.HEAD_OF_LOSS[loss] != "bt"
+    need_train = not use_mj or any(b["category"] is not None for b in battles) or HEAD_OF_LOSS[loss] != "bt"
     train = None
     if need_train:
         if not Path(train_path).exists():
             sys.exit(f"error: training votes {train_path} (marginal.json's `train`) not found: pass --train-votes FILE")
         try:
-            train = C.read_battles(train_path)
+            train = read_battles(train_path)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
-    return dict(battles=battles, loss=loss, head=C.HEAD_OF_LOSS[loss], model_list=model_list, index=index, M=len(model_list),
+    return dict(battles=battles, loss=loss, head=HEAD_OF_LOSS[loss], model_list=model_list, index=index, M=len(model_list),
                 unknown=unknown, mj=mj if use_mj else None, train_path=train_path, train=train, preds=preds)
 
 
 def group_votes(args, ctx):
     """Votes grouped by prompt; every unique prompt gets a prediction, even one whose votes were all skipped."""
     battles, index, loss = ctx["battles"], ctx["index"], ctx["loss"]
-    keys = list(dict.fromkeys(C.prompt_key(b["prompt"]) for b in battles))
+    keys = list(dict.fromkeys(prompt_key(b["prompt"]) for b in battles))
     pos = {k: i for i, k in enumerate(keys)}
     by_prompt = {}
     for b in battles:
-        by_prompt.setdefault(C.prompt_key(b["prompt"]), []).append(b)
-    kept_prompts, pairs_list, n_skipped = C.group_by_prompt(battles, index, loss)
+        by_prompt.setdefault(prompt_key(b["prompt"]), []).append(b)
+    kept_prompts, pairs_list, n_skipped = group_by_prompt(battles, index, loss)
     if not pairs_list:
         sys.exit(f"error: {args.data}: none of its {len(battles)} votes is between two models the checkpoint knows")
-    pairs = C.cat_pairs(pairs_list)
-    pairs["row"] = torch.tensor([pos[C.prompt_key(t)] for t in kept_prompts])[pairs["row"]]  # -> index into prompts
+    pairs = cat_pairs(pairs_list)
+    pairs["row"] = torch.tensor([pos[prompt_key(t)] for t in kept_prompts])[pairs["row"]]  # -> index into prompts
     # the category of each kept vote, in the order group_by_prompt emitted them
-    vote_cat = [b["category"] for t in kept_prompts for b in by_prompt[C.prompt_key(t)]
+    vote_cat = [b["category"] for t in kept_prompts for b in by_prompt[prompt_key(t)]
                 if b["model_a"] in index and b["model_b"] in index]
     if pairs["w"].sum() == 0:
         sys.exit(f"error: {args.data}: no vote carries weight (plain bt drops hard-label ties): try --loss bt-tie")
@@ -247,10 +251,10 @@ def reused_predictions(args, ctx):
     keys, P, head = ctx["keys"], ctx["P"], ctx["head"]
     if True:
         pred_beta, pred_eta, _, pred_rows = ctx["preds"]
-        where = {C.prompt_key(r["prompt"]): i for i, r in enumerate(pred_rows)}
+        where = {prompt_key(r["prompt"]): i for i, r in enumerate(pred_rows)}
         missing = [k for k in keys if k not in where]
         if missing:
-            b = next(b for b in ctx["battles"] if C.prompt_key(b["prompt"]) == missing[0])
+            b = next(b for b in ctx["battles"] if prompt_key(b["prompt"]) == missing[0])
             sys.exit(f"error: {b['where']}: prompt not in --preds {args.preds} ({len(missing)} of {P} prompts missing)")
         take = torch.tensor([where[k] for k in keys])
         beta, eta = pred_beta[take], (pred_eta[take] if pred_eta is not None else None)
@@ -261,7 +265,7 @@ def reused_predictions(args, ctx):
 
 def load_model(args, ctx):
     try:
-        return C.load_checkpoint(args.checkpoint, ctx["loss"], max_len=args.max_len)
+        return load_checkpoint(args.checkpoint, ctx["loss"], max_len=args.max_len)
     except (ValueError, OSError) as e:
         sys.exit(f"error: --checkpoint {args.checkpoint}: {e}")
 
@@ -271,7 +275,7 @@ def predictions(args, ctx, model, tok):
     keys = ctx["keys"]
     # under torchrun each rank runs every N-th prompt into a shard in --out; rank 0 merges them and
     # carries on alone (it alone holds --out's lock and writes the outputs)
-    res = C.predict_prompts(model, tok, ctx["prompts"], args.out, args.batch_size, args.device,
+    res = predict_prompts(model, tok, ctx["prompts"], args.out, args.batch_size, args.device,
                             torch.bfloat16 if args.dtype == "bf16" else None, args.max_tokens)
     if res is None:
         sys.exit(0)
@@ -294,7 +298,7 @@ def baselines(ctx):
 
     def train_pairs(category=None):  # the training votes (all, or one category's) grouped for the loss; None if none weigh
         tb = [b for b in ctx["train"] if category is None or b["category"] == category]
-        _, tp, _ = C.group_by_prompt(tb, index, loss)
+        _, tp, _ = group_by_prompt(tb, index, loss)
         return tp if tp and sum(t["w"].sum().item() for t in tp) > 0 else None
 
     notes, mj = [], ctx["mj"]
@@ -306,7 +310,7 @@ def baselines(ctx):
         tp = train_pairs()
         if tp is None:
             sys.exit(f"error: {ctx['train_path']}: no training votes between models the checkpoint knows")
-        mbeta, meta = (t.double() for t in C.fit_marginal(tp, M, loss))
+        mbeta, meta = (t.double() for t in fit_marginal(tp, M, loss))
     categories = sorted({c for c in ctx["vote_cat"] if c is not None}, key=str)
     cat_beta, cat_eta, fallback = [mbeta], [meta], []  # row 0: the marginal, for votes without a category
     for c in categories:
@@ -315,7 +319,7 @@ def baselines(ctx):
             fallback.append(c)
             b_, e_ = mbeta, meta
         else:
-            b_, e_ = (t.double() for t in C.fit_marginal(tp, M, loss))
+            b_, e_ = (t.double() for t in fit_marginal(tp, M, loss))
         cat_beta.append(b_)
         cat_eta.append(e_)
     if fallback:
@@ -361,8 +365,8 @@ def score(args, ctx, beta, eta, base):
             "nll_rel_diff_pct_ci": [100 * float(np.percentile(rel, 2.5)), 100 * float(np.percentile(rel, 97.5))]}
     # leaderboard agreement: the aggregated P2L leaderboard on these prompts (each prompt weighted by its votes, so
     # both leaderboards average over the same prompts) vs a leaderboard fitted to these votes
-    agg_beta, agg_eta = C.aggregate(beta[live], eta[live] if eta is not None else None, loss, weights=w_pp[live])
-    vbeta, veta = C.fit_marginal(ctx["pairs_list"], M, loss)
+    agg_beta, agg_eta = aggregate(beta[live], eta[live] if eta is not None else None, loss, weights=w_pp[live])
+    vbeta, veta = fit_marginal(ctx["pairs_list"], M, loss)
     seen = torch.zeros(M, dtype=torch.bool)
     seen[pairs["a"][pairs["w"] > 0]] = True
     seen[pairs["b"][pairs["w"] > 0]] = True  # a model with no votes here has only the ridge's 0 in the vote fit: left out
@@ -416,10 +420,10 @@ def main(argv=None):
         (beta, eta), rows = reused_predictions(args, ctx), None
     else:
         model, tok = load_model(args, ctx)  # a bad checkpoint fails here, before --out is touched
-        if C.dist_env()[0] != 0:  # a torchrun rank > 0 only runs its share of the forward passes, then exits
+        if dist_env()[0] != 0:  # a torchrun rank > 0 only runs its share of the forward passes, then exits
             predictions(args, ctx, model, tok)
     try:
-        out = C.OutputSet(args.out).__enter__()  # locked from here to the commit: no second run interleaves its files
+        out = OutputSet(args.out).__enter__()  # locked from here to the commit: no second run interleaves its files
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
@@ -430,7 +434,7 @@ def main(argv=None):
         base = baselines(ctx)
         results, boot, board = score(args, ctx, beta, eta, base)
         if rows is not None:  # staged: nothing reaches --out until the whole set is ready
-            C.save_predictions(out.stage, beta, eta, ctx["model_list"], rows, loss=ctx["loss"], checkpoint=args.checkpoint)
+            save_predictions(out.stage, beta, eta, ctx["model_list"], rows, loss=ctx["loss"], checkpoint=args.checkpoint)
         preds_dir = Path(args.preds) if args.preds else Path(args.out)
         digest = sha256((out.stage if rows is not None else preds_dir) / "predictions.safetensors")
         metrics = dict(results, n_votes=ctx["n_votes"], n_skipped=ctx["n_skipped"], nll_diff=boot["nll_diff"],
@@ -441,7 +445,7 @@ def main(argv=None):
                        data=str(Path(args.data).resolve()), train_votes=str(Path(ctx["train_path"]).resolve()),
                        category_fallback=base["fallback"], notes=base["notes"], bootstrap=args.bootstrap, seed=args.seed,
                        predict_seconds=round(pred_seconds, 1), seconds=round(time.time() - t_start, 1))
-        C.write_json(out.stage / "metrics.json", metrics)
+        write_json(out.stage / "metrics.json", metrics)
         out.commit(marker="metrics.json")
     finally:
         out.__exit__(None, None, None)

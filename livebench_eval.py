@@ -62,7 +62,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import common as C
+from common import (
+    WINNERS, add_checkpoint_options, aggregate, atomic_write, autodetect_device, batch_nll, check_out,
+    encode_for, hull_route, load_checkpoint, load_predictions, predict, predict_prompts, read_json_object,
+    read_jsonl, read_marginal, read_model_numbers, route_all, save_png, save_predictions, win_rates,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -74,7 +79,7 @@ POLICIES = ("router", "oracle", "best_single", "best_mixture", "p2l_single", "ra
 
 def read_questions(path):
     qs, seen = [], set()
-    for where, q in C.read_jsonl(path):
+    for where, q in read_jsonl(path):
         for k in ("question_id", "category", "task"):
             if not isinstance(q.get(k), (str, int)) or q[k] == "":
                 raise ValueError(f"{where}: missing '{k}'")
@@ -142,7 +147,7 @@ def read_scores(path, questions):
     # LiveBench's ground_truth_judgment.jsonl: one row per (question, model), more fields allowed
     row_of = {q["question_id"]: z for z, q in enumerate(questions)}
     got = {}
-    for where, j in C.read_jsonl(path):
+    for where, j in read_jsonl(path):
         if not isinstance(j, dict) or "question_id" not in j or not isinstance(j.get("model"), str) or "score" not in j:
             raise ValueError(f"{where}: a judgment needs question_id, model and score")
         s = j["score"]
@@ -165,7 +170,7 @@ def read_name_map(path, p2l_models):
     """{p2l name: (livebench name, None or why the match is approximate)}; no file = the same names."""
     if path is None:
         return {m: (m, None) for m in p2l_models}
-    obj = C.read_json_object(path, "the name map {p2l name: livebench name}")
+    obj = read_json_object(path, "the name map {p2l name: livebench name}")
     out, known = {}, set(p2l_models)
     for k, v in obj.items():
         if k.startswith("_"):
@@ -186,7 +191,7 @@ def read_name_map(path, p2l_models):
 
 def read_costs(path, models):
     """{model: cost per query} for the models the file prices (keys starting with '_' are documentation)."""
-    costs = C.read_model_numbers(path, "cost")
+    costs = read_model_numbers(path, "cost")
     return {m: costs[m] for m in models if m in costs}
 
 # -----------------------------------------------------------------------------
@@ -224,7 +229,7 @@ def mixtures(score_of, avail, c, budget):
     pi = np.zeros(avail.shape)
     for rows, cols in by_pattern(avail):
         s = score_of(rows, cols)
-        I, J, W = C.route_all("optimal", s, s, c[cols], budget)
+        I, J, W = route_all("optimal", s, s, c[cols], budget)
         np.add.at(pi, (rows, cols[I]), W)
         np.add.at(pi, (rows, cols[J]), 1 - W)
     return pi
@@ -234,24 +239,24 @@ def p2l_router(beta, avail):
     """score_of for the P2L router: each model's predicted win rate Wq against q uniform over the
     models scored on the question."""
     def score_of(rows, cols):
-        return C.win_rates(beta[np.ix_(rows, cols)], np.full(len(cols), 1.0 / len(cols)))
+        return win_rates(beta[np.ix_(rows, cols)], np.full(len(cols), 1.0 / len(cols)))
     return score_of
 
 # -----------------------------------------------------------------------------
 # P2L coefficients: a checkpoint, saved predictions, or K-fold training on LiveBench outcomes
 
 
-def predict(ckpt, questions, shard_dir=None, loss=None, max_len=None):
+def predict_questions(ckpt, questions, shard_dir=None, loss=None, max_len=None):
     """(beta, eta, model list) of a checkpoint on the questions. With shard_dir, a torchrun launch
-    splits the questions over its ranks (C.predict_prompts): rank 0 gets the merged result, the
+    splits the questions over its ranks (predict_prompts): rank 0 gets the merged result, the
     other ranks exit here."""
-    model, tok = C.load_checkpoint(ckpt, loss, max_len=max_len)
-    device = C.autodetect_device()
+    model, tok = load_checkpoint(ckpt, loss, max_len=max_len)
+    device = autodetect_device()
     turns = [q["turns"] for q in questions]
     if shard_dir is None:
-        beta, eta = C.predict(model.to(device), C.encode_for(model, tok, turns), tok.pad_token_id, batch_size=16, device=device)
+        beta, eta = predict(model.to(device), encode_for(model, tok, turns), tok.pad_token_id, batch_size=16, device=device)
     else:
-        res = C.predict_prompts(model, tok, turns, shard_dir, 16, device)
+        res = predict_prompts(model, tok, turns, shard_dir, 16, device)
         if res is None:
             sys.exit(0)
         beta, eta = res
@@ -278,9 +283,9 @@ def outcome_votes(zs, questions, S, models, pairs, rng):
 def heldout_nll(beta, eta, votes, row_of, index):
     """Weighted grk NLL per vote of votes under per-question (beta [n, M], eta [n])."""
     pairs = {"a": torch.tensor([index[v["model_a"]] for v in votes]), "b": torch.tensor([index[v["model_b"]] for v in votes]),
-             "y": torch.tensor([C.WINNERS[v["winner"]] for v in votes]), "p": torch.zeros(len(votes), dtype=torch.float64),
+             "y": torch.tensor([WINNERS[v["winner"]] for v in votes]), "p": torch.zeros(len(votes), dtype=torch.float64),
              "w": torch.tensor([v["weight"] for v in votes], dtype=torch.float64), "row": torch.tensor([row_of[v["id"]] for v in votes])}
-    s, w = C.batch_nll(beta.double(), eta.double(), pairs, "grk")
+    s, w = batch_nll(beta.double(), eta.double(), pairs, "grk")
     return (s / w).item()
 
 
@@ -297,13 +302,13 @@ def train_fold(args, d, train_v, val_v):
     with tempfile.TemporaryDirectory(dir=d, prefix=".train.") as tmp:
         tmp = Path(tmp)
         for name, rows in (("train.jsonl", train_v), ("val.jsonl", val_v)):
-            C.atomic_write(tmp / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            atomic_write(tmp / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         cmd = [sys.executable, str(HERE / "train.py"), "--model", args.cv_model, "--loss", "grk", "--train", str(tmp / "train.jsonl"),
                "--val", str(tmp / "val.jsonl"), "--out", str(tmp / "p2l"), "--epochs", str(args.cv_epochs), "--batch-size", "16",
                "--max-len", str(args.cv_max_len), "--head-lr", str(args.cv_head_lr), "--eval-every", VALIDATE_ONLY_AT_END,
                "--seed", str(args.seed)]
         r = subprocess.run(cmd, capture_output=True, text=True)
-        C.atomic_write(d / "train.log", " ".join(cmd) + "\n" + r.stdout + r.stderr)
+        atomic_write(d / "train.log", " ".join(cmd) + "\n" + r.stdout + r.stderr)
         if r.returncode != 0:
             sys.exit(f"error: {d.name}: train.py failed (log: {d / 'train.log'}):\n{r.stderr[-2000:]}")
         yield tmp / "p2l"
@@ -336,14 +341,14 @@ def train_cv(args, questions, S, models, out):
         missing = set(models) - {v[side] for v in train_v for side in ("model_a", "model_b")}
         if missing:  # train.py's model list is the models its votes name: it must be all of them
             sys.exit(f"error: fold {k}: no training vote names {', '.join(sorted(missing))}: raise --pairs")
-        C.write_json(d / "questions.json", {"train": [questions[z]["question_id"] for z in train_z],
+        write_json(d / "questions.json", {"train": [questions[z]["question_id"] for z in train_z],
                                              "test": [questions[z]["question_id"] for z in test_z]})
         # train.py wants a validation file: a few held-out questions (the real held-out measure is below, on all of fold k)
         few = {questions[z]["question_id"] for z in test_z[:16]}
         t0 = time.time()
         with train_fold(args, d, train_v, [v for v in test_v if v["id"] in few]) as ck:
-            b, e, ck_models = predict(ck, [questions[z] for z in test_z])
-            marg = C.read_marginal(ck)
+            b, e, ck_models = predict_questions(ck, [questions[z] for z in test_z])
+            marg = read_marginal(ck)
             b = in_order(b, ck_models, models, f"fold {k}'s checkpoint")
             mb = in_order(torch.tensor(marg["beta"]), marg["model_list"], models, f"fold {k}'s marginal.json")
         beta[test_z], eta[test_z] = b, e
@@ -392,7 +397,7 @@ def parse_args(argv):
     p.add_argument("--cv-head-lr", type=float, default=1e-2, help="--train-cv head learning rate")
     p.add_argument("--seed", type=int, default=0, help="folds and pair sampling (training seeds too): reruns agree")
     p.add_argument("--out", default="out/livebench", help="table.csv, metrics.json, livebench.png, routes.jsonl, predictions")
-    C.add_checkpoint_options(p)
+    add_checkpoint_options(p)
     args = p.parse_args(argv)
     if args.train_cv is not None and (args.train_cv < 2 or args.name_map):
         p.error("--train-cv needs K >= 2 and no --name-map (it trains on the LiveBench names)")
@@ -403,7 +408,7 @@ def parse_args(argv):
 
 def load(args):
     """Everything that can fail on bad input fails here, before any output is written (ValueError)."""
-    C.check_out(args.out)
+    check_out(args.out)
     all_q = read_questions(args.questions)
     release = args.release or max(q["release"] for q in all_q)
     if not DATE.match(release):
@@ -419,7 +424,7 @@ def load(args):
         raise ValueError(f"{args.scores}: no model has a score on any question of release {release}")
     preds, ck_loss = None, "grk"  # --train-cv trains grk
     if args.preds:
-        pb, _, p2l_models, prow = C.load_predictions(args.preds)
+        pb, _, p2l_models, prow = load_predictions(args.preds)
         where = {str(r.get("question_id")): i for i, r in enumerate(prow)}
         missing = [q for q in questions if q["question_id"] not in where]
         if missing:
@@ -493,7 +498,7 @@ def coefficients(args, inp, pool, out):
         cv = None
     else:
         if args.checkpoint:
-            raw_b, raw_e, ck_models = predict(args.checkpoint, pool.questions, shard_dir=out, loss=args.loss, max_len=args.max_len)
+            raw_b, raw_e, ck_models = predict_questions(args.checkpoint, pool.questions, shard_dir=out, loss=args.loss, max_len=args.max_len)
             raw_b = in_order(raw_b, ck_models, inp.p2l_models, f"--checkpoint {args.checkpoint}")
             fold, cv = None, None
         else:
@@ -502,7 +507,7 @@ def coefficients(args, inp, pool, out):
                   "max_len": args.cv_max_len, "head_lr": args.cv_head_lr, "heldout_grk_nll": nll}
         rows = [{"question_id": q["question_id"], "task": q["task"], "category": q["category"], "prompt": q["turns"],
                  **({"fold": int(fold[z])} if fold is not None else {})} for z, q in enumerate(pool.questions)]
-        C.save_predictions(out, raw_b, raw_e, inp.p2l_models, rows, loss=inp.loss,
+        save_predictions(out, raw_b, raw_e, inp.p2l_models, rows, loss=inp.loss,
                            checkpoint=args.checkpoint)
         beta_all = raw_b.double().numpy()
     p2l_index = {m: i for i, m in enumerate(inp.p2l_models)}
@@ -516,7 +521,7 @@ def score(pool, beta):
     N, M = Sp.shape
     complete = avail.all(0)  # a single model is listed only where it has a score on every question, as LiveBench requires
     singles = {names[m]: livebench_score(Sp[:, m], questions) for m in range(M) if complete[m]}
-    p2l_bbar = C.aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()  # P2L's averaged leaderboard, docs/design.md §2
+    p2l_bbar = aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()  # P2L's averaged leaderboard, docs/design.md §2
     table, routes, at, router_pi = [], [], {}, {}
     for bgt in pool.budgets:
         ok = c <= bgt
@@ -558,7 +563,7 @@ def fixed_policies(pi, singles, names, c, complete, p2l_bbar, bgt, N):
         # the best prompt-independent mixture of two models at this cost, picked with the scores: LiveBench's
         # score is linear in the per-question scores, so a mixture scores the mix of the two overall scores
         sc = np.array([singles[names[m]]["overall"] for m in comp])
-        i, j, w = C.hull_route(sc, c[comp], bgt, np.argsort(c[comp], kind="stable").tolist())
+        i, j, w = hull_route(sc, c[comp], bgt, np.argsort(c[comp], kind="stable").tolist())
         pi["best_mixture"] = np.zeros((N, M))
         pi["best_mixture"][:, comp[i]] += w
         pi["best_mixture"][:, comp[j]] += 1 - w
@@ -584,15 +589,15 @@ def write_outputs(args, inp, pool, res, cv, src, out, seconds):
                      "without_cost": pool.no_cost},
         "costs": args.costs, "opponents": "uniform over the pooled models scored on each question",
         "cv": cv, "seconds": round(seconds, 1), "seed": args.seed})
-    C.write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     buf = io.StringIO()
     cols = ["policy", "model", "budget", "expected_cost", "overall"] + cats + tasks
     wr = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
     wr.writeheader()
     for t in res.table:
         wr.writerow({k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in {**t, **t["tasks"]}.items()})
-    C.atomic_write(out / "table.csv", buf.getvalue())
-    C.atomic_write(out / "routes.jsonl", "".join(json.dumps(r) + "\n" for r in res.routes))
+    atomic_write(out / "table.csv", buf.getvalue())
+    atomic_write(out / "routes.jsonl", "".join(json.dumps(r) + "\n" for r in res.routes))
     plot(at, singles, names, pool.c, budgets, inp.costs is not None, out / "livebench.png",
          f"LiveBench {inp.release}, {len(pool.questions)} questions: P2L {Path(src).name if not args.train_cv else 'grk CV'} "
          f"among {len(names)} models")
@@ -698,7 +703,7 @@ def plot(at, singles, names, c, budgets, with_costs, path, title):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    C.save_png(fig, path)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Route each prompt to a model under a cost budget (the paper's Algorithm 1, DESIGN §2): P2L's
+"""Route each prompt to a model under a cost budget (the paper's Algorithm 1, docs/design.md §2): P2L's
 per-prompt coefficients β(z) say how likely each model is to win on z; the router picks a
 distribution π over models with the best predicted win rate whose expected cost per query is at
 most the budget.
@@ -22,10 +22,10 @@ costs c (--costs, per query), budget C and an opponent distribution q (--opponen
   β: safeguarded Newton for all prompts at once; on the averaged leaderboard brentq in a bracket
   widened until it holds the root, which lies outside [min β̄, max β̄] when a router beats every model).
   Per prompt θ* is on that prompt's β scale; the run's `theta` in metrics.json is the same root
-  on the averaged leaderboard β̄ (the BT fit to the mean pairwise matrix, DESIGN §2, Σβ̄ = 0) with
+  on the averaged leaderboard β̄ (the BT fit to the mean pairwise matrix, docs/design.md §2, Σβ̄ = 0) with
   R = the mean win rate: the coefficient a model with the router's win rate would have there
   (with uniform q, a router that always picks model m gets exactly β̄_m).
-For rk/grk checkpoints β is used as a BT coefficient, as in DESIGN §2.
+For rk/grk checkpoints β is used as a BT coefficient, as in docs/design.md §2.
 
 --sweep measures the cost–quality curve on the labelled votes of --prompts (held-out prompts):
 every router at 40 budgets from the cheapest to the dearest model, every single model, and 200
@@ -59,17 +59,22 @@ import torch
 from scipy.optimize import linprog
 from scipy.special import expit
 
-import common as C
+from common import (
+    A, B, add_checkpoint_options, all_pairs, atomic_write, autodetect_device, check_out,
+    finite_or_none, fit_pairs, hull_route, load_checkpoint, load_predictions, lock_dir, predict_prompts,
+    prompt_key, rating, read_battles, read_json_object, read_model_numbers, read_prompts, route_all, save_png,
+    save_predictions, solve_theta, solve_theta_many, torch_threads, win_rates, write_json,
+)
 
 ROUTERS = ("optimal", "simple", "strict")
 
 # -----------------------------------------------------------------------------
-# inputs: costs, opponents (prompts: C.read_prompts); every bad value is an error naming the file (and line)
+# inputs: costs, opponents (prompts: read_prompts); every bad value is an error naming the file (and line)
 
 
 def read_model_weights(path, model_list, what):
     """The file's numbers in model_list order, NaN where missing, and the names it has beyond model_list."""
-    vals = C.read_model_numbers(path, what)
+    vals = read_model_numbers(path, what)
     return np.array([vals.get(m, math.nan) for m in model_list]), set(vals) - set(model_list)
 
 
@@ -98,7 +103,7 @@ def read_opponents(path, model_list):
 
 
 # -----------------------------------------------------------------------------
-# the router is C.win_rates / C.hull_route / C.route_all / C.solve_theta (common.py, shared with
+# the router is win_rates / hull_route / route_all / solve_theta (common.py, shared with
 # livebench_eval.py); here only the LP it replaces, for tests and --bench
 
 
@@ -122,11 +127,11 @@ def realised_scores(battles, row_of, index):
     votes, skipped = {}, 0
     for bt in battles:
         a, b = index.get(bt["model_a"]), index.get(bt["model_b"])
-        z = row_of.get(C.prompt_key(bt["prompt"]))
+        z = row_of.get(prompt_key(bt["prompt"]))
         if a is None or b is None or z is None or bt["weight"] == 0:
             skipped += 1
             continue
-        y = bt["p_a"] if bt["p_a"] is not None else {C.A: 1.0, C.B: 0.0}.get(bt["outcome"], 0.5)
+        y = bt["p_a"] if bt["p_a"] is not None else {A: 1.0, B: 0.0}.get(bt["outcome"], 0.5)
         votes.setdefault(z, []).append((a, b, y, bt["weight"]))
     for z, vs in votes.items():
         opponents = set.intersection(*({a, b} for a, b, _, _ in vs))
@@ -183,7 +188,7 @@ def synthetic_run(d, N, M=130, seed=0, block=100_000):
     for s in range(0, N, block):
         beta[s:s + block] = torch.from_numpy((base + rng.normal(0, 1.5, (min(block, N - s), M))).astype(np.float32))
     models = [f"model-{k:03d}" for k in range(M)]
-    C.save_predictions(d, beta, None, models, [{"prompt": [f"synthetic prompt {i}"]} for i in range(N)])
+    save_predictions(d, beta, None, models, [{"prompt": [f"synthetic prompt {i}"]} for i in range(N)])
     with open(d / "prompts.jsonl", "w") as f:
         for s in range(0, N, block):
             f.write("".join(f'{{"prompt": "synthetic prompt {i}", "id": {i}}}\n' for i in range(s, min(s + block, N))))
@@ -210,8 +215,8 @@ def timed_run(argv):
 
 def bench(args):
     """What users wait for, each against scipy's HiGHS LP per prompt in the same run (M = 130; torch's
-    thread count, 2 here): (1) one routing decision from β, W built inside: ours (C.win_rates +
-    C.route_all on that prompt) vs W = expit(β_a − β_b), s = Wq, linprog(highs); (2) N prompts at
+    thread count, 2 here): (1) one routing decision from β, W built inside: ours (win_rates +
+    route_all on that prompt) vs W = expit(β_a − β_b), s = Wq, linprog(highs); (2) N prompts at
     once (win_rates + route_all + solve_theta_many) in decisions/s vs HiGHS's rate; (3) route.py
     end to end on --bench-n synthetic prompts (a fresh process, files from a temp dir). The LP
     checks every optimum (objective gap <= 1e-9)."""
@@ -228,8 +233,8 @@ def bench(args):
         return lp_route(s, c, budget)[1]
 
     def one_decision(b):
-        s = C.win_rates(b[None], q)
-        i, j, w = C.route_all("optimal", b[None], s, c, budget)
+        s = win_rates(b[None], q)
+        i, j, w = route_all("optimal", b[None], s, c, budget)
         return w[0] * s[0, i[0]] + (1 - w[0]) * s[0, j[0]]
     best = lambda f, n: min(timeit(f, n) for _ in range(3))
 
@@ -241,12 +246,12 @@ def bench(args):
     t_lp, t_one = best(lp_decision, n_lp), best(one_decision, n_one)
     gap1 = max(abs(one_decision(beta[z]) - lp_decision(beta[z])) for z in range(n_lp))
     t0 = time.perf_counter()
-    Wq = C.win_rates(beta, q)
-    I, J, Wt = C.route_all("optimal", beta, Wq, c, budget)
+    Wq = win_rates(beta, q)
+    I, J, Wt = route_all("optimal", beta, Wq, c, budget)
     z = np.arange(n_batch)
     R = Wt * Wq[z, I] + (1 - Wt) * Wq[z, J]
     bi, bj = beta[z, I], beta[z, J]
-    C.solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj))
+    solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj))
     t_batch = (time.perf_counter() - t0) / n_batch
     gap2 = max(abs(R[z] - lp_decision(beta[z])) for z in range(n_lp))
     with tempfile.TemporaryDirectory() as d:
@@ -261,7 +266,7 @@ def bench(args):
     print(f"  {n_batch} prompts at once (+ θ*):       ours {t_batch * 1e6:8.2f} µs per prompt: {t_lp / t_batch:6.0f}x HiGHS per prompt")
     print(f"  route.py end to end, {args.bench_n} prompts: {t_e2e:.1f} s (peak RSS {rss:.2f} GiB; HiGHS at its per-decision "
           f"rate would need {t_lp * args.bench_n:.0f} s for the LPs alone)")
-    C.write_json(Path(args.out) / "bench.json", out)
+    write_json(Path(args.out) / "bench.json", out)
 
 
 def bench_scale(args, small=10_000):
@@ -280,7 +285,7 @@ def bench_scale(args, small=10_000):
     growth = (rows[1]["seconds"] / rows[0]["seconds"]) / (rows[1]["prompts"] / rows[0]["prompts"])
     print(f"time grew {rows[1]['seconds'] / rows[0]['seconds']:.1f}x for {rows[1]['prompts'] / rows[0]['prompts']:.0f}x the "
           f"prompts ({growth:.2f} of linear)")
-    C.write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
+    write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
 
 
 def load_betas(args, prompts, preds):
@@ -299,16 +304,16 @@ def load_betas(args, prompts, preds):
         if missing:
             raise ValueError(f"{missing[0]['line']}: prompt not in --preds {args.preds} ({len(missing)} of {len(prompts)} missing)")
         return beta[idx].double().numpy(), None
-    model, tok = C.load_checkpoint(args.checkpoint, args.loss, max_len=args.max_len)
-    # under torchrun each rank runs every N-th prompt and rank 0 merges (C.predict_prompts); the others stop here
-    res = C.predict_prompts(model, tok, [p["prompt"] for p in prompts], args.out, 16, C.autodetect_device())
+    model, tok = load_checkpoint(args.checkpoint, args.loss, max_len=args.max_len)
+    # under torchrun each rank runs every N-th prompt and rank 0 merges (predict_prompts); the others stop here
+    res = predict_prompts(model, tok, [p["prompt"] for p in prompts], args.out, 16, autodetect_device())
     if res is None:
         sys.exit(0)
     return res[0].double().numpy(), res
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="P2L checkpoint dir: runs the model on the prompts (and saves the predictions "
                      "into --out, so a rerun can pass --preds OUT and skip the forward passes)")
@@ -334,7 +339,7 @@ def parse_args(argv):
     p.add_argument("--bench-scale", type=int, metavar="N", help="time and peak memory of route.py on N synthetic prompts x "
                    "130 models (files in a temp dir), and on 10,000 so growth shows as a ratio; then exit")
     p.add_argument("--out", default="out/route", help="routes.jsonl, metrics.json (and predictions, sweep files) go here")
-    C.add_checkpoint_options(p)
+    add_checkpoint_options(p)
     args = p.parse_args(argv)
     if args.bench or args.bench_scale:
         return p, args
@@ -351,13 +356,13 @@ def parse_args(argv):
 
 def read_inputs(args):
     """Everything that can fail on bad input fails here, before any output is written."""
-    prompts = C.read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts)
     try:
-        battles = C.read_battles(args.prompts) if args.sweep else None
+        battles = read_battles(args.prompts) if args.sweep else None
     except ValueError as e:
         raise ValueError(f"--sweep needs labelled votes (a battle file): {e}") from None
-    C.check_out(args.out)
-    preds = C.load_predictions(args.preds) if args.preds else None  # (beta, eta, model_list, rows)
+    check_out(args.out)
+    preds = load_predictions(args.preds) if args.preds else None  # (beta, eta, model_list, rows)
     if preds is not None and not torch.isfinite(preds[0]).all():
         bad = int(torch.nonzero(~torch.isfinite(preds[0]).all(1))[0])
         raise ValueError(f"--preds {args.preds}/predictions.safetensors: non-finite coefficients for prompt {bad + 1} "
@@ -378,7 +383,7 @@ def read_inputs(args):
                              f"{c[cheap]:g} per query ({args.costs})")
     r = skipped = None
     if args.sweep:
-        r, skipped = realised_scores(battles, {C.prompt_key(p_["prompt"]): z for z, p_ in enumerate(prompts)},
+        r, skipped = realised_scores(battles, {prompt_key(p_["prompt"]): z for z, p_ in enumerate(prompts)},
                                      {m: i for i, m in enumerate(model_list)})
         if np.isnan(r).all():
             raise ValueError(f"{args.prompts}: no vote credits any model on any prompt (what --sweep measures: route.py --help)")
@@ -398,14 +403,14 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     out = Path(args.out)
     try:
-        lock = C.lock_dir(out)  # noqa: F841 (held to the end: a second run on --out is refused, not interleaved)
+        lock = lock_dir(out)  # noqa: F841 (held to the end: a second run on --out is refused, not interleaved)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if raw is not None:
         rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
-        C.save_predictions(out, raw[0], raw[1], model_list, rows, loss=args.loss or checkpoint_loss(args.checkpoint),
+        save_predictions(out, raw[0], raw[1], model_list, rows, loss=args.loss or checkpoint_loss(args.checkpoint),
                            checkpoint=args.checkpoint)
-    Wq, target = C.win_rates(beta, q, mean_pairs=True)  # one sweep over the pairs serves both
+    Wq, target = win_rates(beta, q, mean_pairs=True)  # one sweep over the pairs serves both
     bbar = averaged_leaderboard(beta, target)
     q_name = args.opponents or f"uniform over {beta.shape[1]} models"
     if args.budget is not None:
@@ -424,7 +429,7 @@ def spaced(lo, hi, n):
 
 def checkpoint_models(path):
     """The model list of a checkpoint, from its JSON files (before any weights are loaded)."""
-    p2l = C.read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}
+    p2l = read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}
     if "model_list" in p2l:
         return p2l["model_list"]
     try:
@@ -435,15 +440,15 @@ def checkpoint_models(path):
 
 def checkpoint_loss(path):
     """The loss a checkpoint's head was trained with, recorded beside its predictions (None: not recorded)."""
-    return (C.read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}).get("loss")
+    return (read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}).get("loss")
 
 
 def averaged_leaderboard(beta, target):
-    """β̄: the BT fit to the mean pairwise matrix (what C.aggregate(beta, None, "bt") returns, DESIGN §2),
+    """β̄: the BT fit to the mean pairwise matrix (what aggregate(beta, None, "bt") returns, docs/design.md §2),
     from the target win_rates computed alongside Wq."""
     M = beta.shape[1]
-    with C.torch_threads(1):  # see C.torch_threads
-        bb, _, info = C.fit_pairs(*C.all_pairs(M), target, M, "bt", init=torch.from_numpy(beta.mean(0)))
+    with torch_threads(1):  # see torch_threads
+        bb, _, info = fit_pairs(*all_pairs(M), target, M, "bt", init=torch.from_numpy(beta.mean(0)))
     if not info["converged"]:
         raise RuntimeError(f"averaged leaderboard did not converge: gradient norm {info['grad_norm'].max().item():.2e}")
     return bb[0].numpy()
@@ -452,7 +457,7 @@ def averaged_leaderboard(beta, target):
 def route_at_budget(args, prompts, model_list, beta, Wq, bbar, c, q, q_name):
     """Route every prompt at --budget: routes.jsonl, metrics.json and a printed table."""
     out, (N, M) = Path(args.out), beta.shape
-    I, J, Wt = C.route_all(args.router, beta, Wq, c, args.budget)
+    I, J, Wt = route_all(args.router, beta, Wq, c, args.budget)
     u = np.random.default_rng(args.seed).random(N)
     pick_i = Wt >= 0.5 if args.deterministic else u < Wt
     chosen = np.where(pick_i, I, J)
@@ -461,40 +466,40 @@ def route_at_budget(args, prompts, model_list, beta, Wq, bbar, c, q, q_name):
     R = Wt * Wq[z, I] + (1 - Wt) * Wq[z, J]
     # one model: θ* is its own β exactly; a mixture: the root, which lies between the two models' β
     bi, bj = beta[z, I], beta[z, J]
-    theta = np.where(Wt == 1, bi, C.solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj)))
+    theta = np.where(Wt == 1, bi, solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj)))
     win = float(R.mean())
-    theta_bar = C.solve_theta(bbar, q, win)
+    theta_bar = solve_theta(bbar, q, win)
     mean_wq = Wq.mean(0)
     ok = np.flatnonzero(c <= args.budget)
     best = int(ok[np.argmax(mean_wq[ok])])
     # the best model's coefficient on the same terms as the router's: the root for its mean win rate vs q
-    # (β̄_best itself only when q is uniform, DESIGN §2)
-    theta_best = C.solve_theta(bbar, q, float(mean_wq[best]))
+    # (β̄_best itself only when q is uniform, docs/design.md §2)
+    theta_best = solve_theta(bbar, q, float(mean_wq[best]))
     counts = np.bincount(chosen, minlength=M)
     metrics = {"router": args.router, "budget": args.budget if math.isfinite(args.budget) else "inf", "prompts": N,
                "expected_cost": float(cost.mean()), "win_rate": win, "theta": theta_bar,
-               "rating": float(C.rating(theta_bar)), "opponents": q_name,
+               "rating": float(rating(theta_bar)), "opponents": q_name,
                "best_single_model": {"model": model_list[best], "cost": float(c[best]), "win_rate": float(mean_wq[best]),
-                                     "theta": theta_best, "rating": float(C.rating(theta_best))},
+                                     "theta": theta_best, "rating": float(rating(theta_best))},
                "chosen": {model_list[k]: int(counts[k]) for k in np.argsort(-counts, kind="stable") if counts[k]},
                "mixed_prompts": int((Wt < 1).sum()), "deterministic": args.deterministic, "seed": args.seed,
                "costs": args.costs, "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
                "theta_note": "theta/rating: the coefficient on the averaged leaderboard (Σβ̄ = 0) whose mean win rate "
                              "vs q is the router's (or the best model's); win_rate: mean predicted win rate vs q"}
     write_routes(out / "routes.jsonl", prompts, model_list, I, J, Wt, chosen, cost, R, theta)
-    C.write_json(out / "metrics.json", C.finite_or_none(metrics))
+    write_json(out / "metrics.json", finite_or_none(metrics))
     print(f"{args.router} router, budget {args.budget:g} per query, {N} prompts, opponents {q_name}")
     print(f"{'prompt':42s} {'routed to':30s} {'π':>5s} {'cost':>8s} {'P(win)':>7s} {'rating':>7s}")
     for k in range(min(N, 12)):
         text = " ".join(prompts[k]["prompt"][-1].split())
         print(f"{text[:40]:42s} {model_list[chosen[k]][:30]:30s} {Wt[k] if pick_i[k] else 1 - Wt[k]:5.2f} "
-              f"{cost[k]:8.2f} {R[k]:7.3f} {C.rating(theta[k]):7.0f}")
+              f"{cost[k]:8.2f} {R[k]:7.3f} {rating(theta[k]):7.0f}")
     if N > 12:
         print(f"... {N - 12} more in {out / 'routes.jsonl'}")
     print(f"router: expected cost {cost.mean():.3f} (budget {args.budget:g}), predicted win rate {win:.4f} vs q, "
-          f"rating {C.rating(theta_bar):.0f} on the averaged leaderboard; {int((Wt < 1).sum())} prompts mix two models")
+          f"rating {rating(theta_bar):.0f} on the averaged leaderboard; {int((Wt < 1).sum())} prompts mix two models")
     print(f"best single model within budget: {model_list[best]} (cost {c[best]:g}), predicted win rate "
-          f"{mean_wq[best]:.4f}, rating {C.rating(theta_best):.0f}")
+          f"{mean_wq[best]:.4f}, rating {rating(theta_best):.0f}")
 
 
 def json_value(v, enc=json.encoder.encode_basestring):
@@ -515,12 +520,12 @@ def route_lines(prompts, names, I, J, Wt, chosen, cost, R, theta):
     names = [enc(m) for m in names]
     wi = [repr(round(w, 6)) for w in Wt.tolist()]
     wj = [repr(round(1 - w, 6)) for w in Wt.tolist()]
-    rating = C.rating(theta)
-    for arr in (cost, R, theta, rating):
+    ratings = rating(theta)
+    for arr in (cost, R, theta, ratings):
         if not np.isfinite(arr).all():
             raise ValueError("a non-finite number in the routes (JSON has no NaN)")
     cols = zip(prompts, I.tolist(), J.tolist(), Wt.tolist(), wi, wj, chosen.tolist(), map(repr, cost.tolist()),
-               map(repr, R.tolist()), map(repr, theta.tolist()), map(repr, rating.tolist()))
+               map(repr, R.tolist()), map(repr, theta.tolist()), map(repr, ratings.tolist()))
     for p, i, j, w, a, b, k, co, r, th, ra in cols:
         pi = f"{names[i]}: {a}" + (f", {names[j]}: {b}" if w < 1 else "")
         yield (f'{{"prompt": [{", ".join(map(enc, p["prompt"]))}], "id": {json_value(p["id"])}, '
@@ -567,7 +572,7 @@ def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
     at = {}
     for bgt in sorted(set(spaced(c.min(), c.max(), 40).tolist()) | set(budgets)):
         for router in ROUTERS:
-            I, J, Wt = C.route_all(router, beta, Wq, c, bgt)
+            I, J, Wt = route_all(router, beta, Wq, c, bgt)
             pi = dense(I, J, Wt, M)
             rw, cov = score_policy(r, pi)
             at[router, bgt] = {"kind": "router", "name": router, "budget": bgt, "expected_cost": (pi @ c).mean(),
@@ -575,7 +580,7 @@ def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
             table.append(at[router, bgt])
         # the best prompt-independent mixture at this cost, picked WITH the labels: the upper hull of the single models
         if bgt >= cc.min():
-            i, j, w = C.hull_route(sc, cc, bgt, np.argsort(cc, kind="stable").tolist())
+            i, j, w = hull_route(sc, cc, bgt, np.argsort(cc, kind="stable").tolist())
             at["fixed", bgt] = {"kind": "best_fixed_mixture", "name": f"{singles[i]['name']} {w:.2f} + {singles[j]['name']}",
                                 "budget": bgt, "expected_cost": w * cc[i] + (1 - w) * cc[j], "predicted_win_rate": "",
                                 "realised_win_rate": w * sc[i] + (1 - w) * sc[j], "coverage": ""}
@@ -586,7 +591,7 @@ def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
         # (a budget below every credited model has no single-model or fixed-mixture baseline)
         bs = max((t for t in singles if t["expected_cost"] <= bgt), key=lambda t: t["realised_win_rate"], default={})
         fx = at.get(("fixed", bgt), {})
-        router = per_prompt(r, dense(*C.route_all("optimal", beta, Wq, c, bgt), M))
+        router = per_prompt(r, dense(*route_all("optimal", beta, Wq, c, bgt), M))
         ci = {}
         for name, pi in (("single", bs.get("pi")), ("fixed", fx.get("pi"))):
             ci[name] = paired_ci(router, per_prompt(r, pi), np.random.default_rng(args.seed)) if pi is not None else None
@@ -602,8 +607,8 @@ def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
     wr = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
     wr.writeheader()
     wr.writerows({k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in t.items()} for t in table)
-    C.atomic_write(out / "sweep.csv", buf.getvalue())
-    C.write_json(out / "sweep.json", C.finite_or_none({"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
+    atomic_write(out / "sweep.csv", buf.getvalue())
+    write_json(out / "sweep.json", finite_or_none({"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
                                       "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
                                       "note": "realised win rates on the labelled votes (route.py docstring); the best single "
                                               "model and best fixed mixture are chosen WITH these labels (an oracle baseline)",
@@ -649,7 +654,7 @@ def plot_sweep(table, path, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
-    C.save_png(fig, path)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Serve the P2L router as an OpenAI-compatible chat service (DESIGN §7): point any OpenAI client at
+"""Serve the P2L router as an OpenAI-compatible chat service (docs/design.md §7): point any OpenAI client at
 it, send `model="p2l"`, and each request is routed under a cost budget (the paper's Algorithm 1,
 common.route_all) to one of the models in --models and forwarded there.
 
@@ -65,7 +65,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common as C
+from common import (
+    HEAD_OF_LOSS, LOSSES, aggregate, autodetect_device, encode_for, leaderboard_rows, load_checkpoint,
+    parse_turns, predict, rating, read_json_object, read_model_numbers, read_prompts, route_all, solve_theta,
+    win_rates, write_json,
+)
 
 # serving dependencies (requirements-serve.txt): the training stages run without them
 import anyio
@@ -98,7 +102,7 @@ def read_models(path, model_list):
     """--models -> {P2L name: {base_url, model, cost, key}} in the file's order; every bad value is
     an error naming the file and the model. Keys are read from the environment here, once."""
     ups = {}
-    for name, u in C.read_json_object(path, "models file").items():
+    for name, u in read_json_object(path, "models file").items():
         if name.startswith("_"):
             continue
         where = f"{path}: {name!r}"
@@ -238,7 +242,7 @@ class Service:
         """One gathered batch. Real prompts differ in length (AlpacaEval's: 12 to 256+ tokens), and one padded
         tensor for all of them spends most of its compute on padding; so the batch runs as length-sorted
         groups whose padding stays under --max-padding of their tokens (a group per forward pass)."""
-        ids = C.encode_for(self.model, self.tok, prompts)
+        ids = encode_for(self.model, self.tok, prompts)
         groups, cur = [], []
         for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
             real = sum(len(ids[k]) for k in cur) + len(ids[i])  # sorted: ids[i] is the longest, all pad to it
@@ -249,7 +253,7 @@ class Service:
         groups.append(cur)
         beta, eta = [None] * len(ids), [None] * len(ids)
         for g in groups:
-            b, e = C.predict(self.model, [ids[i] for i in g], self.tok.pad_token_id, batch_size=len(g), device=self.device)
+            b, e = predict(self.model, [ids[i] for i in g], self.tok.pad_token_id, batch_size=len(g), device=self.device)
             for k, i in enumerate(g):
                 beta[i], eta[i] = b[k].double().numpy(), (None if e is None else float(e[k]))
         self.stats["forward_passes"] += len(groups)
@@ -260,8 +264,8 @@ class Service:
     def decide(self, beta_all, budget, seed=None):
         """π over the routable models for one prompt's β, the sampled model and its fallback."""
         b = beta_all[self.idx][None]
-        Wq = C.win_rates(b, self.q)
-        I, J, Wt = C.route_all(self.args.router, b, Wq, self.c, budget)
+        Wq = win_rates(b, self.q)
+        I, J, Wt = route_all(self.args.router, b, Wq, self.c, budget)
         i, j, w = int(I[0]), int(J[0]), float(Wt[0])
         u = np.random.default_rng(seed).random() if seed is not None else self.rng.random()
         chosen = i if (w >= 0.5 if self.args.deterministic else u < w) else j  # route.py's rule
@@ -272,11 +276,11 @@ class Service:
             ok = [k for k in range(len(self.c)) if self.c[k] <= budget and k != chosen]
             fallback = max(ok, key=lambda k: (s[k], -self.c[k])) if ok else None
         R = w * Wq[0, i] + (1 - w) * Wq[0, j]
-        theta = float(b[0, i]) if w == 1 else C.solve_theta(b[0], self.q, R)
+        theta = float(b[0, i]) if w == 1 else solve_theta(b[0], self.q, R)
         pi = {self.names[i]: round(w, 6)} | ({self.names[j]: round(1 - w, 6)} if w < 1 else {})
         return {"pi": pi, "chosen": self.names[chosen], "fallback": None if fallback is None else self.names[fallback],
                 "expected_cost": w * self.c[i] + (1 - w) * self.c[j], "win_rate": float(R), "theta": theta,
-                "rating": float(C.rating(theta)), "budget": budget}
+                "rating": float(rating(theta)), "budget": budget}
 
     async def route(self, turns, budget, seed=None):
         beta, _ = await self.coefficients(turns)
@@ -490,24 +494,24 @@ async def leaderboard(request: Request):
     if not isinstance(raw, list) or not 1 <= len(raw) <= args.max_prompts:
         raise Problem(400, f"'prompts' must be a list of 1 to {args.max_prompts} prompts (--max-prompts)")
     try:
-        prompts = [C.parse_turns({"prompt": p}, f"prompts[{k}]") for k, p in enumerate(raw)]
+        prompts = [parse_turns({"prompt": p}, f"prompts[{k}]") for k, p in enumerate(raw)]
     except ValueError as e:
         raise Problem(400, str(e)) from None
     got = await asyncio.gather(*(svc.coefficients(p) for p in prompts))
     beta = torch.from_numpy(np.stack([g[0] for g in got]))
     eta = torch.tensor([g[1] for g in got], dtype=torch.float64) if got[0][1] is not None else None
-    head = C.HEAD_OF_LOSS[svc.loss]
-    bb, ee = await asyncio.to_thread(C.aggregate, beta, eta, svc.loss)  # aggregate.py --prompt's computation
-    rows = C.leaderboard_rows(svc.model_list, bb, ee if head != "bt" else None, head)
+    head = HEAD_OF_LOSS[svc.loss]
+    bb, ee = await asyncio.to_thread(aggregate, beta, eta, svc.loss)  # aggregate.py --prompt's computation
+    rows = leaderboard_rows(svc.model_list, bb, ee if head != "bt" else None, head)
     per = [{"coefficients": dict(zip(svc.model_list, map(float, g[0]))),
-            "ratings": {m: round(float(C.rating(x)), 2) for m, x in zip(svc.model_list, g[0])}}
+            "ratings": {m: round(float(rating(x)), 2) for m, x in zip(svc.model_list, g[0])}}
            | ({"eta": g[1]} if g[1] is not None else {}) for g in got]
     return {"models": svc.model_list, "loss": svc.loss, "prompts": per, "leaderboard": rows,
             **({"eta": ee} if head != "bt" else {})}
 
 
 async def chat(request: Request):
-    svc, args = request.app.state.svc, request.app.state.svc.args
+    svc = request.app.state.svc
     t0 = time.perf_counter()
     check_key(svc, request)
     body = await read_json(svc, request)
@@ -664,7 +668,7 @@ async def bench_cell(svc, prompts, budget, clients, n):
 
 
 def bench(args, model, tok):
-    costs = C.read_model_numbers(args.bench_costs, "cost") if not args.models else None
+    costs = read_model_numbers(args.bench_costs, "cost") if not args.models else None
     ml = model.p2l["model_list"]
     if args.models:
         ups = read_models(args.models, ml)
@@ -673,7 +677,7 @@ def bench(args, model, tok):
         if missing:
             raise ValueError(f"{args.bench_costs}: no cost for {len(missing)} of the checkpoint's models (pass --models)")
         ups = {m: {"base_url": "http://unused", "model": m, "cost": costs[m], "key": None} for m in ml}
-    prompts = [p["prompt"] for p in C.read_prompts(args.bench_prompts)]
+    prompts = [p["prompt"] for p in read_prompts(args.bench_prompts)]
     budget = args.budget if args.budget is not None else float(np.median([u["cost"] for u in ups.values()]))
     rows = []
     threads = torch.get_num_threads()
@@ -710,7 +714,7 @@ def bench(args, model, tok):
     out = {"checkpoint": args.checkpoint, "models": len(ml), "routable": len(ups), "device": next(model.parameters()).device.type,
            "torch_threads": threads, "budget": budget, "requests_per_run": args.bench_requests, "runs": args.bench_reps,
            "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "max_padding": args.max_padding, "cells": rows}
-    C.write_json(Path(args.out) / "bench.json", out)
+    write_json(Path(args.out) / "bench.json", out)
     print(f"-> {Path(args.out) / 'bench.json'}")
     return out
 
@@ -718,9 +722,9 @@ def bench(args, model, tok):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="P2L checkpoint dir (train.py's --out, or the authors' layout with --loss)")
-    p.add_argument("--loss", choices=C.LOSSES, help="only for checkpoints without a p2l section (the authors' released ones)")
+    p.add_argument("--loss", choices=LOSSES, help="only for checkpoints without a p2l section (the authors' released ones)")
     p.add_argument("--models", help="JSON {P2L model: {base_url, model, cost, api_key_env}}: the upstreams; only these are routable")
     p.add_argument("--budget", type=float, help="default expected cost per query (units of the models file's costs; inf: "
                    "unconstrained); a request may send its own 'budget'")
@@ -791,8 +795,8 @@ def main(argv=None):
                 raise ValueError(f"--budget {args.budget:g} is infeasible: the cheapest model, {cheap}, costs "
                                  f"{ups[cheap]['cost']:g} per query ({args.models})")
         keys = None if args.bench else client_keys(args)
-        model, tok = C.load_checkpoint(args.checkpoint, loss=args.loss)
-        model = model.to(C.autodetect_device())
+        model, tok = load_checkpoint(args.checkpoint, loss=args.loss)
+        model = model.to(autodetect_device())
         if args.bench:
             bench(args, model, tok)
             return

