@@ -28,7 +28,7 @@ from scipy.stats import rankdata, spearmanr
 from common import (
     A, BOTHBAD, HEAD_OF_LOSS, LOSSES, TIE, add_checkpoint_options, aggregate, all_pairs, atomic_write,
     cat_pairs, check_out, encode_for, fit_pairs, fit_votes, group_by_prompt, leaderboard_rows,
-    load_checkpoint, load_predictions, lock_dir, map_blocks, mean_pair_probs, outcome_logprobs,
+    load_checkpoint, load_predictions, map_blocks, mean_pair_probs, OutputSet, outcome_logprobs,
     pair_prob_sums, predict, predictions_meta, prompt_key, read_battles, read_json_object,
     row_blocks, save_png, torch_threads, write_json,
 )
@@ -311,17 +311,18 @@ def run_preds(args):
         outputs[f"leaderboard_by_{args.by}"] = (grouped, {**meta, "by": args.by})
         report = strengths(args, beta, eta, head, models, rows, groups, boards, fits)
     curve = scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, fits["all"][0][0]) if args.truth else None
-    # every number is computed: only now write, each file atomically
+    # every number is computed: only now write, as one set (staged, then renamed in, leaderboard.json last)
     out = Path(args.out)
-    lock = lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
-    for name, (rws, m) in outputs.items():
-        write_leaderboard(out / name, rws, m)
-    if report:
-        write_json(out / "strengths.json", report[0])
-        atomic_write(out / "strengths.md", report[1])
-    if curve:
-        write_json(out / "scale_curve.json", curve)
-        plot_curve(curve, out / "scale_curve.png")
+    with OutputSet(out) as o:
+        for name, (rws, m) in outputs.items():
+            write_leaderboard(o.stage / name, rws, m)
+        if report:
+            write_json(o.stage / "strengths.json", report[0])
+            atomic_write(o.stage / "strengths.md", report[1])
+        if curve:
+            write_json(o.stage / "scale_curve.json", curve)
+            plot_curve(curve, o.stage / "scale_curve.png")
+        o.commit(marker="leaderboard.json")
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
 
 
@@ -495,13 +496,14 @@ def run_votes(args):
     meta = {"source": [str(p) for p in args.votes], "loss": loss, "votes": len(battles), "bootstrap": args.bootstrap,
             "l2": args.l2 or 0.0, "l2_by_group": l2, "notes": notes}
     out = Path(args.out)
-    lock = lock_dir(out)  # noqa: F841 (held while this run writes: a concurrent run on --out is refused)
-    write_leaderboard(out / "leaderboard", boards["all"], meta)
-    if args.by:
-        write_leaderboard(out / f"leaderboard_by_{args.by}", [{"group": g, **r} for g in sorted(boards) if g != "all"
-                                                                 for r in boards[g]], {**meta, "by": args.by})
-    if check:
-        write_json(out / "official_check.json", check)
+    with OutputSet(out) as o:  # one set: staged, then renamed in, leaderboard.json last
+        write_leaderboard(o.stage / "leaderboard", boards["all"], meta)
+        if args.by:
+            write_leaderboard(o.stage / f"leaderboard_by_{args.by}", [{"group": g, **r} for g in sorted(boards) if g != "all"
+                                                                          for r in boards[g]], {**meta, "by": args.by})
+        if check:
+            write_json(o.stage / "official_check.json", check)
+        o.commit(marker="leaderboard.json")
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
 
 

@@ -61,7 +61,7 @@ from scipy.special import expit
 
 from common import (
     A, B, add_checkpoint_options, all_pairs, atomic_write, autodetect_device, check_out,
-    finite_or_none, fit_pairs, hull_route, load_checkpoint, load_predictions, lock_dir, predict_prompts,
+    finite_or_none, fit_pairs, hull_route, load_checkpoint, load_predictions, OutputSet, predict_prompts,
     prompt_key, rating, read_battles, read_json_object, read_model_numbers, read_prompts, route_all, save_png,
     save_predictions, solve_theta, solve_theta_many, torch_threads, win_rates, write_json,
 )
@@ -401,25 +401,28 @@ def main(argv=None):
         prompts, model_list, c, q, budgets, r, skipped, beta, raw = read_inputs(args)
     except (ValueError, OSError) as e:  # OSError: missing files, a broken .gz
         sys.exit(f"error: {e}")
-    out = Path(args.out)
-    try:
-        lock = lock_dir(out)  # noqa: F841 (held to the end: a second run on --out is refused, not interleaved)
+    try:  # --out is locked from here; the files are staged and renamed in as one set at the end
+        o = OutputSet(args.out).__enter__()
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if raw is not None:
-        rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
-        save_predictions(out, raw[0], raw[1], model_list, rows, loss=args.loss or checkpoint_loss(args.checkpoint),
-                           checkpoint=args.checkpoint)
-    Wq, target = win_rates(beta, q, mean_pairs=True)  # one sweep over the pairs serves both
-    bbar = averaged_leaderboard(beta, target)
-    q_name = args.opponents or f"uniform over {beta.shape[1]} models"
-    if args.budget is not None:
-        route_at_budget(args, prompts, model_list, beta, Wq, bbar, c, q, q_name)
-    if args.sweep:
-        if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
-            free = c[Wq.argmax(1)].mean()
-            budgets = np.maximum(spaced(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
-        sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name)
+    try:
+        if raw is not None:
+            rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
+            save_predictions(o.stage, raw[0], raw[1], model_list, rows, loss=args.loss or checkpoint_loss(args.checkpoint),
+                             checkpoint=args.checkpoint)
+        Wq, target = win_rates(beta, q, mean_pairs=True)  # one sweep over the pairs serves both
+        bbar = averaged_leaderboard(beta, target)
+        q_name = args.opponents or f"uniform over {beta.shape[1]} models"
+        if args.budget is not None:
+            route_at_budget(args, o.stage, prompts, model_list, beta, Wq, bbar, c, q, q_name)
+        if args.sweep:
+            if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
+                free = c[Wq.argmax(1)].mean()
+                budgets = np.maximum(spaced(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
+            sweep(args, o.stage, r, skipped, beta, Wq, c, model_list, budgets, q_name)
+        o.commit(marker="metrics.json" if args.budget is not None else "sweep.json")
+    finally:
+        o.__exit__(None, None, None)
 
 
 def spaced(lo, hi, n):
@@ -454,8 +457,8 @@ def averaged_leaderboard(beta, target):
     return bb[0].numpy()
 
 
-def route_at_budget(args, prompts, model_list, beta, Wq, bbar, c, q, q_name):
-    """Route every prompt at --budget: routes.jsonl, metrics.json and a printed table."""
+def route_at_budget(args, stage, prompts, model_list, beta, Wq, bbar, c, q, q_name):
+    """Route every prompt at --budget: routes.jsonl, metrics.json (into the staging dir) and a printed table."""
     out, (N, M) = Path(args.out), beta.shape
     I, J, Wt = route_all(args.router, beta, Wq, c, args.budget)
     u = np.random.default_rng(args.seed).random(N)
@@ -486,8 +489,8 @@ def route_at_budget(args, prompts, model_list, beta, Wq, bbar, c, q, q_name):
                "costs": args.costs, "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
                "theta_note": "theta/rating: the coefficient on the averaged leaderboard (Σβ̄ = 0) whose mean win rate "
                              "vs q is the router's (or the best model's); win_rate: mean predicted win rate vs q"}
-    write_routes(out / "routes.jsonl", prompts, model_list, I, J, Wt, chosen, cost, R, theta)
-    write_json(out / "metrics.json", finite_or_none(metrics))
+    write_routes(stage / "routes.jsonl", prompts, model_list, I, J, Wt, chosen, cost, R, theta)
+    write_json(stage / "metrics.json", finite_or_none(metrics))
     print(f"{args.router} router, budget {args.budget:g} per query, {N} prompts, opponents {q_name}")
     print(f"{'prompt':42s} {'routed to':30s} {'π':>5s} {'cost':>8s} {'P(win)':>7s} {'rating':>7s}")
     for k in range(min(N, 12)):
@@ -551,7 +554,7 @@ def write_routes(path, prompts, names, *cols, block=65536):
         raise
 
 
-def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
+def sweep(args, stage, r, skipped, beta, Wq, c, model_list, budgets, q_name):
     """Realised cost-quality curves from r = realised_scores(...) (definitions: module docstring)."""
     out, (N, M) = Path(args.out), beta.shape
     table = []
@@ -607,14 +610,14 @@ def sweep(args, r, skipped, beta, Wq, c, model_list, budgets, q_name):
     wr = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
     wr.writeheader()
     wr.writerows({k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in t.items()} for t in table)
-    atomic_write(out / "sweep.csv", buf.getvalue())
-    write_json(out / "sweep.json", finite_or_none({"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
+    atomic_write(stage / "sweep.csv", buf.getvalue())
+    write_json(stage / "sweep.json", finite_or_none({"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
                                       "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
                                       "note": "realised win rates on the labelled votes (route.py docstring); the best single "
                                               "model and best fixed mixture are chosen WITH these labels (an oracle baseline)",
                                       "budgets": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s_.items()}
                                                   for s_ in summary]}))
-    plot_sweep(table, out / "sweep.png", f"{args.prompts}: {N} prompts, costs {Path(args.costs).name}, opponents {q_name}")
+    plot_sweep(table, stage / "sweep.png", f"{args.prompts}: {N} prompts, costs {Path(args.costs).name}, opponents {q_name}")
     print(f"\nrealised win rate on the votes of {args.prompts} ({N} prompts, {skipped} votes skipped); the best single "
           f"model and best fixed mixture are picked WITH these labels")
     print(f"{'budget':>7s} {'spent':>6s} {'optimal':>7s} {'simple':>7s} {'strict':>7s} {'best single model':>30s} {'cost':>6s} "

@@ -1790,6 +1790,33 @@ def test_cli_routes_and_is_reproducible(preds, capsys):
         assert row["pi"][row["model"]] == max(row["pi"].values())
 
 
+
+def test_route_and_aggregate_write_one_set_or_nothing(preds, synthetic_preds, monkeypatch):
+    """A failure after some outputs were computed (here: the sweep plot, or aggregate's curve plot) leaves the
+    previous run's files exactly as they were: outputs are staged and renamed in as one set at the end."""
+    d = preds
+    common = ["--preds", d / "preds", "--prompts", d / "votes.jsonl", "--costs", d / "costs.json", "--out", d / "o"]
+    run_route(*common, "--budget", 4, "--sweep")
+    before = {f.name: f.read_bytes() for f in (d / "o").iterdir() if f.is_file()}
+    assert {"routes.jsonl", "metrics.json", "sweep.json"} <= set(before)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(route, "plot_sweep", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        route.main([str(x) for x in common + ["--budget", 7, "--sweep"]])
+    assert {f.name: f.read_bytes() for f in (d / "o").iterdir() if f.is_file()} == before
+    assert not list((d / "o").glob(".partial-*"))  # the staging dir is removed
+    sp, votes = synthetic_preds
+    out = d / "agg"
+    run_agg("--preds", sp, "--bootstrap", "10", "--out", out)
+    first = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    monkeypatch.setattr(AG, "plot_curve", boom)
+    with pytest.raises(SystemExit, match="disk full"):  # aggregate.py reports it as an error line
+        AG.main([str(x) for x in ("--preds", sp, "--by", "category", "--bootstrap", "10", "--truth", votes,
+                                  "--curve-reps", "2", "--out", out)])
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == first
+
 def test_best_single_model_theta_uses_the_opponent_distribution(preds):
     # with a non-uniform q the best model's θ is the root for its mean win rate vs q, as the router's is;
     # its averaged coefficient β̄ is that root only when q is uniform
