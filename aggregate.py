@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
 from common import (
-    A, BOTHBAD, HEAD_OF_LOSS, LOSSES, TIE, add_checkpoint_options, aggregate, all_pairs, atomic_write,
-    cat_pairs, check_out, encode_for, fit_pairs, fit_votes, group_by_prompt, leaderboard_rows,
-    load_checkpoint, load_predictions, map_blocks, mean_pair_probs, OutputSet, outcome_logprobs,
-    pair_prob_sums, predict, predictions_meta, prompt_key, read_battles, read_json_object,
-    row_blocks, save_png, torch_threads, write_json,
+    A, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, aggregate, all_pairs,
+    atomic_write, cat_pairs, check_out, encode_for, fit_pairs, fit_votes, group_by_prompt, leaderboard_rows,
+    load_checkpoint, load_predictions, map_blocks, mean_pair_probs, outcome_logprobs, pair_prob_sums, predict,
+    predictions_meta, prompt_key, read_battles, read_json_object, row_blocks, save_png, torch_threads,
+    write_json,
 )
 
 # The arena-catalog votes carry 10 broad topic categories; the official boards (leaderboards.csv)

@@ -1041,21 +1041,20 @@ def backbone_max_len(cfg, tok):
     return limit if isinstance(limit, int) and 0 < limit < 10 ** 7 else 512
 
 
-def load_checkpoint(path, loss=None, dtype=torch.float32, max_len=None):
-    """Load a P2L checkpoint: this project's, or the authors' released layout (no 'p2l' section in
-    config.json: model_list.json beside it, and the loss must be given). The ONE checkpoint reader:
-    it fills what the authors' layout does not record (their rk η transform, no system turn in
-    their template), max_len (stored, else max_len, else the backbone's limit), and a pad token.
-    Returns (model, tok); the model list is model.p2l["model_list"]. Any problem: ValueError."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+def checkpoint_config(path, need_models=True):
+    """A checkpoint's `p2l` section from its JSON files alone (no weights): (p2l dict with
+    model_list, authors_layout). The authors' layout has no `p2l` section: model_list.json beside
+    config.json, and no loss. Every stage reads a checkpoint's model list through this.
+    need_models=False: a missing model list is None (evaluate.py --preds needs only the loss)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a checkpoint directory (no config.json)")
     cfg_json = read_json_object(path / "config.json", "checkpoint config")
-    authors = not cfg_json.get("p2l")
     p2l = dict(cfg_json.get("p2l") or {})
     if "model_list" not in p2l:
         if not (path / "model_list.json").is_file():
+            if not need_models:
+                return {**p2l, "model_list": None}, not cfg_json.get("p2l")
             raise ValueError(f"{path}: no model list (config.json p2l.model_list or model_list.json)")
         try:
             p2l["model_list"] = json.loads((path / "model_list.json").read_text(encoding="utf-8"))
@@ -1064,6 +1063,18 @@ def load_checkpoint(path, loss=None, dtype=torch.float32, max_len=None):
     ml = p2l["model_list"]
     if not isinstance(ml, list) or not ml or not all(isinstance(m, str) for m in ml) or len(set(ml)) != len(ml):
         raise ValueError(f"{path}: the model list must be a non-empty list of distinct names")
+    return p2l, not cfg_json.get("p2l")
+
+
+def load_checkpoint(path, loss=None, dtype=torch.float32, max_len=None):
+    """Load a P2L checkpoint: this project's, or the authors' released layout (no 'p2l' section in
+    config.json: model_list.json beside it, and the loss must be given). The ONE checkpoint reader:
+    it fills what the authors' layout does not record (their rk η transform, no system turn in
+    their template), max_len (stored, else max_len, else the backbone's limit), and a pad token.
+    Returns (model, tok); the model list is model.p2l["model_list"]. Any problem: ValueError."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    path = Path(path)
+    p2l, authors = checkpoint_config(path)
     p2l["loss"] = loss or p2l.get("loss")
     if p2l["loss"] not in LOSSES:
         raise ValueError(f"{path}/config.json has no p2l.loss: pass --loss ({'|'.join(LOSSES)})")

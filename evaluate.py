@@ -41,8 +41,8 @@ from scipy import stats
 
 from common import (
     A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, aggregate, autodetect_device,
-    batch_nll, cat_pairs, check_device, check_out, dist_env, fit_marginal, group_by_prompt, load_checkpoint,
-    load_predictions, outcome_logprobs, pair_nll, predict_prompts, prompt_key, read_battles, read_json_object,
+    batch_nll, cat_pairs, check_device, check_out, checkpoint_config, dist_env, fit_marginal, group_by_prompt,
+    load_checkpoint, load_predictions, outcome_logprobs, pair_nll, predict_prompts, prompt_key, read_battles,
     read_marginal, save_predictions, write_json,
 )
 
@@ -52,19 +52,13 @@ from common import (
 
 
 def checkpoint_info(ckpt):
-    """(loss, model list) from a checkpoint's JSON files, without loading weights: this project's
-    config.json 'p2l' section, or model_list.json beside it (the authors' layout, which has no loss)."""
-    ckpt = Path(ckpt)
-    if not (ckpt / "config.json").exists():
-        sys.exit(f"error: --checkpoint {ckpt}: not a checkpoint directory (no config.json)")
+    """(loss, model list) from a checkpoint's JSON files, without loading weights (None for the
+    loss in the authors' layout, which does not record it)."""
     try:
-        p2l = read_json_object(ckpt / "config.json", "checkpoint config").get("p2l") or {}
-        models = p2l.get("model_list")
-        if models is None and (ckpt / "model_list.json").exists():
-            models = json.loads((ckpt / "model_list.json").read_text(encoding="utf-8"))
+        p2l, _ = checkpoint_config(ckpt, need_models=False)
     except (ValueError, OSError) as e:
         sys.exit(f"error: --checkpoint {ckpt}: {e}")
-    return p2l.get("loss"), models
+    return p2l.get("loss"), p2l["model_list"]
 
 
 def fit_uniform(pairs, n_models, loss):

@@ -64,9 +64,9 @@ import torch
 
 from common import (
     WINNERS, add_checkpoint_options, aggregate, atomic_write, autodetect_device, batch_nll, check_out,
-    encode_for, hull_route, load_checkpoint, load_predictions, predict, predict_prompts, read_json_object,
-    read_jsonl, read_marginal, read_model_numbers, route_all, save_png, save_predictions, win_rates,
-    write_json,
+    checkpoint_config, encode_for, hull_route, load_checkpoint, load_predictions, predict, predict_prompts,
+    read_json_object, read_jsonl, read_marginal, read_model_numbers, route_all, save_png, save_predictions,
+    win_rates, write_json,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -432,11 +432,8 @@ def load(args):
                              f"({len(missing)} of {len(questions)} missing)")
         preds = (pb, where)
     elif args.checkpoint:
-        cfg = Path(args.checkpoint) / "model_list.json"
-        p2l_models = json.loads(cfg.read_text()) if cfg.exists() else None
-        if p2l_models is None:
-            raise ValueError(f"--checkpoint {args.checkpoint}: not a P2L checkpoint (no model_list.json)")
-        ck_loss = (json.loads((Path(args.checkpoint) / "config.json").read_text()).get("p2l") or {}).get("loss")
+        cfg, _ = checkpoint_config(args.checkpoint)
+        p2l_models, ck_loss = cfg["model_list"], args.loss or cfg.get("loss")
     else:
         p2l_models = sorted(m for m in lb_models if (~np.isnan(S[:, lb_models.index(m)])).any())  # as train.py sorts them
     chosen = args.models.split(",") if args.models else None

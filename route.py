@@ -60,9 +60,9 @@ from scipy.optimize import linprog
 from scipy.special import expit
 
 from common import (
-    A, B, add_checkpoint_options, all_pairs, atomic_write, autodetect_device, check_out,
-    finite_or_none, fit_pairs, hull_route, load_checkpoint, load_predictions, OutputSet, predict_prompts,
-    prompt_key, rating, read_battles, read_json_object, read_model_numbers, read_prompts, route_all, save_png,
+    A, B, OutputSet, add_checkpoint_options, all_pairs, atomic_write, autodetect_device, check_out,
+    checkpoint_config, finite_or_none, fit_pairs, hull_route, load_checkpoint, load_predictions,
+    predict_prompts, prompt_key, rating, read_battles, read_model_numbers, read_prompts, route_all, save_png,
     save_predictions, solve_theta, solve_theta_many, torch_threads, win_rates, write_json,
 )
 
@@ -432,18 +432,12 @@ def spaced(lo, hi, n):
 
 def checkpoint_models(path):
     """The model list of a checkpoint, from its JSON files (before any weights are loaded)."""
-    p2l = read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}
-    if "model_list" in p2l:
-        return p2l["model_list"]
-    try:
-        return json.loads((Path(path) / "model_list.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: no readable model list (config.json p2l.model_list or model_list.json): {e}") from None
+    return checkpoint_config(path)[0]["model_list"]
 
 
 def checkpoint_loss(path):
     """The loss a checkpoint's head was trained with, recorded beside its predictions (None: not recorded)."""
-    return (read_json_object(Path(path) / "config.json", "checkpoint config").get("p2l") or {}).get("loss")
+    return checkpoint_config(path)[0].get("loss")
 
 
 def averaged_leaderboard(beta, target):

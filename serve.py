@@ -66,9 +66,9 @@ import numpy as np
 import torch
 
 from common import (
-    HEAD_OF_LOSS, LOSSES, aggregate, autodetect_device, encode_for, leaderboard_rows, load_checkpoint,
-    parse_turns, predict, rating, read_json_object, read_model_numbers, read_prompts, route_all, solve_theta,
-    win_rates, write_json,
+    HEAD_OF_LOSS, LOSSES, aggregate, autodetect_device, checkpoint_config, encode_for, leaderboard_rows,
+    load_checkpoint, parse_turns, predict, rating, read_json_object, read_model_numbers, read_prompts,
+    route_all, solve_theta, win_rates, write_json,
 )
 
 # serving dependencies (requirements-serve.txt): the training stages run without them
@@ -154,8 +154,6 @@ def client_keys(args):
 
 class Service:
     def __init__(self, model, tok, args, ups):
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
         self.model, self.tok, self.args, self.ups = model, tok, args, ups
         self.device = next(model.parameters()).device.type
         self.model_list = model.p2l["model_list"]
@@ -784,10 +782,7 @@ def main(argv=None):
         uvicorn.run(fake_upstream_app(), host=args.host, port=args.port, log_level="warning")
         return
     try:  # everything that can fail on bad input fails before the model loads
-        path = Path(args.checkpoint)
-        ml = json.loads((path / "model_list.json").read_text()) if (path / "model_list.json").exists() else None
-        if ml is None:
-            raise ValueError(f"{path}: not a checkpoint directory (no model_list.json)")
+        ml = checkpoint_config(args.checkpoint)[0]["model_list"]
         ups = read_models(args.models, ml) if args.models else None
         if ups and args.budget is not None:
             cheap = min(ups, key=lambda m: ups[m]["cost"])

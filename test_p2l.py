@@ -1911,10 +1911,10 @@ def test_cli_sweep_realised_matches_labels(preds):
 def test_cli_checkpoint_then_preds_agree(tiny_qwen, preds):
     """--checkpoint runs the model (tiny random Qwen2, random head) and saves its predictions;
     --preds on them routes identically."""
+    torch.manual_seed(0)  # before the CLS row is added (drawn at random by transformers): independent of test order
     tok, backbone = C.load_backbone(tiny_qwen)
     C.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
-    torch.manual_seed(0)
     torch.nn.init.normal_(model.head.head.weight, std=0.5)
     C.save_checkpoint(preds / "ck", model.state_dict(), model, tok)
     args = ["--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json", "--budget", 4, "--sweep"]
@@ -2214,10 +2214,10 @@ def serving(app):
 def serve_ck(tmp_path_factory, tiny_qwen):
     """A P2L checkpoint on the tiny random Qwen2 over MODELS (random head, so prompts route differently), loaded once."""
     d = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)  # before the CLS row is added: transformers draws it at random, so test order must not matter
     tok, backbone = C.load_backbone(tiny_qwen)
     C.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
-    torch.manual_seed(0)
     torch.nn.init.normal_(model.head.head.weight, std=0.5)
     C.save_checkpoint(d / "ck", model.state_dict(), model, tok)
     model, tok = C.load_checkpoint(d / "ck")
@@ -2301,6 +2301,7 @@ def test_serve_startup_errors_name_the_cause(tmp_path, table, extra, msg):
     """Bad start-up input fails before the model loads (the checkpoint here has only its model list)."""
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck/model_list.json").write_text(json.dumps(MODELS))
+    (tmp_path / "ck/config.json").write_text("{}")  # the authors' layout: the model list beside an HF config
     (tmp_path / "m.json").write_text(json.dumps(table))
     with pytest.raises(SystemExit) as e:
         S.main(["--checkpoint", str(tmp_path / "ck"), "--models", str(tmp_path / "m.json"), "--budget", "1", *extra])
