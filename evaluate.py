@@ -43,7 +43,7 @@ from common import (
     A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, aggregate, autodetect_device,
     batch_nll, cat_pairs, check_device, check_out, checkpoint_config, dist_env, fit_marginal, group_by_prompt,
     load_checkpoint, load_predictions, outcome_logprobs, pair_nll, predict_prompts, prompt_key, read_battles,
-    read_marginal, save_predictions, write_json,
+    read_marginal, save_predictions, sha256_file, write_json,
 )
 
 
@@ -395,14 +395,6 @@ def report(args, ctx, results, boot, board, notes, secs):
     print(f"{ctx['n_votes']} votes, {ctx['n_skipped']} skipped; {secs:.1f} s; metrics -> {args.out}/metrics.json")
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -430,7 +422,7 @@ def main(argv=None):
         if rows is not None:  # staged: nothing reaches --out until the whole set is ready
             save_predictions(out.stage, beta, eta, ctx["model_list"], rows, loss=ctx["loss"], checkpoint=args.checkpoint)
         preds_dir = Path(args.preds) if args.preds else Path(args.out)
-        digest = sha256((out.stage if rows is not None else preds_dir) / "predictions.safetensors")
+        digest = sha256_file((out.stage if rows is not None else preds_dir) / "predictions.safetensors")
         metrics = dict(results, n_votes=ctx["n_votes"], n_skipped=ctx["n_skipped"], nll_diff=boot["nll_diff"],
                        nll_diff_ci=boot["nll_diff_ci"], nll_rel_diff_pct_ci=boot["nll_rel_diff_pct_ci"], n_prompts=ctx["P"],
                        skipped_models=dict(ctx["unknown"].most_common()), leaderboard=board, loss=ctx["loss"],

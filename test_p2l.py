@@ -583,6 +583,9 @@ def test_resume_refuses_state_of_another_run(tiny_qwen, small_data, tmp_path):
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "other training arguments" in r.stderr and "--seed 0 -> 1" in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == before
+    r = subprocess.run(train_cmd(tiny_qwen, small_data, tmp_path / "b", "--max-steps", "2", "--resume", "--head-scale",
+                                 "--max-tokens", "256"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--head-scale False -> True" in r.stderr and "--max-tokens" in r.stderr, r.stderr[-2000:]
     rows = [json.loads(x) for x in Path(small_data[0]).read_text().splitlines()]
     drop = rows[0]["model_a"]
     other = write_jsonl(tmp_path / "other.jsonl", [x for x in rows if drop not in (x["model_a"], x["model_b"])])

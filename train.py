@@ -26,7 +26,7 @@ from tqdm import tqdm
 from common import (
     CLS_TOKEN, LOSSES, P2LModel, add_cls_token, atomic_write, batch_nll, check_out, collate, default_pooling,
     file_ref, fit_marginal, index_votes, load_backbone, lock_dir, pairs_of, predict, save_checkpoint,
-    token_batches, token_cache, write_json,
+    sha256_file, token_batches, token_cache, write_json,
 )
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,23 +281,11 @@ if args.bench:
 # resume, train, validate. The resume state carries a fingerprint of what produced it (data, model list,
 # backbone, training arguments) and every RNG state, so a resumed run is the uninterrupted one, step for
 # step, or refuses; --out is locked against a second run for the whole run.
-import hashlib
-
 lock = lock_dir(args.out) if master else None
-
-
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # the arguments that change what a step computes; --max-steps may grow on resume (the schedule follows it)
-SAME = ("loss", "epochs", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "clip", "max_len",
-        "pooling", "dtype", "seed", "zero", "grad_checkpointing")
-fingerprint = {"data": [file_digest(args.train), file_digest(args.val)], "model_list": model_list, "backbone": args.model,
+SAME = ("loss", "epochs", "batch_size", "max_tokens", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "clip",
+        "max_len", "pooling", "dtype", "seed", "zero", "grad_checkpointing", "head_scale", "head_rank", "reg_marginal")
+fingerprint = {"data": [sha256_file(args.train), sha256_file(args.val)], "model_list": model_list, "backbone": args.model,
                "args": {k: getattr(args, k) for k in SAME}, "world_size": world}
 
 
