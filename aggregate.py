@@ -6,7 +6,7 @@ coefficients whose pairwise outcome probabilities best match a target, to a grad
     # one prompt's leaderboard (a set of size 1) from a trained checkpoint, in seconds on a CPU
     python aggregate.py --checkpoint out/train --prompt "Write a limerick about a cat"
     # the validation prompts: overall + per AlpacaEval sub-source, CIs, strengths, the scale curve
-    python aggregate.py --preds out/preds-val --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
+    python aggregate.py --preds out/eval --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
     # leaderboards from human votes, checked against the official Arena category leaderboards
     python aggregate.py --votes data/arena_catalog/train.jsonl.gz data/arena_catalog/val.jsonl.gz --by category \\
         --official data/arena_catalog/leaderboards.csv --out out/arena
