@@ -521,14 +521,6 @@ def cache_root():
     return Path(os.environ.get("P2L_CACHE") or Path.home() / ".cache" / "p2l") / "tokens"
 
 
-def file_digest(path, chunk=1 << 24):
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokenizer_digest(tok):
     """What decides the token ids: the full tokenizer (vocabulary, merges, added tokens,
     normalizer) when it is a fast one, its chat template, and its special tokens."""
@@ -589,7 +581,7 @@ def token_cache(path, tok, max_len, pooling, cls_id=None, workers=None, rank=0, 
     building it first when absent. Rank 0 builds; other ranks wait for the finished directory
     (it appears by an atomic rename, so a reader never sees half a cache). workers: tokenizer
     processes (default: the CPU count); 1 tokenizes in this process."""
-    fields = {"version": CACHE_VERSION, "file": file_digest(path), "tokenizer": tokenizer_digest(tok),
+    fields = {"version": CACHE_VERSION, "file": sha256_file(path), "tokenizer": tokenizer_digest(tok),
               "max_len": max_len, "pooling": pooling, "cls_id": cls_id}
     key = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=12).hexdigest()
     d = Path(root or cache_root()) / key
@@ -1198,6 +1190,19 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def paired_bootstrap(s1, s2, w, n_boot, seed):
+    """95% percentile CIs of Σs1/Σw − Σs2/Σw and of Σs1/Σs2 − 1 over prompts resampled with replacement,
+    the same prompts for both (paired): s1, s2 per-prompt weighted NLL sums of two models, w the
+    per-prompt weights (numpy). One resample at a time, so memory stays O(prompts)."""
+    rng = np.random.default_rng(seed)
+    diff, rel = np.empty(n_boot), np.empty(n_boot)
+    for k in range(n_boot):
+        i = rng.integers(0, len(w), len(w))
+        a, b = s1[i].sum(), s2[i].sum()
+        diff[k], rel[k] = (a - b) / w[i].sum(), a / b - 1
+    return np.percentile(diff, [2.5, 97.5]).tolist(), np.percentile(rel, [2.5, 97.5]).tolist()
+
+
 def resolve_ref(ref, base):
     """A file_ref (or a bare path, as older records kept it) -> (an existing path whose content is the
     recorded one, None) or (None, why not). Tried in order: relative to base (both moved together),
@@ -1233,25 +1238,6 @@ def read_marginal(ckpt):
             mj["train"], mj["train_missing"] = rec if isinstance(rec, str) else rec.get("abs", rec.get("path")), why
     return mj
 
-def prediction_blocks(path, rows=65536):
-    """Read predictions.safetensors in blocks of rows without loading the whole matrix (at the paper's
-    1.5M prompts x 130 models it is 0.8 GB): yields (start, beta [n, M] float32, eta [n] or None).
-    The model list is C.prediction_models(path)."""
-    from safetensors import safe_open
-    with safe_open(Path(path) / "predictions.safetensors", "pt") as f:
-        beta = f.get_slice("beta")
-        eta = f.get_slice("eta") if "eta" in f.keys() else None
-        N = beta.get_shape()[0]
-        for s in range(0, N, rows):
-            e = min(s + rows, N)
-            yield s, beta[s:e], (eta[s:e] if eta is not None else None)
-
-
-def prediction_models(path):
-    """(N, model_list) of predictions.safetensors, from its header alone."""
-    from safetensors import safe_open
-    with safe_open(Path(path) / "predictions.safetensors", "pt") as f:
-        return f.get_slice("beta").get_shape()[0], json.loads(f.metadata()["model_list"])
 
 def autodetect_device():
     return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")

@@ -32,7 +32,7 @@ import torch
 
 from common import (
     HEAD_OF_LOSS, atomic_write, cat_pairs, encode_for, group_by_prompt, judge_logprobs, load_checkpoint,
-    parse_turns, predict, prompt_key, read_battles, read_jsonl, write_json,
+    paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, write_json,
 )
 
 
@@ -112,7 +112,7 @@ def score_fold(ckpt, battles):
     prompts, pairs, skipped = group_by_prompt(battles, index, "bt-tie")  # p: soft label, or 1 / 0 / ½
     ids = encode_for(model, tok, prompts)
     beta, eta = predict(model, ids, tok.pad_token_id, batch_size=32)
-    marg = json.loads((Path(ckpt) / "marginal.json").read_text())
+    marg = read_marginal(ckpt)
     if marg["model_list"] != p2l["model_list"]:
         raise ValueError(f"{ckpt}: marginal.json and the checkpoint list different models")
     beta_m = torch.tensor(marg["beta"], dtype=torch.float64).expand(len(prompts), -1)
@@ -127,15 +127,6 @@ def score_fold(ckpt, battles):
         out.append(torch.zeros(len(prompts), dtype=torch.float64).index_add_(0, r, nll))
     w = torch.tensor([pp["w"].sum().item() for pp in pairs], dtype=torch.float64)
     return [prompt_key(t) for t in prompts], out[0], out[1], w, skipped
-
-
-def paired_bootstrap(s_p2l, s_marg, w, n_boot, seed):
-    """95% percentile CIs over prompts of the per-vote NLL difference and of the relative change."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(w), size=(n_boot, len(w)))
-    sp, sm, sw = s_p2l[idx].sum(1), s_marg[idx].sum(1), w[idx].sum(1)
-    diff, rel = (sp - sm) / sw, sp / sm - 1
-    return np.percentile(diff, [2.5, 97.5]).tolist(), np.percentile(rel, [2.5, 97.5]).tolist()
 
 
 def main():

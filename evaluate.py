@@ -34,7 +34,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
@@ -42,8 +41,8 @@ from scipy import stats
 from common import (
     A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, aggregate, autodetect_device,
     batch_nll, cat_pairs, check_device, check_out, checkpoint_config, dist_env, fit_marginal, group_by_prompt,
-    load_checkpoint, load_predictions, outcome_logprobs, pair_nll, predict_prompts, prompt_key, read_battles,
-    read_marginal, save_predictions, sha256_file, write_json,
+    load_checkpoint, load_predictions, outcome_logprobs, pair_nll, paired_bootstrap, predict_prompts,
+    prompt_key, read_battles, read_marginal, save_predictions, sha256_file, write_json,
 )
 
 
@@ -348,15 +347,9 @@ def score(args, ctx, beta, eta, base):
     w_pp = torch.zeros(P, dtype=torch.float64).index_add_(0, pairs["row"], pairs["w"])
     live = w_pp > 0  # prompts whose votes all weigh 0 (or were skipped) say nothing
     s1, s2, wp = p2l_pp[live].numpy(), marg_pp[live].numpy(), w_pp[live].numpy()
-    rng = np.random.default_rng(args.seed)
-    diff, rel = [], []
-    for _ in range(args.bootstrap):
-        i = rng.integers(0, len(wp), len(wp))
-        diff.append((s1[i].sum() - s2[i].sum()) / wp[i].sum())
-        rel.append(s1[i].sum() / s2[i].sum() - 1)
-    boot = {"nll_diff": p2l["nll"] - marg["nll"], "n_live": len(wp),
-            "nll_diff_ci": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
-            "nll_rel_diff_pct_ci": [100 * float(np.percentile(rel, 2.5)), 100 * float(np.percentile(rel, 97.5))]}
+    diff_ci, rel_ci = paired_bootstrap(s1, s2, wp, args.bootstrap, args.seed)
+    boot = {"nll_diff": p2l["nll"] - marg["nll"], "n_live": len(wp), "nll_diff_ci": diff_ci,
+            "nll_rel_diff_pct_ci": [100 * x for x in rel_ci]}
     # leaderboard agreement: the aggregated P2L leaderboard on these prompts (each prompt weighted by its votes, so
     # both leaderboards average over the same prompts) vs a leaderboard fitted to these votes
     agg_beta, agg_eta = aggregate(beta[live], eta[live] if eta is not None else None, loss, weights=w_pp[live])

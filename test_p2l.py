@@ -1422,14 +1422,6 @@ def test_streamed_bootstrap_row_0_is_the_aggregate(head):
     assert bb.shape == (21, 5) and torch.allclose(bb[0], one, atol=1e-7)
     assert (bb[1:].std(0) > 0).all()
 
-
-def test_prediction_blocks_read_the_file_in_pieces(tmp_path):
-    beta, eta = torch.randn(10, 3), torch.randn(10)
-    C.save_predictions(tmp_path, beta, eta, ["a", "b", "c"], [{"prompt": [str(i)]} for i in range(10)])
-    parts = list(C.prediction_blocks(tmp_path, rows=4))
-    assert [s for s, _, _ in parts] == [0, 4, 8] and C.prediction_models(tmp_path) == (10, ["a", "b", "c"])
-    assert torch.equal(torch.cat([b for _, b, _ in parts]), beta) and torch.equal(torch.cat([e for _, _, e in parts]), eta)
-
 # -----------------------------------------------------------------------------
 # bad input: a clear error naming file:line or the flag, non-zero exit, nothing written
 
