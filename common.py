@@ -1830,6 +1830,37 @@ def route_all(router, beta, Wq, c, budget):
     return route_many(Wq if router == "optimal" else beta, c, budget)
 
 
+def route_one(router, beta, q, c, budget):
+    """One prompt's decision from its β [M] alone: (i, j, w, R), π = w on model i, 1 − w on model j,
+    R = π·Wq its win rate against q. The optimum of route_all on win_rates (tests compare them) for
+    a fraction of the work: (Wq)_a increases with β_a (σ does), so β ranks the models as Wq does,
+    and only a model better than every cheaper one (the front in cost order: about ln M of M on
+    random instances) can be the answer or a hull vertex. Wq is computed for those rows alone."""
+    beta, q, c = (np.asarray(x, dtype=np.float64) for x in (beta, q, c))
+    order, A, _, _, _ = _route_plan(c.tobytes(), float(budget))  # also the infeasible-budget error
+    b = beta[order]
+    if router == "strict":  # the best affordable model; A is a prefix of order, argmax takes the cheapest
+        b = b[:len(A)]
+    front = order[:len(b)][b > np.maximum.accumulate(np.concatenate(([-np.inf], b[:-1])))]
+    x = beta - beta.max()
+    if x.min() >= -SPREAD_MAX:  # the φ form of win_rates, for the front's rows only
+        f = np.exp(x)
+        s = f[front] * ((1.0 / (f[front, None] + f[None, :])) @ q)
+    else:
+        s = expit(beta[front, None] - beta[None, :]) @ q
+    if c[front[-1]] <= budget:  # the front ends at the best model (the cheapest of equal best)
+        return int(front[-1]), int(front[-1]), 1.0, float(s[-1])
+    # Otherwise the optimum mixes a front model i with c_i <= C and one j with c_j > C on the budget line.
+    a = c[front] <= budget
+    ci, cj = c[front[a]][:, None], c[front[~a]][None, :]
+    w = (cj - budget) / (cj - ci)
+    v = (beta[front[a]][:, None] * w + beta[front[~a]][None, :] * (1 - w)) if router == "simple" else \
+        (s[a][:, None] * w + s[~a][None, :] * (1 - w))
+    k, m = divmod(int(v.argmax()), w.shape[1])
+    wk = float(w[k, m])
+    return int(front[a][k]), int(front[~a][m]), wk, float(wk * s[a][k] + (1 - wk) * s[~a][m])
+
+
 def solve_theta(beta, q, R):
     """θ with Σ_a q_a σ(θ − β_a) = R; the left side increases in θ. On one prompt R mixes win rates
     of models with those β, so the root lies in [min β, max β]; on the averaged leaderboard a

@@ -1,6 +1,6 @@
 """Serve the P2L router as an OpenAI-compatible chat service (docs/design.md §7): point any OpenAI client at
 it, send `model="p2l"`, and each request is routed under a cost budget (the paper's Algorithm 1,
-common.route_all) to one of the models in --models and forwarded there.
+common.route_one) to one of the models in --models and forwarded there.
 
     python serve.py --fake-upstream --port 9000 &         # a stand-in upstream that echoes (no keys, offline)
     P2L_API_KEYS=sk-local-1 python serve.py --checkpoint out/train --models models.json --budget 10 --port 8000
@@ -68,7 +68,7 @@ import torch
 from common import (
     HEAD_OF_LOSS, LOSSES, aggregate, autodetect_device, checkpoint_config, encode_for, leaderboard_rows,
     load_checkpoint, parse_turns, predict, rating, read_json_object, read_model_numbers, read_prompts,
-    route_all, solve_theta, win_rates, write_json,
+    route_one, solve_theta, write_json,
 )
 
 # serving dependencies (requirements-serve.txt): the training stages run without them
@@ -257,24 +257,20 @@ class Service:
         self.stats["forward_passes"] += len(groups)
         return beta, eta
 
-    # -- routing (Algorithm 1 is common.route_all; here one prompt, one budget, one draw) -------------
+    # -- routing (Algorithm 1 is common.route_one: one prompt, one budget, one draw) ------------------
 
     def decide(self, beta_all, budget, seed=None):
         """π over the routable models for one prompt's β, the sampled model and its fallback."""
-        b = beta_all[self.idx][None]
-        Wq = win_rates(b, self.q)
-        I, J, Wt = route_all(self.args.router, b, Wq, self.c, budget)
-        i, j, w = int(I[0]), int(J[0]), float(Wt[0])
+        b = beta_all[self.idx]
+        i, j, w, R = route_one(self.args.router, b, self.q, self.c, budget)
         u = np.random.default_rng(seed).random() if seed is not None else self.rng.random()
         chosen = i if (w >= 0.5 if self.args.deterministic else u < w) else j  # route.py's rule
         if w < 1:  # π mixes two models: the other one
             fallback = j if chosen == i else i
-        else:  # the best remaining affordable model by the router's own score (cheapest on ties)
-            s = b[0] if self.args.router == "simple" else Wq[0]
+        else:  # the best remaining affordable model (cheapest on ties); β ranks models as Wq does
             ok = [k for k in range(len(self.c)) if self.c[k] <= budget and k != chosen]
-            fallback = max(ok, key=lambda k: (s[k], -self.c[k])) if ok else None
-        R = w * Wq[0, i] + (1 - w) * Wq[0, j]
-        theta = float(b[0, i]) if w == 1 else solve_theta(b[0], self.q, R)
+            fallback = max(ok, key=lambda k: (b[k], -self.c[k])) if ok else None
+        theta = float(b[i]) if w == 1 else solve_theta(b, self.q, R)
         pi = {self.names[i]: round(w, 6)} | ({self.names[j]: round(1 - w, 6)} if w < 1 else {})
         return {"pi": pi, "chosen": self.names[chosen], "fallback": None if fallback is None else self.names[fallback],
                 "expected_cost": w * self.c[i] + (1 - w) * self.c[j], "win_rate": float(R), "theta": theta,

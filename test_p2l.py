@@ -1566,6 +1566,32 @@ def test_route_all_strict_is_the_cheapest_best_affordable_model():
                 assert I[z] == J[z] == want and W[z] == 1
 
 
+@pytest.mark.parametrize("router", ["optimal", "simple", "strict"])
+def test_route_one_from_beta_equals_route_all_on_the_full_win_rates(router):
+    """route_one computes Wq on the cost-order front only; every router must reach route_all's optimum
+    on the full Wq, ties in β and in cost and spreads too wide for the φ form included."""
+    rng = np.random.default_rng(15)
+    for trial in range(90):
+        B, c, budgets = random_instance(rng, trial)
+        B = B * (300 if trial % 11 == 0 else 1)  # spreads beyond SPREAD_MAX: the expit path
+        q = rng.dirichlet(np.ones(len(c)))
+        Wq = C.win_rates(B, q)
+        for budget in budgets:
+            I, J, W = C.route_all(router, B, Wq, c, budget)
+            for z in range(len(B)):
+                i, j, w, R = C.route_one(router, B[z], q, c, budget)
+                assert 0 <= w <= 1 and w * c[i] + (1 - w) * c[j] <= budget + 1e-12
+                assert R == pytest.approx(w * Wq[z, i] + (1 - w) * Wq[z, j], abs=1e-12)  # R is π·Wq
+                s = B[z] if router == "simple" else Wq[z]  # what the router maximises
+                want = W[z] * s[I[z]] + (1 - W[z]) * s[J[z]]
+                assert w * s[i] + (1 - w) * s[j] == pytest.approx(want, abs=1e-9), (router, trial, budget, z)
+                if router == "strict":  # exactly the cheapest of the best affordable β (route_all ranks by Wq, where
+                    ok = np.flatnonzero((c <= budget) & (B[z] == B[z][c <= budget].max()))  # equal β can differ by an ulp)
+                    assert (i, j, w) == (min(ok, key=lambda k: (c[k], k)),) * 2 + (1.0,)
+    with pytest.raises(ValueError, match="infeasible"):
+        C.route_one("optimal", np.zeros(2), np.full(2, 0.5), np.array([1.0, 4.0]), 0.5)
+
+
 def test_budget_below_the_cheapest_model_is_a_value_error():
     s, c = np.array([0.2, 0.9]), np.array([1.0, 4.0])
     for budget in (0.5, math.nan):
