@@ -6,7 +6,9 @@ on the other K−1 folds (the arguments after `--` are passed to it unchanged) w
 --val; then the fold's checkpoint predicts every held-out prompt, and each prompt's votes are
 scored under that P2L and under the marginal leaderboard fitted on the same training part (the
 checkpoint's marginal.json). The result: the mean NLL per vote over ALL prompts, P2L minus
-marginal, with a paired bootstrap CI over prompts.
+marginal, with a paired bootstrap CI over prompts, overall and per source (data/routellm rows name
+theirs; other files count by folder). Each held-out prompt's coefficients are written as
+out-of-fold predictions (predictions.safetensors + .jsonl): route.py --routellm routes on them.
 
     python cv.py --folds 5 --only 0 --out out/cv-tiny -- --max-steps 2     # CPU, ~2 min: one fold, 2 steps
     python cv.py --folds 5 --out out/cv-default -- --epochs 2 --batch-size 16   # the default recipe, 5 folds
@@ -32,8 +34,21 @@ import torch
 
 from common import (
     HEAD_OF_LOSS, atomic_write, cat_pairs, encode_for, group_by_prompt, judge_logprobs, load_checkpoint,
-    paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, write_json,
+    paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, save_predictions,
+    write_json,
 )
+
+
+def read_rows(paths):
+    """The raw battle rows of all files as (where, row), and each prompt's source (for per-source
+    NLL): the row's own "source" (data/routellm: mmlu, gsm8k, mt_bench), else its file's folder
+    (alpaca_eval). A prompt in two sources counts for the first."""
+    rows, source_of = [], {}
+    for path in paths:
+        for where, r in read_jsonl(path):
+            rows.append((where, r))
+            source_of.setdefault(prompt_key(parse_turns(r, where)), r.get("source") or Path(path).parent.name)
+    return rows, source_of
 
 
 def split_folds(rows, k, seed):
@@ -103,8 +118,9 @@ def train_fold(fold_dir, train_args, log):
 
 def score_fold(ckpt, battles):
     """Per-prompt (P2L NLL sum, marginal NLL sum, weight sum) of the held-out votes, in the order of
-    their prompts' first appearance, with the prompt keys. Votes for models the fold's training
-    part never saw are skipped (counted)."""
+    their prompts' first appearance, with the prompt keys, and the fold's predictions for those
+    prompts (route.py --routellm reads them). Votes for models the fold's training part never saw
+    are skipped (counted)."""
     model, tok = load_checkpoint(ckpt)
     p2l = model.p2l
     head = HEAD_OF_LOSS[p2l["loss"]]
@@ -126,7 +142,29 @@ def score_fold(ckpt, battles):
         nll = -(allp["p"] * la + (1 - allp["p"]) * lb) * allp["w"]
         out.append(torch.zeros(len(prompts), dtype=torch.float64).index_add_(0, r, nll))
     w = torch.tensor([pp["w"].sum().item() for pp in pairs], dtype=torch.float64)
-    return [prompt_key(t) for t in prompts], out[0], out[1], w, skipped
+    held = {"turns": prompts, "beta": beta, "eta": None if HEAD_OF_LOSS[p2l["loss"]] == "bt" else eta.float(),
+            "model_list": p2l["model_list"], "loss": p2l["loss"]}
+    return [prompt_key(t) for t in prompts], out[0], out[1], w, skipped, held
+
+
+def per_source(sp, sm, ww, args):
+    """CV numbers of one source's prompts (the bootstrap resamples those prompts only)."""
+    (d_lo, d_hi), (r_lo, r_hi) = paired_bootstrap(sp, sm, ww, args.boot, args.seed)
+    return {"prompts": len(sp), "p2l_nll": float(sp.sum() / ww.sum()), "marginal_nll": float(sm.sum() / ww.sum()),
+            "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": [r_lo, r_hi], "diff_ci": [d_lo, d_hi]}
+
+
+def save_out_of_fold(out, held, source_of):
+    """predictions.safetensors / .jsonl in out: each prompt's β from the fold that held it out, so a
+    later stage (route.py --routellm, aggregate.py) works on cross-fitted coefficients. Folds
+    trained on different model lists cannot share one matrix: then no file, and a note."""
+    lists = {json.dumps(h["model_list"]) for h in held}
+    if len(lists) > 1 or len({h["loss"] for h in held}) > 1:
+        print(f"note: the folds' checkpoints list different models or losses; no out-of-fold predictions in {out}")
+        return
+    rows = [{"prompt": t, "source": source_of[prompt_key(t)], "fold": h["fold"]} for h in held for t in h["turns"]]
+    eta = None if held[0]["eta"] is None else torch.cat([h["eta"] for h in held])
+    save_predictions(out, torch.cat([h["beta"] for h in held]), eta, held[0]["model_list"], rows, loss=held[0]["loss"])
 
 
 def main():
@@ -162,14 +200,14 @@ def main():
     try:
         for path in args.data:  # every row valid (file:line errors) before any training
             read_battles(path)
-        rows = [(where, r) for path in args.data for where, r in read_jsonl(path)]
+        rows, source_of = read_rows(args.data)
         folds = split_folds(rows, args.folds, args.seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out)
     t0 = time.time()
 
-    keys, s_p2l, s_marg, w, per_fold = [], [], [], [], []
+    keys, s_p2l, s_marg, w, per_fold, oof = [], [], [], [], [], []
     for k in only:
         fold_dir = out / f"fold{k}"
         held = set(folds[k])
@@ -177,7 +215,8 @@ def main():
         write_rows(fold_dir / "train.jsonl.gz", [rows[j] for j in train_idx])
         write_rows(fold_dir / "val.jsonl.gz", [rows[j] for j in folds[k]])
         metrics = train_fold(fold_dir, train_args, print)
-        kk, sp, sm, ww, skipped = score_fold(fold_dir / "model", read_battles(fold_dir / "val.jsonl.gz"))
+        kk, sp, sm, ww, skipped, hh = score_fold(fold_dir / "model", read_battles(fold_dir / "val.jsonl.gz"))
+        oof.append({**hh, "fold": k})
         keys += kk
         s_p2l.append(sp)
         s_marg.append(sm)
@@ -196,13 +235,22 @@ def main():
            "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": [r_lo, r_hi],
            "minutes": round((time.time() - t0) / 60, 2),
            "train_minutes": round(sum(f["train_seconds"] for f in per_fold) / 60, 2), "per_fold": per_fold}
-    write_json(out / "cv.json", res)
-    atomic_write(out / "prompts.jsonl", "".join(json.dumps({"prompt": key, "p2l": float(a), "marginal": float(b), "w": float(c)},
-                                                             ensure_ascii=False) + "\n" for key, a, b, c in zip(keys, sp, sm, ww)))
+    src = np.array([source_of[key] for key in keys])
+    res["per_source"] = {name: per_source(sp[src == name], sm[src == name], ww[src == name], args)
+                         for name in sorted(set(src))}
+    save_out_of_fold(out, oof, source_of)
+    atomic_write(out / "prompts.jsonl", "".join(json.dumps({"prompt": key, "source": s, "p2l": float(a), "marginal": float(b),
+                                                            "w": float(c)}, ensure_ascii=False) + "\n"
+                                                for key, s, a, b, c in zip(keys, src, sp, sm, ww)))
+    write_json(out / "cv.json", res)  # last: its presence marks a finished run
     print(f"CV ({len(only)} of {args.folds} folds, {len(keys)} prompts): judge NLL P2L {res['p2l_nll']:.4f} vs marginal "
           f"{res['marginal_nll']:.4f}: {100 * res['rel']:+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "
           f"(diff {res['diff']:+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts, {args.boot} resamples); "
           f"{res['minutes']:.1f} min, {res['train_minutes']:.1f} in train.py; {out / 'cv.json'}")
+    if len(res["per_source"]) > 1:
+        for name, r in res["per_source"].items():
+            print(f"  {name}: {r['prompts']} prompts, P2L {r['p2l_nll']:.4f} vs marginal {r['marginal_nll']:.4f}: "
+                  f"{100 * r['rel']:+.2f}% [{100 * r['rel_ci'][0]:+.2f}%, {100 * r['rel_ci'][1]:+.2f}%]")
 
 
 if __name__ == "__main__":

@@ -763,10 +763,30 @@ def test_cv_end_to_end_scores_every_prompt_once(tiny_qwen, small_data, tmp_path)
     assert res["diff"] == pytest.approx(0.0, abs=1e-6) and res["p2l_nll"] > 0
     metrics = json.loads((out / "fold0" / "model" / "metrics.json").read_text())
     assert res["per_fold"][0]["p2l_nll"] == pytest.approx(metrics["p2l"]["nll"], abs=1e-6)  # bt: judge NLL = train.py's
+    # out-of-fold predictions: every prompt once, with β from the fold that held it out
+    beta, eta, model_list, prow = C.load_predictions(out)
+    assert eta is None and model_list == json.loads((out / "fold1" / "model" / "model_list.json").read_text())
+    assert sorted(C.prompt_key(x["prompt"]) for x in prow) == sorted(x["prompt"] for x in rows)
+    for k in (0, 1):
+        mine = [i for i, x in enumerate(prow) if x["fold"] == k]
+        assert {C.prompt_key(prow[i]["prompt"]) for i in mine} == held[1 if k == 0 else 3]
+        model, tok = C.load_checkpoint(out / f"fold{k}" / "model")
+        want, _ = C.predict(model, C.encode_for(model, tok, [prow[i]["prompt"] for i in mine]), tok.pad_token_id)
+        torch.testing.assert_close(beta[mine], want, rtol=0, atol=1e-5)
+    assert list(res["per_source"]) == [Path(small_data[0]).parent.name] and res["per_source"][Path(small_data[0]).parent.name]["prompts"] == 32
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.count("trained already") == 2  # same arguments: folds are reused
     r = subprocess.run(cmd[:-1] + ["--out", "x"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "--train/--val/--out" in r.stderr
+
+
+def test_cv_sources_are_the_rows_own_else_the_folder():
+    rows, source_of = cv.read_rows([ROOT / "data/alpaca_eval/val.jsonl.gz", ROOT / "data/routellm/gsm8k.jsonl.gz",
+                                    ROOT / "data/routellm/mt_bench.jsonl.gz"])
+    counts = {s: list(source_of.values()).count(s) for s in set(source_of.values())}
+    assert counts == {"alpaca_eval": 161, "gsm8k": 1319, "mt_bench": 159}  # MT-bench's question 81 is an AlpacaEval prompt too
+    assert len(rows) == sum(1 for f in ("alpaca_eval/val", "routellm/gsm8k", "routellm/mt_bench")
+                            for _ in C.read_jsonl(ROOT / f"data/{f}.jsonl.gz"))
 
 
 def test_routellm_name_map_applied_and_unknown_name_is_an_error(tmp_path):
