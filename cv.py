@@ -39,15 +39,23 @@ from common import (
 )
 
 
-def read_rows(paths):
+def read_rows(paths, max_prompts=0, seed=0):
     """The raw battle rows of all files as (where, row), and each prompt's source (for per-source
     NLL): the row's own "source" (data/routellm: mmlu, gsm8k, mt_bench), else its file's folder
-    (alpaca_eval). A prompt in two sources counts for the first."""
+    (alpaca_eval). A prompt in two sources counts for the first. max_prompts > 0: from a file
+    with more distinct prompts, a seeded random max_prompts of them, with all their votes."""
     rows, source_of = [], {}
     for path in paths:
-        for where, r in read_jsonl(path):
+        part = list(read_jsonl(path))
+        keys = [prompt_key(parse_turns(r, where)) for where, r in part]
+        distinct = sorted(set(keys))
+        if 0 < max_prompts < len(distinct):
+            random.Random(seed).shuffle(distinct)
+            kept = set(distinct[:max_prompts])
+            part, keys = zip(*[(x, key) for x, key in zip(part, keys) if key in kept])
+        for (where, r), key in zip(part, keys):
             rows.append((where, r))
-            source_of.setdefault(prompt_key(parse_turns(r, where)), r.get("source") or Path(path).parent.name)
+            source_of.setdefault(key, r.get("source") or Path(path).parent.name)
     return rows, source_of
 
 
@@ -174,6 +182,8 @@ def main():
     p.add_argument("--folds", type=int, default=5, help="K: each fold holds 1/K of the prompts out; 5 keeps 80%% for training, as the old split did")
     p.add_argument("--only", help="comma-separated fold indices to run (a cheap screen); the CI then covers those folds' prompts only")
     p.add_argument("--seed", type=int, default=0, help="fold assignment seed: keep it fixed to compare recipes on the same folds (paired)")
+    p.add_argument("--max-prompts", type=int, default=0, help="at most this many distinct prompts of each --data file "
+                   "(a seeded random subset; 0: all): a CPU budget, e.g. 2,000 of MMLU's 13,937 questions")
     p.add_argument("--train-fraction", type=float, default=1.0, help="train each fold on this random fraction of its "
                    "training prompts (the held-out fold stays whole): one point of a scaling curve")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="no training: compare two finished CV runs' P2L "
@@ -200,7 +210,7 @@ def main():
     try:
         for path in args.data:  # every row valid (file:line errors) before any training
             read_battles(path)
-        rows, source_of = read_rows(args.data)
+        rows, source_of = read_rows(args.data, args.max_prompts, args.seed)
         folds = split_folds(rows, args.folds, args.seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -787,6 +787,12 @@ def test_cv_sources_are_the_rows_own_else_the_folder():
     assert counts == {"alpaca_eval": 161, "gsm8k": 1319, "mt_bench": 159}  # MT-bench's question 81 is an AlpacaEval prompt too
     assert len(rows) == sum(1 for f in ("alpaca_eval/val", "routellm/gsm8k", "routellm/mt_bench")
                             for _ in C.read_jsonl(ROOT / f"data/{f}.jsonl.gz"))
+    # --max-prompts: a seeded subset of each larger file's prompts, every vote of a kept prompt kept
+    few, few_src = cv.read_rows([ROOT / "data/alpaca_eval/val.jsonl.gz", ROOT / "data/routellm/gsm8k.jsonl.gz"], 100, 3)
+    kept = {C.prompt_key(C.parse_turns(r, w)) for w, r in few}
+    assert len(kept) == len(few_src) == 200 and list(few_src.values()).count("gsm8k") == 100
+    assert len(few) == sum(C.prompt_key(C.parse_turns(r, w)) in kept for w, r in rows[:-160])  # alpaca + gsm8k rows
+    assert cv.read_rows([ROOT / "data/routellm/gsm8k.jsonl.gz"], 100, 3)[0] == few[-100:]  # per file, seeded
 
 
 def test_routellm_name_map_applied_and_unknown_name_is_an_error(tmp_path):
