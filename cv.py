@@ -13,6 +13,7 @@ out-of-fold predictions (predictions.safetensors + .jsonl): route.py --routellm 
     python cv.py --folds 5 --only 0 --out out/cv-tiny -- --max-steps 2     # CPU, ~2 min: one fold, 2 steps
     python cv.py --folds 5 --out out/cv-default -- --epochs 2 --batch-size 16   # the default recipe, 5 folds
     python cv.py --compare out/cv-default out/cv-other                       # recipe B vs A, paired over prompts
+    python cv.py --scaling out/cv-f0.125 out/cv-f0.25 out/cv-default --out out/scaling   # NLL vs data size (make scaling)
 
 Every head is scored on the same labels with the same NLL: a judge's soft label p_a (or 1 / 0 /
 ½ for a hard win / loss / tie) as the probability that a is preferred, under the head's
@@ -34,8 +35,8 @@ import torch
 
 from common import (
     HEAD_OF_LOSS, atomic_write, cat_pairs, encode_for, group_by_prompt, judge_logprobs, load_checkpoint,
-    paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, save_predictions,
-    write_json,
+    paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, save_png,
+    save_predictions, write_json,
 )
 
 
@@ -98,6 +99,57 @@ def compare(dir_a, dir_b, n_boot, seed):
     print(f"{len(keys)} prompts: P2L NLL {dir_a} {sa.sum() / w.sum():.4f}, {dir_b} {sb.sum() / w.sum():.4f}: "
           f"B vs A {100 * (sb.sum() / sa.sum() - 1):+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "
           f"(diff {(sb.sum() - sa.sum()) / w.sum():+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts)")
+
+
+def backbone_of(train_args):
+    """The --model a CV run passed to train.py (train.py's default: minilm)."""
+    args = [a for x in train_args for a in x.split("=", 1)]
+    return args[args.index("--model") + 1] if "--model" in args else "minilm"
+
+
+def scaling(dirs, out):
+    """The paper's scaling curve (§3.2) from finished CV runs that differ in --train-fraction: CV NLL
+    against training prompts per fold, per backbone, with a power law L = b·n^−α fitted by least
+    squares in log-log (two parameters: four points cannot pin a third, an asymptote, honestly)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = []
+    for d in map(Path, dirs):
+        res = json.loads((d / "cv.json").read_text())
+        n = [json.loads((d / f"fold{f['fold']}" / "model" / "metrics.json").read_text())["train_prompts"] for f in res["per_fold"]]
+        rows.append({"run": str(d), "backbone": backbone_of(res["train_args"]), "train_fraction": res["train_fraction"],
+                     "folds_scored": len(res["per_fold"]), "train_prompts": float(np.mean(n)), "prompts_scored": res["prompts"],
+                     **{k: res[k] for k in ("p2l_nll", "marginal_nll", "rel", "rel_ci")}})
+    fits = {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    for i, bb in enumerate(sorted({r["backbone"] for r in rows})):
+        pts = sorted((r["train_prompts"], r["p2l_nll"], r["marginal_nll"]) for r in rows if r["backbone"] == bb)
+        n, lp, lm = map(np.array, zip(*pts))
+        if len(n) >= 2:
+            slope, icept = np.polyfit(np.log(n), np.log(lp), 1)
+            fits[bb] = {"alpha": float(-slope), "b": float(np.exp(icept)), "points": len(n)}
+            grid = np.geomspace(n.min(), n.max(), 50)
+            ax.plot(grid, np.exp(icept) * grid ** slope, color=f"C{i}", lw=0.8,
+                    label=f"{bb}: fit {np.exp(icept):.3f}·n^-{-slope:.3f}")
+        ax.plot(n, lp, "o", color=f"C{i}", label=f"{bb}: P2L (CV)")
+        ax.plot(n, lm, "x--", color=f"C{i}", lw=0.6, label=f"{bb}: marginal leaderboard (same folds)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training prompts per fold")
+    ax.set_ylabel("held-out judge NLL per vote")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(fig, out / "scaling.png")
+    write_json(out / "scaling.json", {"runs": rows, "fits": fits})
+    for r in sorted(rows, key=lambda r: (r["backbone"], r["train_prompts"])):
+        print(f"{r['backbone']:8s} fraction {r['train_fraction']:<6g} {r['train_prompts']:6.0f} train prompts: P2L {r['p2l_nll']:.4f} "
+              f"marginal {r['marginal_nll']:.4f} ({100 * r['rel']:+.2f}% [{100 * r['rel_ci'][0]:+.2f}%, {100 * r['rel_ci'][1]:+.2f}%]; "
+              f"{r['prompts_scored']} prompts, {r['folds_scored']} folds)")
+    for bb, f in fits.items():
+        print(f"{bb}: P2L NLL = {f['b']:.4f}·n^-{f['alpha']:.4f} (least squares in log-log, {f['points']} points)")
+    print(f"wrote {out / 'scaling.png'} and {out / 'scaling.json'}")
 
 
 def write_rows(path, rows):
@@ -188,12 +240,16 @@ def main():
                    "training prompts (the held-out fold stays whole): one point of a scaling curve")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="no training: compare two finished CV runs' P2L "
                    "NLL on the prompts both scored (paired bootstrap), e.g. a recipe against the default")
+    p.add_argument("--scaling", nargs="+", metavar="RUN", help="no training: the scaling curve (table, power-law fit, "
+                   "PNG in --out) from finished CV runs at several --train-fraction values, grouped by backbone")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples over prompts")
     p.add_argument("--out", default="out/cv", help="fold data, fold checkpoints, cv.json and per-prompt NLLs (prompts.jsonl)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py's flags for every fold (not --train/--val/--out)")
     args = p.parse_args()
     if args.compare:
         return compare(*args.compare, args.boot, args.seed)
+    if args.scaling:
+        return scaling(args.scaling, Path(args.out))
     if not 0 < args.train_fraction <= 1:
         p.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args

@@ -780,6 +780,26 @@ def test_cv_end_to_end_scores_every_prompt_once(tiny_qwen, small_data, tmp_path)
     assert r.returncode != 0 and "--train/--val/--out" in r.stderr
 
 
+def test_cv_scaling_fit_recovers_a_known_power_law(tmp_path, capsys):
+    runs = []
+    for bb, b, alpha in (("minilm", 0.4, 0.05), ("smollm2", 0.5, 0.1)):
+        for frac in (0.125, 0.25, 0.5, 1.0):
+            d = tmp_path / f"{bb}-{frac}"
+            n = 644 * frac
+            C.write_json(d / "cv.json", {"train_args": [] if bb == "minilm" else ["--model", bb, "--epochs", "2"],
+                                         "train_fraction": frac, "prompts": 805, "p2l_nll": b * n ** -alpha,
+                                         "marginal_nll": 0.3, "rel": 0.0, "rel_ci": [0.0, 0.0],
+                                         "per_fold": [{"fold": k} for k in range(2)]})
+            for k in range(2):  # two folds whose training parts differ by one prompt
+                C.write_json(d / f"fold{k}" / "model" / "metrics.json", {"train_prompts": n - 0.5 + k})
+            runs.append(str(d))
+    cv.scaling(runs, tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    assert res["fits"]["minilm"]["alpha"] == pytest.approx(0.05, abs=1e-9) and res["fits"]["minilm"]["b"] == pytest.approx(0.4)
+    assert res["fits"]["smollm2"]["alpha"] == pytest.approx(0.1, abs=1e-9) and res["fits"]["smollm2"]["points"] == 4
+    assert (tmp_path / "out" / "scaling.png").stat().st_size > 1000 and "smollm2" in capsys.readouterr().out
+
+
 def test_cv_sources_are_the_rows_own_else_the_folder():
     rows, source_of = cv.read_rows([ROOT / "data/alpaca_eval/val.jsonl.gz", ROOT / "data/routellm/gsm8k.jsonl.gz",
                                     ROOT / "data/routellm/mt_bench.jsonl.gz"])
