@@ -50,4 +50,22 @@ bench-scale: venv
 	$(PY) aggregate.py --bench-scale 1500000 --bootstrap 200 --out out/bench-scale/aggregate
 	$(PY) route.py --bench-scale 1500000 --out out/bench-scale/route
 
-.PHONY: venv run test test-fast bench bench-scale
+# quality (docs/results.md#quality): 5-fold CV by prompt over all 805 AlpacaEval prompts, at 1/8, 1/4, 1/2 and all
+# of each fold's training prompts, then the scaling curve (table, power-law fit, PNG); ~10 min per full MiniLM CV
+# on the quiet 2-core CPU
+R := --epochs 2 --batch-size 16 --head-scale --head-rank 8
+scaling: venv
+	for f in 0.125 0.25 0.5; do $(PY) cv.py --train-fraction $$f --out out/cv-f$$f -- $(R) || exit 1; done
+	$(PY) cv.py --out out/cv-scale-r8 -- $(R)
+	$(PY) cv.py --scaling out/cv-f0.125 out/cv-f0.25 out/cv-f0.5 out/cv-scale-r8 --out out/scaling
+
+# one grk-soft P2L on every bundled source with prompt text (AlpacaEval soft labels; RouteLLM's MMLU / GSM8K
+# correctness and MT-bench judge scores, 644 prompts of each larger file: a CPU budget), 5-fold CV by prompt with NLL
+# per source; then RouteLLM's benchmark (APGR, CPT) routed on the out-of-fold predictions (~45 min here)
+routellm: venv
+	$(PY) cv.py --data data/alpaca_eval/train.jsonl.gz data/alpaca_eval/val.jsonl.gz data/routellm/mmlu.jsonl.gz \
+		data/routellm/gsm8k.jsonl.gz data/routellm/mt_bench.jsonl.gz --max-prompts 644 --out out/cv-pooled -- \
+		$(R) --loss grk-soft --eval-every 100000
+	$(PY) route.py --preds out/cv-pooled --routellm data/routellm --covered-only --out out/routellm
+
+.PHONY: venv run test test-fast bench bench-scale scaling routellm

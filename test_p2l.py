@@ -1764,6 +1764,146 @@ def test_averaged_leaderboard_and_router_theta_on_it():
         assert C.solve_theta(bbar, q, Wq[:, m].mean()) == pytest.approx(bbar[m], abs=1e-8)
 
 # -----------------------------------------------------------------------------
+# route.py --routellm: RouteLLM's benchmark metrics, known answers
+
+STRONG, WEAK = route.STRONG, route.WEAK
+
+
+def test_routellm_metrics_on_a_hand_computed_curve():
+    # 4 questions, scores 0.1..0.4: edges 0.1 + 0.03k; strong where score >= edge, none at the top edge
+    x, perf, t = route.threshold_curve(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 1, 1, 0]),
+                                       np.array([0.0, 1, 0, 0]), 100.0)
+    assert t == pytest.approx([0.1 + 0.03 * k for k in range(11)])
+    assert x.tolist() == [100, 75, 75, 75, 50, 50, 50, 25, 25, 25, 0]
+    assert perf.tolist() == [75, 50, 50, 50, 50, 50, 50, 25, 25, 25, 25]
+    m = route.curve_metrics(x, perf, 25.0, 75.0)
+    # trapezoids over x/100: 25·.25 + 37.5·.25 + 50·.25 + 62.5·.25 = 43.75; APGR (43.75 − 25) / (75 − 25)
+    assert m["auc"] == pytest.approx(43.75) and m["apgr"] == pytest.approx(0.375)
+    assert (m["cpt20"], m["cpt50"], m["cpt80"]) == pytest.approx((35.0, 50.0, 90.0))  # targets 35, 50, 65
+    assert m["strong_pct"] == sorted(x.tolist())
+
+
+def test_routellm_cpt_is_the_first_crossing_and_none_when_never_reached():
+    x, y = np.array([0.0, 30, 60, 100]), np.array([1.0, 2, 5, 9])
+    for target in (1.0, 1.5, 4.0, 8.0):  # rising: RouteLLM's np.interp
+        assert route.first_crossing(x, y, target) == pytest.approx(np.interp(target, y, x))
+    dip = np.array([0.0, 8, 4, 10])
+    assert route.first_crossing(x, dip, 6.0) == pytest.approx(22.5)  # on the first segment, not after the dip
+    assert route.first_crossing(x, dip, 11.0) is None
+    m = route.curve_metrics(x, dip, 0.0, 20.0)
+    assert m["cpt80"] is None
+    json.loads(json.dumps(C.finite_or_none(m), allow_nan=False))
+
+
+def test_routellm_p2l_scored_by_the_outcome_gap_reaches_the_oracle():
+    # MMLU-style: one question only the weak model gets right, six ties (3 both right, 3 both wrong), three
+    # only the strong model gets right; scores = strong − weak. Every point but the all-strong one
+    # (where the weak-only question must go strong too) is the oracle's at the same strong %
+    strong = np.array([0.0, 1, 0, 1, 0, 1, 0, 1, 1, 1])
+    weak = np.array([1.0, 1, 0, 1, 0, 1, 0, 0, 0, 0])
+    perm = np.random.default_rng(0).permutation(10)
+    strong, weak = strong[perm], weak[perm]
+    x, perf, _ = route.threshold_curve(strong - weak, strong, weak, 100.0)
+    oracle = dict(zip(*route.oracle_curve(strong, weak, "correct", 100.0)))
+    assert sorted(set(x.tolist())) == [0, 30, 90, 100]
+    for xi, p in zip(x, perf):
+        assert p == pytest.approx(oracle[xi] if xi < 100 else 60.0)
+    assert oracle[100.0] == pytest.approx(70.0) and oracle[0.0] == pytest.approx(40.0)
+
+
+def test_routellm_reversed_scores_fall_below_random():
+    rng = np.random.default_rng(1)
+    strong = (rng.random(2000) < 0.8).astype(float)
+    weak = (rng.random(2000) < 0.65).astype(float)
+    apgr = lambda s: route.curve_metrics(*route.threshold_curve(s, strong, weak, 100.0)[:2], 100 * weak.mean(),
+                                         100 * strong.mean())["apgr"]
+    d = strong - weak
+    rand = route.random_router(strong, weak, 100.0, np.random.default_rng(0), 20)
+    oracle = route.curve_metrics(*route.oracle_curve(strong, weak, "correct", 100.0), 100 * weak.mean(), 100 * strong.mean())
+    assert apgr(-d) < 0.5 < apgr(d) <= oracle["apgr"]
+    assert rand["apgr"] == pytest.approx(0.5, abs=0.03) and rand["draws"] == 20
+
+
+def write_gz(path, rows):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def battle(prompt, contaminated, **label):
+    return {"prompt": prompt, "model_a": STRONG, "model_b": WEAK, "winner": "tie", "contaminated": contaminated, **label}
+
+
+@pytest.fixture
+def rl(tmp_path):
+    """Tiny RouteLLM files: MMLU line 3 and MT-bench question 3 (its turn 2 only) are contaminated.
+    MT-bench question 1: turns (10, 2) and (4, 6) for (strong, weak); question 2: (8, 8) and (6, 9)."""
+    d = tmp_path / "rl"
+    d.mkdir()
+    ok = lambda s, w: {"correct": {STRONG: s, WEAK: w}}
+    write_gz(d / "mmlu.jsonl.gz", [battle("m0", False, **ok(True, False)), battle("m1", False, **ok(True, True)),
+                                   battle("m2", True, **ok(False, False)), battle("m3", False, **ok(True, False))])
+    write_gz(d / "gsm8k.jsonl.gz", [battle("g0", False, **ok(True, False)), battle("g1", False, **ok(False, True)),
+                                    battle("g2", False, **ok(True, True))])
+    mt = []
+    for q, (t1, t2), sc, cont in (("1", ("a1", "a2"), ((10, 2), (4, 6)), (False, False)),
+                                  ("2", ("b1", "b2"), ((8, 8), (6, 9)), (False, False)),
+                                  ("3", ("c1", "c2"), ((9, 1), (9, 1)), (False, True))):
+        for turn, prompt in ((1, [t1]), (2, [t1, t2])):
+            s, w = sc[turn - 1]
+            mt.append(battle(prompt, cont[turn - 1], score={STRONG: s, WEAK: w}, turn=turn, id=f"{q}/{turn}"))
+    write_gz(d / "mt_bench.jsonl.gz", mt)
+    return d
+
+
+def routellm_preds(tmp_path, prompts, models=(STRONG, WEAK), name="preds"):
+    """Predictions for prompts: Δβ = +1 for MT-bench question 1 (a1), −1 for question 2 (b1), else seeded."""
+    g = torch.Generator().manual_seed(0)
+    beta = torch.randn(len(prompts), len(models), generator=g)
+    for i, p in enumerate(prompts):
+        if p in ("a1", "b1"):
+            beta[i] = torch.tensor([1.0, 0.0] if p == "a1" else [0.0, 1.0])
+    C.save_predictions(tmp_path / name, beta, None, list(models), [{"prompt": [p]} for p in prompts])
+    return str(tmp_path / name)
+
+
+COVERED = ["m0", "m1", "m3", "g0", "g1", "g2", "a1", "b1"]  # no contaminated question, no turn-2 prompt
+
+
+def run_routellm(tmp_path, rl, pdir, *extra):
+    out = tmp_path / "out"
+    route.main(["--preds", pdir, "--routellm", str(rl), "--out", str(out), *extra])
+    return json.loads((out / "routellm.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_routellm_drops_contaminated_and_a_missing_question_is_an_error(tmp_path, rl, capsys):
+    res = run_routellm(tmp_path, rl, routellm_preds(tmp_path, COVERED))  # m2, c1 are not predicted: they must be dropped
+    b = res["benchmarks"]
+    assert (b["mmlu"]["questions"], b["mmlu"]["dropped_contaminated"]) == (3, 1)
+    assert (b["mt_bench"]["questions"], b["mt_bench"]["dropped_contaminated"]) == (2, 1)
+    assert b["mmlu"]["weak_performance"] == pytest.approx(100 / 3) and b["mmlu"]["strong_performance"] == pytest.approx(100)
+    assert (tmp_path / "out/routellm.png").exists() and "MT-bench" in capsys.readouterr().out
+    without_m3 = routellm_preds(tmp_path, [p for p in COVERED if p != "m3"], name="p2")
+    with pytest.raises(SystemExit, match=r"mmlu\.jsonl\.gz:4: question not in --preds .*1 of 3 missing"):
+        route.main(["--preds", without_m3, "--routellm", str(rl), "--out", str(tmp_path / "o2")])
+    res = run_routellm(tmp_path, rl, without_m3, "--covered-only")
+    assert (res["benchmarks"]["mmlu"]["questions"], res["benchmarks"]["mmlu"]["without_predictions"]) == (2, 1)
+    with pytest.raises(SystemExit, match=f"no coefficients for {WEAK}"):
+        route.main(["--preds", routellm_preds(tmp_path, COVERED, (STRONG, "other"), "p3"), "--routellm", str(rl),
+                    "--out", str(tmp_path / "o3")])
+
+
+def test_routellm_mt_bench_routes_by_turn_one_and_averages_both_turns(tmp_path, rl):
+    # the predictions hold turn-1 prompts only; question 1 (Δβ +1) scores (7, 4), question 2 (Δβ −1) (7, 8.5)
+    mt = run_routellm(tmp_path, rl, routellm_preds(tmp_path, COVERED))["benchmarks"]["mt_bench"]
+    assert (mt["weak_performance"], mt["strong_performance"]) == pytest.approx((6.25, 7.0))
+    p2l = mt["routers"]["p2l"]
+    assert p2l["strong_pct"] == [0.0] + [50.0] * 9 + [100.0]
+    assert p2l["performance"] == pytest.approx([6.25] + [7.75] * 9 + [7.0])
+    oracle = mt["routers"]["oracle"]  # int(2·f) questions by gain: 0 below f = 0.5, then question 1 (gain 3)
+    assert oracle["performance"] == pytest.approx([6.25] * 5 + [7.75] * 6)
+
+
+# -----------------------------------------------------------------------------
 # realised win rates (--sweep)
 
 
