@@ -107,6 +107,22 @@ def backbone_of(train_args):
     return args[args.index("--model") + 1] if "--model" in args else "minilm"
 
 
+def scaling_row(d, res, folds, boot=1000):
+    """One run's point on the curve, scored on the given folds only: a run of all folds compared with
+    one of fold 0 (cv.py --only 0, e.g. a slow backbone) is cut to fold 0's prompts, from prompts.jsonl."""
+    n = np.mean([json.loads((d / f"fold{k}" / "model" / "metrics.json").read_text())["train_prompts"] for k in folds])
+    row = {"run": str(d), "backbone": backbone_of(res["train_args"]), "train_fraction": res["train_fraction"],
+           "folds_scored": folds, "train_prompts": float(n)}
+    if folds == sorted(f["fold"] for f in res["per_fold"]):
+        return {**row, "prompts_scored": res["prompts"], **{k: res[k] for k in ("p2l_nll", "marginal_nll", "rel", "rel_ci")}}
+    keep = {prompt_key(b["prompt"]) for k in folds for b in read_battles(d / f"fold{k}" / "val.jsonl.gz")}
+    per = [r for r in map(json.loads, (d / "prompts.jsonl").read_text().splitlines()) if r["prompt"] in keep]
+    sp, sm, ww = (np.array([r[k] for r in per]) for k in ("p2l", "marginal", "w"))
+    _, rel_ci = paired_bootstrap(sp, sm, ww, boot, 0)
+    return {**row, "prompts_scored": len(per), "p2l_nll": float(sp.sum() / ww.sum()), "marginal_nll": float(sm.sum() / ww.sum()),
+            "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": list(rel_ci)}
+
+
 def scaling(dirs, out):
     """The paper's scaling curve (§3.2) from finished CV runs that differ in --train-fraction: CV NLL
     against training prompts per fold, per backbone, with a power law L = b·n^−α fitted by least
@@ -114,13 +130,11 @@ def scaling(dirs, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = []
-    for d in map(Path, dirs):
-        res = json.loads((d / "cv.json").read_text())
-        n = [json.loads((d / f"fold{f['fold']}" / "model" / "metrics.json").read_text())["train_prompts"] for f in res["per_fold"]]
-        rows.append({"run": str(d), "backbone": backbone_of(res["train_args"]), "train_fraction": res["train_fraction"],
-                     "folds_scored": len(res["per_fold"]), "train_prompts": float(np.mean(n)), "prompts_scored": res["prompts"],
-                     **{k: res[k] for k in ("p2l_nll", "marginal_nll", "rel", "rel_ci")}})
+    runs = [(Path(d), json.loads((Path(d) / "cv.json").read_text())) for d in dirs]
+    common = set.intersection(*({f["fold"] for f in res["per_fold"]} for _, res in runs))
+    if not common:
+        sys.exit("error: --scaling: the runs share no scored fold (cv.py --only), so their NLLs are not comparable")
+    rows = [scaling_row(d, res, sorted(common)) for d, res in runs]
     fits = {}
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
     for i, bb in enumerate(sorted({r["backbone"] for r in rows})):
@@ -146,7 +160,7 @@ def scaling(dirs, out):
     for r in sorted(rows, key=lambda r: (r["backbone"], r["train_prompts"])):
         print(f"{r['backbone']:8s} fraction {r['train_fraction']:<6g} {r['train_prompts']:6.0f} train prompts: P2L {r['p2l_nll']:.4f} "
               f"marginal {r['marginal_nll']:.4f} ({100 * r['rel']:+.2f}% [{100 * r['rel_ci'][0]:+.2f}%, {100 * r['rel_ci'][1]:+.2f}%]; "
-              f"{r['prompts_scored']} prompts, {r['folds_scored']} folds)")
+              f"{r['prompts_scored']} prompts of folds {','.join(map(str, r['folds_scored']))})")
     for bb, f in fits.items():
         print(f"{bb}: P2L NLL = {f['b']:.4f}·n^-{f['alpha']:.4f} (least squares in log-log, {f['points']} points)")
     print(f"wrote {out / 'scaling.png'} and {out / 'scaling.json'}")

@@ -800,6 +800,28 @@ def test_cv_scaling_fit_recovers_a_known_power_law(tmp_path, capsys):
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 1000 and "smollm2" in capsys.readouterr().out
 
 
+def test_cv_scaling_cuts_runs_to_their_common_folds(tmp_path):
+    """A run of folds 0 and 1 beside a run of fold 0 only (cv.py --only 0): both are scored on fold 0's prompts."""
+    per = {0: [("p", 0.2, 0.25, 1.0), ("q", 0.4, 0.5, 3.0)], 1: [("r", 9.0, 1.0, 1.0)]}
+    for name, folds, args in (("all", (0, 1), []), ("only0", (0,), ["--model", "smollm2"])):
+        d = tmp_path / name
+        C.write_json(d / "cv.json", {"train_args": args, "train_fraction": 0.5, "prompts": 3, "p2l_nll": 0.0,
+                                     "marginal_nll": 0.0, "rel": 0.0, "rel_ci": [0.0, 0.0], "per_fold": [{"fold": k} for k in folds]})
+        rows = []
+        for k in folds:
+            C.write_json(d / f"fold{k}" / "model" / "metrics.json", {"train_prompts": 10 + k})
+            write_jsonl(d / f"fold{k}" / "val.jsonl.gz", [{"prompt": x[0], "model_a": "a", "model_b": "b", "winner": "model_a"}
+                                                           for x in per[k]])
+            rows += [{"prompt": C.prompt_key([x[0]]), "p2l": x[1], "marginal": x[2], "w": x[3]} for x in per[k]]
+        (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cv.scaling([str(tmp_path / "all"), str(tmp_path / "only0")], tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    full = res["runs"][0]
+    assert full["folds_scored"] == [0] and full["prompts_scored"] == 2 and full["train_prompts"] == 10
+    assert full["p2l_nll"] == pytest.approx(0.6 / 4) and full["marginal_nll"] == pytest.approx(0.75 / 4)  # fold 1's "r" left out
+    assert full["rel"] == pytest.approx(0.6 / 0.75 - 1)
+
+
 def test_cv_sources_are_the_rows_own_else_the_folder():
     rows, source_of = cv.read_rows([ROOT / "data/alpaca_eval/val.jsonl.gz", ROOT / "data/routellm/gsm8k.jsonl.gz",
                                     ROOT / "data/routellm/mt_bench.jsonl.gz"])
