@@ -123,47 +123,71 @@ def scaling_row(d, res, folds, boot=1000):
             "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": list(rel_ci)}
 
 
+def power_fit(n, y):
+    """(b, k) of y = b·n^k by least squares in log-log, or None unless every y > 0 (two parameters:
+    four points cannot pin a third, an asymptote, honestly)."""
+    if len(n) < 2 or (np.asarray(y) <= 0).any():
+        return None
+    k, log_b = np.polyfit(np.log(n), np.log(y), 1)
+    return float(np.exp(log_b)), float(k)
+
+
 def scaling(dirs, out):
     """The paper's scaling curve (§3.2) from finished CV runs that differ in --train-fraction: CV NLL
-    against training prompts per fold, per backbone, with a power law L = b·n^−α fitted by least
-    squares in log-log (two parameters: four points cannot pin a third, an asymptote, honestly)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    against training prompts per fold, per backbone, fitted as L = b·n^−α, and the gain over the
+    marginal leaderboard of the same folds, marginal − P2L = g·n^γ (where every gain is > 0)."""
     runs = [(Path(d), json.loads((Path(d) / "cv.json").read_text())) for d in dirs]
     common = set.intersection(*({f["fold"] for f in res["per_fold"]} for _, res in runs))
     if not common:
         sys.exit("error: --scaling: the runs share no scored fold (cv.py --only), so their NLLs are not comparable")
     rows = [scaling_row(d, res, sorted(common)) for d, res in runs]
-    fits = {}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
-    for i, bb in enumerate(sorted({r["backbone"] for r in rows})):
-        pts = sorted((r["train_prompts"], r["p2l_nll"], r["marginal_nll"]) for r in rows if r["backbone"] == bb)
-        n, lp, lm = map(np.array, zip(*pts))
-        if len(n) >= 2:
-            slope, icept = np.polyfit(np.log(n), np.log(lp), 1)
-            fits[bb] = {"alpha": float(-slope), "b": float(np.exp(icept)), "points": len(n)}
-            grid = np.geomspace(n.min(), n.max(), 50)
-            ax.plot(grid, np.exp(icept) * grid ** slope, color=f"C{i}", lw=0.8,
-                    label=f"{bb}: fit {np.exp(icept):.3f}·n^-{-slope:.3f}")
-        ax.plot(n, lp, "o", color=f"C{i}", label=f"{bb}: P2L (CV)")
-        ax.plot(n, lm, "x--", color=f"C{i}", lw=0.6, label=f"{bb}: marginal leaderboard (same folds)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training prompts per fold")
-    ax.set_ylabel("held-out judge NLL per vote")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    fits, curves = {}, {}
+    for bb in sorted({r["backbone"] for r in rows}):
+        n, lp, lm = map(np.array, zip(*sorted((r["train_prompts"], r["p2l_nll"], r["marginal_nll"])
+                                              for r in rows if r["backbone"] == bb)))
+        curves[bb] = n, lp, lm
+        nll, gain = power_fit(n, lp), power_fit(n, lm - lp)
+        fits[bb] = {"points": len(n), "alpha": None if nll is None else -nll[1], "b": None if nll is None else nll[0],
+                    "gain_exponent": None if gain is None else gain[1], "gain_coef": None if gain is None else gain[0]}
     out.mkdir(parents=True, exist_ok=True)
-    save_png(fig, out / "scaling.png")
+    plot_scaling(curves, fits, out / "scaling.png")
     write_json(out / "scaling.json", {"runs": rows, "fits": fits})
     for r in sorted(rows, key=lambda r: (r["backbone"], r["train_prompts"])):
         print(f"{r['backbone']:8s} fraction {r['train_fraction']:<6g} {r['train_prompts']:6.0f} train prompts: P2L {r['p2l_nll']:.4f} "
               f"marginal {r['marginal_nll']:.4f} ({100 * r['rel']:+.2f}% [{100 * r['rel_ci'][0]:+.2f}%, {100 * r['rel_ci'][1]:+.2f}%]; "
               f"{r['prompts_scored']} prompts of folds {','.join(map(str, r['folds_scored']))})")
     for bb, f in fits.items():
-        print(f"{bb}: P2L NLL = {f['b']:.4f}·n^-{f['alpha']:.4f} (least squares in log-log, {f['points']} points)")
+        if f["alpha"] is not None:
+            print(f"{bb}: P2L NLL = {f['b']:.4f}·n^-{f['alpha']:.4f}", end="")
+            print("" if f["gain_exponent"] is None else f"; marginal − P2L = {f['gain_coef']:.3g}·n^{f['gain_exponent']:.2f}", end="")
+            print(f" (least squares in log-log, {f['points']} points)")
     print(f"wrote {out / 'scaling.png'} and {out / 'scaling.json'}")
+
+
+def plot_scaling(curves, fits, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ag) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for i, (bb, (n, lp, lm)) in enumerate(curves.items()):
+        f, grid = fits[bb], np.geomspace(n.min(), n.max(), 50)
+        ax.plot(n, lp, "o", color=f"C{i}", label=f"{bb}: P2L (CV)")
+        ax.plot(n, lm, "x--", color=f"C{i}", lw=0.6, label=f"{bb}: marginal leaderboard (same folds)")
+        if f["alpha"] is not None:
+            ax.plot(grid, f["b"] * grid ** -f["alpha"], color=f"C{i}", lw=0.8, label=f"{bb}: {f['b']:.3f}·n^-{f['alpha']:.3f}")
+        ag.plot(n, lm - lp, "o", color=f"C{i}", label=f"{bb}: marginal − P2L")
+        if f["gain_exponent"] is not None:
+            ag.plot(grid, f["gain_coef"] * grid ** f["gain_exponent"], color=f"C{i}", lw=0.8,
+                    label=f"{bb}: {f['gain_coef']:.2g}·n^{f['gain_exponent']:.2f}")
+    ax.set_ylabel("held-out judge NLL per vote")
+    ag.set_ylabel("NLL gain over the marginal leaderboard")
+    for a in (ax, ag):
+        a.set_xscale("log")
+        a.set_xlabel("training prompts per fold")
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3, which="both")
+    ag.set_yscale("log")
+    save_png(fig, path)
 
 
 def write_rows(path, rows):
