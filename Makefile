@@ -66,6 +66,6 @@ routellm: venv
 	$(PY) cv.py --data data/alpaca_eval/train.jsonl.gz data/alpaca_eval/val.jsonl.gz data/routellm/mmlu.jsonl.gz \
 		data/routellm/gsm8k.jsonl.gz data/routellm/mt_bench.jsonl.gz --max-prompts 644 --out out/cv-pooled -- \
 		$(R) --loss grk-soft --eval-every 100000
-	$(PY) route.py --preds out/cv-pooled --routellm data/routellm --covered-only --out out/routellm
+	$(PY) routellm_eval.py --preds out/cv-pooled --covered-only --out out/routellm
 
 .PHONY: venv run test test-fast bench bench-scale scaling routellm

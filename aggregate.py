@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
 from common import (
-    A, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, aggregate, all_pairs,
-    atomic_write, cat_pairs, check_out, encode_for, fit_pairs, fit_votes, group_by_prompt, leaderboard_rows,
-    load_checkpoint, load_predictions, map_blocks, mean_pair_probs, outcome_logprobs, pair_prob_sums, predict,
-    predictions_meta, prompt_key, read_battles, read_json_object, row_blocks, save_png, torch_threads,
-    write_json,
+    A, add_checkpoint_options, all_pairs, atomic_write, BOTHBAD, cat_pairs, check_out, encode_for, fit_pairs,
+    fit_votes, group_by_prompt, HEAD_OF_LOSS, load_checkpoint, load_predictions, LOSSES, map_blocks, N_OUTCOMES,
+    outcome_logprobs, OutputSet, pair_sweep, phi_t, predict, predictions_meta, prompt_key, rating, read_battles,
+    read_json_object, row_blocks, save_png, TIE, torch_threads, wide_rows, write_json,
 )
 
 # The arena-catalog votes carry 10 broad topic categories; the official boards (leaderboards.csv)
@@ -39,6 +38,114 @@ from common import (
 # together, are compared with the english board.
 ARENA_BOARD = {"Tech Programming": "coding", "Math Puzzles": "math", "Creative Arts": "creative_writing"}
 ARENA_DEFAULT_BOARD = "english"
+
+# -----------------------------------------------------------------------------
+# the leaderboard of a set of prompts (docs/design.md §2): the mean pairwise outcome matrix over prompts,
+# then the vote-fit solver (common.fit_pairs) on it. evaluate.py, livebench_eval.py and serve.py import
+# aggregate() and leaderboard_rows() from here.
+
+
+def _weight_rows(weights, n):
+    w = torch.full((1, n), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    w = w.reshape(1, n) if w.dim() == 1 else w
+    if w.shape[1] != n or (w < 0).any() or not (w.sum(1) > 0).all():
+        raise ValueError(f"weights must be [{n}] or [K, {n}], >= 0, every row with a positive sum; got {tuple(w.shape)}")
+    return w / w.sum(1, keepdim=True)
+
+
+def pair_prob_sums(beta, eta, head, w):
+    """Σ_z w[k, z]·P_z(outcome o of pair p) for a block of prompts beta [n, M] (eta [n]) and weights
+    w [K, n]: [K, P, n_out], n_out = 1 for bt (P(b) = 1 − P(a)), else N_OUTCOMES[head]. Summing these
+    over blocks of prompts gives mean_pair_probs without ever holding N x P."""
+    beta, w = beta.double(), torch.as_tensor(w).double()
+    M = beta.shape[1]
+    a, b = all_pairs(M)
+    if head != "bt":
+        if eta is None:
+            raise ValueError(f"the {head} head needs per-prompt eta")
+        e = eta.double()[:, None].expand(-1, len(a))
+        probs = outcome_logprobs(beta[:, a], beta[:, b], e, head).exp()[..., :N_OUTCOMES[head]]
+        return (w @ probs.reshape(len(beta), -1)).view(w.shape[0], len(a), -1)
+    out = torch.zeros(w.shape[0], len(a), dtype=torch.float64)
+    wide = wide_rows(beta)
+    if wide.any():  # φ would lose precision: these prompts take σ of the differences
+        out += w[:, wide] @ torch.sigmoid(beta[wide][:, a] - beta[wide][:, b])
+        beta, w = beta[~wide], w[:, ~wide]
+    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i) are out[:, off[i]:off[i+1]]
+    fT = phi_t(beta)
+    wT = w.T.contiguous()
+
+    def visit(i, r):  # σ(β_i − β_j) = φ_i·r_ij
+        if w.shape[0] == 1:
+            out[0, off[i]:off[i + 1]] += r @ (fT[i] * w[0])
+        else:
+            out[:, off[i]:off[i + 1]] += (r.mul_(fT[i]) @ wT).T
+    pair_sweep(fT, visit)
+    return out[..., None]
+
+
+def mean_pair_probs(beta, eta, head, weights=None):
+    """Outcome probabilities of every pair i < j averaged over prompts: [K, P, O] for K weightings
+    of the N prompts at once (weights [N] or [K, N], rows normalised; None = uniform). The
+    cross-entropy is linear in its target, so this mean is all the solver needs to see of N
+    prompts; summed over blocks of prompts (pair_prob_sums) so that N x P never sits in memory."""
+    N, M = beta.shape
+    w = _weight_rows(weights, N)
+    if head != "bt" and eta is None:
+        raise ValueError(f"the {head} head needs per-prompt eta")
+    n_pairs = M * (M - 1) // 2
+    elems = 2 ** 17 if head == "bt" else 2 ** 22 // max(n_pairs, 1) * M  # the non-bt path holds n x P x O
+    out = 0
+    sums = lambda se: pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
+    for part in map_blocks(sums, row_blocks(N, M, elems)):  # summed in block order: deterministic
+        out = out + part
+    if head == "bt":
+        return torch.cat([out, 1 - out], -1)
+    return out
+
+
+def aggregate(beta, eta, loss, weights=None):
+    """The leaderboard of a set of prompts (docs/design.md §2): per-prompt coefficients beta [N, M] (eta [N]
+    for rk/grk) -> (beta_bar [M] float64, eta_bar float; 0.0 for bt, where it is unused), the
+    coefficients whose pairwise outcome probabilities best match the per-prompt ones by
+    cross-entropy (weights [N]: optional per-prompt weights). For bt this is the BT fit to the mean
+    pairwise matrix, not the mean of the coefficients. Solved to a gradient norm <= 1e-8."""
+    head = HEAD_OF_LOSS[loss]
+    if beta.dim() != 2 or beta.shape[0] == 0:
+        raise ValueError(f"beta must be [N, M] with N >= 1, got {tuple(beta.shape)}")
+    target = mean_pair_probs(beta, eta, head, weights)
+    a, b = all_pairs(beta.shape[1])
+    # start from the mean coefficients: for bt it is the exact answer when prompts agree, and close otherwise
+    w = _weight_rows(weights, beta.shape[0])[0]
+    init = (w @ beta.double()).tolist() + ([float(w @ eta.double())] if head != "bt" else [])
+    bb, ee, info = fit_pairs(a, b, target, beta.shape[1], head, init=init)
+    if not info["converged"]:
+        raise RuntimeError(f"aggregation did not converge: gradient norm {info['grad_norm'].max().item():.2e}")
+    return bb[0], (ee[0].item() if ee is not None else 0.0)
+
+
+def leaderboard_rows(models, beta, eta=None, head="bt", lo=None, hi=None, n=None):
+    """One row per model, best first: rank, model, coefficient, Arena-scale rating, its CI
+    (lo/hi coefficients, e.g. bootstrap percentiles), rank_ub (Arena's: 1 + the number of models
+    whose CI lies wholly above this one's), n (prompts or votes behind the numbers) and the
+    probability of beating the #1 model (for rk/grk: winning outright, ties apart)."""
+    beta = torch.as_tensor(beta).double()
+    order = sorted(range(len(models)), key=lambda i: (-beta[i].item(), models[i]))
+    top = order[0]
+    e = torch.full((len(models),), float(eta), dtype=torch.float64) if eta is not None else None
+    win = outcome_logprobs(beta, beta[top].expand(len(models)), e, head)[:, A].exp()
+    rows = []
+    for r, i in enumerate(order, 1):
+        row = {"rank": r, "model": models[i], "coefficient": round(beta[i].item(), 6),
+               "rating": round(float(rating(beta[i].item())), 2), "p_win_vs_top": round(win[i].item(), 4)}
+        if lo is not None:
+            row["rating_lo"], row["rating_hi"] = round(float(rating(lo[i])), 2), round(float(rating(hi[i])), 2)
+            row["rank_ub"] = 1 + sum(1 for j in range(len(models)) if lo[j] > hi[i])
+        if n is not None:
+            row["n"] = int(n)
+        rows.append(row)
+    return rows
+
 
 # -----------------------------------------------------------------------------
 # solving many leaderboards at once

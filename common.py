@@ -5,7 +5,6 @@ the marginal (averaged) leaderboard fit, prompt tokenization with a CLS token, t
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
 import contextlib
-import functools
 import gzip
 import hashlib
 import importlib.util
@@ -19,8 +18,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import brentq
-from scipy.special import expit
 
 CLS_TOKEN = "<|cls|>"  # the authors' released checkpoints use this exact string
 A, B, TIE, BOTHBAD = 0, 1, 2, 3  # outcome indices, the order of outcome_logprobs' last axis
@@ -1257,14 +1254,6 @@ def all_pairs(n_models):
     return tuple(torch.triu_indices(n_models, n_models, 1))
 
 
-def _weight_rows(weights, n):
-    w = torch.full((1, n), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
-    w = w.reshape(1, n) if w.dim() == 1 else w
-    if w.shape[1] != n or (w < 0).any() or not (w.sum(1) > 0).all():
-        raise ValueError(f"weights must be [{n}] or [K, {n}], >= 0, every row with a positive sum; got {tuple(w.shape)}")
-    return w / w.sum(1, keepdim=True)
-
-
 # Each prompt costs N x M x M sigmoids in win_rates and N x M(M−1)/2 in mean_pair_probs: the hot loops.
 # Both use one exact reformulation: with φ = exp(β − max β) per prompt, σ(β_a − β_b) = φ_a·r_ab where
 # r_ab = 1/(φ_a + φ_b) is symmetric, so each unordered pair costs one addition and one division (no exp)
@@ -1314,12 +1303,12 @@ def map_blocks(fn, blocks):
             yield f.result()
 
 
-def _phi_t(bs):
+def phi_t(bs):
     """φ of a block [n, M] as [M, n]."""
     return torch.exp(bs - bs.amax(1, keepdim=True)).T.contiguous()
 
 
-def _pair_sweep(fT, visit):
+def pair_sweep(fT, visit):
     """For each model i < M−1: r = 1/(φ_i + φ_j) for the models j > i, [M−1−i, n]; visit(i, r)."""
     M, n = fT.shape
     buf = torch.empty(max(M - 1, 1) * n, dtype=fT.dtype)
@@ -1330,60 +1319,9 @@ def _pair_sweep(fT, visit):
         visit(i, r)
 
 
-def _wide(bs):
+def wide_rows(bs):
     """Rows of a block whose β spread is too wide for the φ form."""
     return (bs.amax(1) - bs.amin(1)) > SPREAD_MAX
-
-
-def pair_prob_sums(beta, eta, head, w):
-    """Σ_z w[k, z]·P_z(outcome o of pair p) for a block of prompts beta [n, M] (eta [n]) and weights
-    w [K, n]: [K, P, n_out], n_out = 1 for bt (P(b) = 1 − P(a)), else N_OUTCOMES[head]. Summing these
-    over blocks of prompts gives mean_pair_probs without ever holding N x P."""
-    beta, w = beta.double(), torch.as_tensor(w).double()
-    M = beta.shape[1]
-    a, b = all_pairs(M)
-    if head != "bt":
-        if eta is None:
-            raise ValueError(f"the {head} head needs per-prompt eta")
-        e = eta.double()[:, None].expand(-1, len(a))
-        probs = outcome_logprobs(beta[:, a], beta[:, b], e, head).exp()[..., :N_OUTCOMES[head]]
-        return (w @ probs.reshape(len(beta), -1)).view(w.shape[0], len(a), -1)
-    out = torch.zeros(w.shape[0], len(a), dtype=torch.float64)
-    wide = _wide(beta)
-    if wide.any():  # φ would lose precision: these prompts take σ of the differences
-        out += w[:, wide] @ torch.sigmoid(beta[wide][:, a] - beta[wide][:, b])
-        beta, w = beta[~wide], w[:, ~wide]
-    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i) are out[:, off[i]:off[i+1]]
-    fT = _phi_t(beta)
-    wT = w.T.contiguous()
-
-    def visit(i, r):  # σ(β_i − β_j) = φ_i·r_ij
-        if w.shape[0] == 1:
-            out[0, off[i]:off[i + 1]] += r @ (fT[i] * w[0])
-        else:
-            out[:, off[i]:off[i + 1]] += (r.mul_(fT[i]) @ wT).T
-    _pair_sweep(fT, visit)
-    return out[..., None]
-
-
-def mean_pair_probs(beta, eta, head, weights=None):
-    """Outcome probabilities of every pair i < j averaged over prompts: [K, P, O] for K weightings
-    of the N prompts at once (weights [N] or [K, N], rows normalised; None = uniform). The
-    cross-entropy is linear in its target, so this mean is all the solver needs to see of N
-    prompts; summed over blocks of prompts (pair_prob_sums) so that N x P never sits in memory."""
-    N, M = beta.shape
-    w = _weight_rows(weights, N)
-    if head != "bt" and eta is None:
-        raise ValueError(f"the {head} head needs per-prompt eta")
-    n_pairs = M * (M - 1) // 2
-    elems = 2 ** 17 if head == "bt" else 2 ** 22 // max(n_pairs, 1) * M  # the non-bt path holds n x P x O
-    out = 0
-    sums = lambda se: pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
-    for part in map_blocks(sums, row_blocks(N, M, elems)):  # summed in block order: deterministic
-        out = out + part
-    if head == "bt":
-        return torch.cat([out, 1 - out], -1)
-    return out
 
 
 def _pair_objective(x, a, b, target, head, l2, derivs):
@@ -1497,26 +1435,6 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
     return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
 
 
-def aggregate(beta, eta, loss, weights=None):
-    """The leaderboard of a set of prompts (docs/design.md §2): per-prompt coefficients beta [N, M] (eta [N]
-    for rk/grk) -> (beta_bar [M] float64, eta_bar float; 0.0 for bt, where it is unused), the
-    coefficients whose pairwise outcome probabilities best match the per-prompt ones by
-    cross-entropy (weights [N]: optional per-prompt weights). For bt this is the BT fit to the mean
-    pairwise matrix, not the mean of the coefficients. Solved to a gradient norm <= 1e-8."""
-    head = HEAD_OF_LOSS[loss]
-    if beta.dim() != 2 or beta.shape[0] == 0:
-        raise ValueError(f"beta must be [N, M] with N >= 1, got {tuple(beta.shape)}")
-    target = mean_pair_probs(beta, eta, head, weights)
-    a, b = all_pairs(beta.shape[1])
-    # start from the mean coefficients: for bt it is the exact answer when prompts agree, and close otherwise
-    w = _weight_rows(weights, beta.shape[0])[0]
-    init = (w @ beta.double()).tolist() + ([float(w @ eta.double())] if head != "bt" else [])
-    bb, ee, info = fit_pairs(a, b, target, beta.shape[1], head, init=init)
-    if not info["converged"]:
-        raise RuntimeError(f"aggregation did not converge: gradient norm {info['grad_norm'].max().item():.2e}")
-    return bb[0], (ee[0].item() if ee is not None else 0.0)
-
-
 def vote_targets(pairs, n_models, loss, weights=None, return_total=False):
     """Battles (cat_pairs of group_by_prompt's groups) as fit_pairs targets: the weighted outcome
     counts of each distinct ordered pair, normalised to one unit of weight per problem so the fit
@@ -1625,285 +1543,3 @@ def fit_votes(pairs, n_models, loss, l2=0.0, weights=None, names=None):
         info.update({k: v for k, v in info_ok.items() if k not in ("grad_norm", "converged")})
         info["converged"] = info_ok["converged"] and bool(ok.all())
     return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
-
-
-def leaderboard_rows(models, beta, eta=None, head="bt", lo=None, hi=None, n=None):
-    """One row per model, best first: rank, model, coefficient, Arena-scale rating, its CI
-    (lo/hi coefficients, e.g. bootstrap percentiles), rank_ub (Arena's: 1 + the number of models
-    whose CI lies wholly above this one's), n (prompts or votes behind the numbers) and the
-    probability of beating the #1 model (for rk/grk: winning outright, ties apart)."""
-    beta = torch.as_tensor(beta).double()
-    order = sorted(range(len(models)), key=lambda i: (-beta[i].item(), models[i]))
-    top = order[0]
-    e = torch.full((len(models),), float(eta), dtype=torch.float64) if eta is not None else None
-    win = outcome_logprobs(beta, beta[top].expand(len(models)), e, head)[:, A].exp()
-    rows = []
-    for r, i in enumerate(order, 1):
-        row = {"rank": r, "model": models[i], "coefficient": round(beta[i].item(), 6),
-               "rating": round(float(rating(beta[i].item())), 2), "p_win_vs_top": round(win[i].item(), 4)}
-        if lo is not None:
-            row["rating_lo"], row["rating_hi"] = round(float(rating(lo[i])), 2), round(float(rating(hi[i])), 2)
-            row["rank_ub"] = 1 + sum(1 for j in range(len(models)) if lo[j] > hi[i])
-        if n is not None:
-            row["n"] = int(n)
-        rows.append(row)
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# routing (docs/design.md §2, the paper's Algorithm 1): route.py, serve.py and livebench_eval.py share it. For one prompt
-# with coefficients β, costs c, budget C and opponents q: s = Wq with W_ab = σ(β_a − β_b) is each
-# model's predicted win rate against q, and π* = argmax π·s over the simplex with c·π <= C. The
-# routing math is float64 numpy.
-
-
-def read_prompts(path):
-    """Unique prompts (lists of user turns) of a JSONL(.gz) file in first-seen order, with their
-    first line's id and category (battle files and Arena files too)."""
-    seen = {}
-    for where, row in read_jsonl(path):
-        turns = parse_turns(row, where)
-        key = tuple(turns)  # the same identity as prompt_key's JSON text, without encoding every line
-        if key not in seen:
-            seen[key] = {"prompt": turns, "id": row.get("id", row.get("uid", where)),
-                         "category": row.get("category"), "line": where}
-    if not seen:
-        raise ValueError(f"{path}: no prompts")
-    return list(seen.values())
-
-
-def win_rates(beta, q, mean_pairs=False):
-    """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)), float64 numpy [N, M]: each model's predicted win rate
-    against an opponent drawn from q. Exact (φ form above): (Wq)_a = q_a/2 + φ_a Σ_{b≠a} q_b r_ab.
-    mean_pairs: also mean_pair_probs(beta, None, "bt") [1, P, 2] (the averaged leaderboard's target)
-    from the same r, for one more pass instead of a second sweep."""
-    beta, q = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    N, M = beta.shape
-    if N * M < 2 ** 12 and not mean_pairs:  # a few prompts (one decision): whole-array numpy calls
-        x = beta - beta.max(1, keepdims=True)
-        if N and x.min() >= -SPREAD_MAX:
-            f = np.exp(x)
-            r = f[:, :, None] + f[:, None, :]
-            np.divide(1.0, r, out=r)
-            return f * (r @ q)
-    beta, qt = torch.as_tensor(beta), torch.as_tensor(q)
-    out = torch.empty(N, M, dtype=torch.float64)
-    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i): [off[i], off[i + 1])
-
-    def block(se):
-        bs = beta[se[0]:se[1]]
-        wide = _wide(bs)
-        fT = _phi_t(bs[~wide] if wide.any() else bs)  # wide rows: σ of the differences, below
-        acc = torch.zeros_like(fT)
-        pairs = torch.zeros(off[-1], dtype=torch.float64) if mean_pairs else None
-
-        def visit(i, r):
-            acc[i] += qt[i + 1:] @ r                 # (a = i, b > i)
-            acc[i + 1:].add_(r, alpha=float(qt[i]))  # (a > i, b = i)
-            if mean_pairs:
-                pairs[off[i]:off[i + 1]] += r @ fT[i]
-        _pair_sweep(fT, visit)
-        if wide.any():
-            out[se[0]:se[1]][~wide] = (fT * acc + 0.5 * qt[:, None]).T
-        else:
-            out[se[0]:se[1]] = (fT * acc + 0.5 * qt[:, None]).T
-        if wide.any():
-            bw = bs[wide]
-            out[se[0]:se[1]][wide] = torch.sigmoid(bw[:, :, None] - bw[:, None, :]) @ qt
-            if mean_pairs:
-                a, b = all_pairs(M)
-                pairs += torch.sigmoid(bw[:, a] - bw[:, b]).sum(0)
-        return pairs
-    total = 0
-    for part in map_blocks(block, row_blocks(N, M)):  # summed in block order: deterministic
-        total = total + (part if mean_pairs else 0)
-    if not mean_pairs:
-        return out.numpy()
-    total = (total / N)[None, :, None]
-    return out.numpy(), torch.cat([total, 1 - total], -1)
-
-
-def hull_route(s, c, budget, order):
-    """Exact max π·s s.t. c·π <= budget, π in the simplex; budget below min(c) is a ValueError.
-    order = argsort(c), shared by every prompt. Returns (i, j, w): π_i = w, π_j = 1 − w.
-    The scalar reference for route_many (which does every prompt at once; tests compare them)."""
-    s, c = s.tolist(), c.tolist()  # plain floats: the loop below is ~10x faster than on numpy scalars
-    if not budget >= min(c):
-        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {min(c):g}")
-    top = max(s)
-    best = min((k for k in range(len(s)) if s[k] == top), key=lambda k: c[k])  # the cheapest best model
-    if c[best] <= budget:
-        return best, best, 1.0
-    # Upper concave hull, left to right, of the points no dearer than the best one (dearer points
-    # are dominated). It rises from the cheapest point to the best one, so the optimum at cost C
-    # is on the hull edge whose ends straddle C.
-    hull = []
-    for k in order:
-        if c[k] > c[best]:
-            break
-        if hull and c[k] == c[hull[-1]]:  # same cost: keep the better one
-            if s[k] <= s[hull[-1]]:
-                continue
-            hull.pop()
-        while len(hull) >= 2:  # drop the last vertex while it is on or below the chord to k
-            a, b = hull[-2], hull[-1]
-            if (s[b] - s[a]) * (c[k] - c[a]) > (s[k] - s[a]) * (c[b] - c[a]):
-                break
-            hull.pop()
-        hull.append(k)
-    n = 0
-    while c[hull[n + 1]] <= budget:
-        n += 1
-    i, j = hull[n], hull[n + 1]
-    return i, j, (c[j] - budget) / (c[j] - c[i])
-
-
-@functools.lru_cache(maxsize=16)
-def _route_plan(c_bytes, budget):
-    """What route_many needs of the costs and budget alone (a server routes many prompts with the
-    same ones): the models by cost then index, the affordable ones A, the others B, and the
-    weights w_ij = (c_j − C)/(c_j − c_i) of every mix on the budget line."""
-    c = np.frombuffer(c_bytes)
-    if not budget >= c.min():
-        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {c.min():g}")
-    order = np.lexsort((np.arange(len(c)), c))  # by cost, then by index: argmax's first hit is the cheapest best
-    A, B = order[c[order] <= budget], order[c[order] > budget]
-    w = (c[B][None, :] - budget) / (c[B][None, :] - c[A][:, None])  # [|A|, |B|]
-    plan = order, A, B, w, 1 - w
-    for x in plan:  # shared by later calls: read-only
-        x.flags.writeable = False
-    return plan
-
-
-def route_many(S, c, budget, elems=2 ** 21):
-    """hull_route for every row of S [N, M] at once: (I, J, W) arrays, π = W on model I, 1 − W on J.
-    When the best model (the cheapest of equal best) is affordable it is the answer. Otherwise the
-    optimum costs exactly C and mixes a model i with c_i <= C and a model j with c_j > C, so it is
-    max over those pairs of w_ij s_i + (1 − w_ij) s_j, w_ij = (c_j − C)/(c_j − c_i): the weights are
-    shared by all prompts, so that max is three array passes over [prompts, |A|, |B|]."""
-    S, c = np.asarray(S, dtype=np.float64), np.asarray(c, dtype=np.float64)
-    N = len(S)
-    order, A, B, w, w1 = _route_plan(c.tobytes(), float(budget))
-    if N == 1:  # one decision: only the Pareto points can be on the hull, usually a handful
-        return _route_one(S[0], c, budget, order, A, B, w, w1)
-    best = np.concatenate([order[S[s:e][:, order].argmax(1)] for s, e in row_blocks(N, len(c), 2 ** 20)] or [np.zeros(0, int)])
-    I, J, W = best, best.copy(), np.ones(N)
-    rest = np.flatnonzero(c[best] > budget)
-    if len(rest) == 0:
-        return I, J, W
-
-    def block(se):
-        rows = rest[se[0]:se[1]]
-        v = S[rows][:, A, None] * w
-        v += S[rows][:, None, B] * w1
-        return np.divmod(v.reshape(len(rows), -1).argmax(1), len(B))
-    blocks = row_blocks(len(rest), w.size, elems)
-    for (s, e), (ia, jb) in zip(blocks, map_blocks(block, blocks)):
-        I[rest[s:e]], J[rest[s:e]], W[rest[s:e]] = A[ia], B[jb], w[ia, jb]
-    return I, J, W
-
-
-def _route_one(s, c, budget, order, A, B, w, w1):
-    """route_many for one prompt. A hull vertex scores strictly more than every cheaper model (the
-    hull rises up to the best model), so the pairs may be restricted to those: in A, the models
-    better than every cheaper one; in B, those better than every cheaper one and all of A."""
-    best = order[s[order].argmax()]
-    if c[best] <= budget:
-        return np.array([best]), np.array([best]), np.ones(1)
-    sa, sb = s[A], s[B]
-    ia = np.flatnonzero(sa > np.maximum.accumulate(np.concatenate(([-np.inf], sa[:-1]))))
-    jb = np.flatnonzero(sb > np.maximum.accumulate(np.concatenate(([sa.max()], sb[:-1]))))
-    wp = w[np.ix_(ia, jb)]
-    v = sa[ia, None] * wp + sb[None, jb] * w1[np.ix_(ia, jb)]
-    a, b = divmod(int(v.argmax()), len(jb))
-    return np.array([A[ia[a]]]), np.array([B[jb[b]]]), np.array([wp[a, b]])
-
-
-def route_all(router, beta, Wq, c, budget):
-    """(i, j, w) arrays for every prompt: π = w on model i, 1 − w on model j.
-    optimal: max π·Wq (the paper's); simple: max π·β (the reference's simple-lp); strict: the best
-    single model whose cost is <= budget."""
-    c = np.asarray(c, dtype=np.float64)
-    if router == "strict":  # the best affordable model (the cheapest of equal best); Wq ranks models as β does
-        I, _, _ = route_many(np.where(c <= budget, Wq, -np.inf), c, math.inf)
-        return I, I.copy(), np.ones(len(I))
-    return route_many(Wq if router == "optimal" else beta, c, budget)
-
-
-def route_one(router, beta, q, c, budget):
-    """One prompt's decision from its β [M] alone: (i, j, w, R), π = w on model i, 1 − w on model j,
-    R = π·Wq its win rate against q. The optimum of route_all on win_rates (tests compare them) for
-    a fraction of the work: (Wq)_a increases with β_a (σ does), so β ranks the models as Wq does,
-    and only a model better than every cheaper one (the front in cost order: about ln M of M on
-    random instances) can be the answer or a hull vertex. Wq is computed for those rows alone."""
-    beta, q, c = (np.asarray(x, dtype=np.float64) for x in (beta, q, c))
-    order, A, _, _, _ = _route_plan(c.tobytes(), float(budget))  # also the infeasible-budget error
-    b = beta[order]
-    if router == "strict":  # the best affordable model; A is a prefix of order, argmax takes the cheapest
-        b = b[:len(A)]
-    front = order[:len(b)][b > np.maximum.accumulate(np.concatenate(([-np.inf], b[:-1])))]
-    x = beta - beta.max()
-    if x.min() >= -SPREAD_MAX:  # the φ form of win_rates, for the front's rows only
-        f = np.exp(x)
-        s = f[front] * ((1.0 / (f[front, None] + f[None, :])) @ q)
-    else:
-        s = expit(beta[front, None] - beta[None, :]) @ q
-    if c[front[-1]] <= budget:  # the front ends at the best model (the cheapest of equal best)
-        return int(front[-1]), int(front[-1]), 1.0, float(s[-1])
-    # Otherwise the optimum mixes a front model i with c_i <= C and one j with c_j > C on the budget line.
-    a = c[front] <= budget
-    ci, cj = c[front[a]][:, None], c[front[~a]][None, :]
-    w = (cj - budget) / (cj - ci)
-    v = (beta[front[a]][:, None] * w + beta[front[~a]][None, :] * (1 - w)) if router == "simple" else \
-        (s[a][:, None] * w + s[~a][None, :] * (1 - w))
-    k, m = divmod(int(v.argmax()), w.shape[1])
-    wk = float(w[k, m])
-    return int(front[a][k]), int(front[~a][m]), wk, float(wk * s[a][k] + (1 - wk) * s[~a][m])
-
-
-def solve_theta(beta, q, R):
-    """θ with Σ_a q_a σ(θ − β_a) = R; the left side increases in θ. On one prompt R mixes win rates
-    of models with those β, so the root lies in [min β, max β]; on the averaged leaderboard a
-    router can beat every model, so the bracket widens (doubling) until it holds the root."""
-    f = lambda t: float(q @ expit(t - beta)) - R
-    lo, hi = float(beta.min()), float(beta.max())
-    for _ in range(60):
-        if f(lo) <= 0 <= f(hi):
-            break
-        width = max(hi - lo, 1.0)
-        lo, hi = (lo - width, hi) if f(lo) > 0 else (lo, hi + width)
-    if f(lo) == 0 or f(hi) == 0 or f(lo) * f(hi) > 0:  # an exact hit, or R rounds to 0 or 1 (σ saturates)
-        return lo if abs(f(lo)) <= abs(f(hi)) else hi
-    return brentq(f, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps, maxiter=200)
-
-
-def solve_theta_many(beta, q, R, lo, hi, tol=1e-13, max_iter=200):
-    """solve_theta for every prompt at once, given brackets with g(lo) <= R <= g(hi), g(θ) = Σ q σ(θ − β)
-    (route.py: the β of the two mixed models). Newton's method, safeguarded by bisection of the
-    bracket, which shrinks every step, until the step or the bracket is below tol (brentq's xtol)."""
-    beta, q, R = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64), np.asarray(R, dtype=np.float64)
-    lo, hi = np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
-    theta = 0.5 * (lo + hi)
-
-    def block(se):
-        act = se[0] + np.flatnonzero(hi[se[0]:se[1]] - lo[se[0]:se[1]] > tol)
-        for _ in range(max_iter):
-            if len(act) == 0:
-                break
-            t = theta[act]
-            sg = expit(t[:, None] - beta[act])
-            f = sg @ q - R[act]
-            d = (sg * (1 - sg)) @ q
-            lo[act] = np.where(f < 0, t, lo[act])
-            hi[act] = np.where(f > 0, t, hi[act])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                new = t - f / d
-            bisect = ~((new > lo[act]) & (new < hi[act]))  # Newton left the bracket (or d underflowed)
-            new[bisect] = 0.5 * (lo[act] + hi[act])[bisect]
-            new[f == 0] = t[f == 0]
-            done = (f == 0) | (np.abs(new - t) <= tol) | (hi[act] - lo[act] <= tol)
-            theta[act] = new
-            act = act[~done]
-    for _ in map_blocks(block, row_blocks(len(R), beta.shape[1])):
-        pass
-    return theta

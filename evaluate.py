@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from aggregate import aggregate
 from common import (
-    A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, aggregate, autodetect_device,
-    batch_nll, cat_pairs, check_device, check_out, checkpoint_config, dist_env, fit_marginal, group_by_prompt,
-    load_checkpoint, load_predictions, outcome_logprobs, pair_nll, paired_bootstrap, predict_prompts,
-    prompt_key, read_battles, read_marginal, save_predictions, sha256_file, write_json,
+    A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, autodetect_device, batch_nll,
+    cat_pairs, check_device, check_out, checkpoint_config, dist_env, fit_marginal, group_by_prompt, load_checkpoint,
+    load_predictions, outcome_logprobs, pair_nll, paired_bootstrap, predict_prompts, prompt_key, read_battles,
+    read_marginal, save_predictions, sha256_file, write_json,
 )
 
 

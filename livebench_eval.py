@@ -22,7 +22,7 @@ Models: the P2L's names map to LiveBench's through --name-map ({p2l: livebench} 
 {"livebench": name, "approximate": why}}; none = the same names). Each question is routed among the
 mapped models that have a score on it (and a cost, with --costs), with opponents q uniform over
 them: s = Wq, W_ab = σ(β_a − β_b) (rk/grk β used as BT coefficients, docs/design.md §2), π* = argmax π·s
-s.t. c·π <= budget on every question (common.route_all, exact).
+s.t. c·π <= budget on every question (route.route_all, exact).
 Policies, each scored by its expected score Σ_m π_m s(question, m), at no budget and at each budget:
   router       P2L as above
   oracle       the best mixture for each question picked WITH its true scores (an upper bound: the
@@ -62,12 +62,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from aggregate import aggregate
 from common import (
-    WINNERS, add_checkpoint_options, aggregate, atomic_write, autodetect_device, batch_nll, check_out,
-    checkpoint_config, encode_for, hull_route, load_checkpoint, load_predictions, predict, predict_prompts,
-    read_json_object, read_jsonl, read_marginal, read_model_numbers, route_all, save_png, save_predictions,
-    win_rates, write_json,
+    WINNERS, add_checkpoint_options, atomic_write, autodetect_device, batch_nll, check_out, checkpoint_config,
+    encode_for, load_checkpoint, load_predictions, predict, predict_prompts, read_json_object, read_jsonl,
+    read_marginal, read_model_numbers, save_png, save_predictions, write_json,
 )
+from route import hull_route, route_all, win_rates
 
 HERE = Path(__file__).resolve().parent
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -223,7 +224,7 @@ def by_pattern(avail):
 
 
 def mixtures(score_of, avail, c, budget):
-    """π [N, M]: per question, the best mixture (common.route_all, exact) of the models scored on it,
+    """π [N, M]: per question, the best mixture (route.route_all, exact) of the models scored on it,
     for the per-model scores score_of(rows, cols) [len(rows), len(cols)], under the budget (checked
     feasible by the caller: some model scored on each question costs <= budget)."""
     pi = np.zeros(avail.shape)

@@ -6,7 +6,6 @@ most the budget.
     python route.py --checkpoint out/train --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --out out/route   # CPU, MiniLM: ~30 s
     python route.py --preds out/route --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --sweep --out out/route  # no forward passes
     python route.py --bench --bench-n 20000   # vs scipy HiGHS per prompt: one decision, a batch, route.py end to end
-    python route.py --preds out/cv-pooled --routellm data/routellm --out out/routellm   # RouteLLM's APGR/CPT, GPT-4 vs Mixtral
 
 For each unique prompt of --prompts (any JSONL(.gz) with a `prompt`, battle files included), with
 costs c (--costs, per query), budget C and an opponent distribution q (--opponents, default uniform):
@@ -28,10 +27,6 @@ costs c (--costs, per query), budget C and an opponent distribution q (--opponen
   (with uniform q, a router that always picks model m gets exactly β̄_m).
 For rk/grk checkpoints β is used as a BT coefficient, as in docs/design.md §2.
 
---routellm runs RouteLLM's own benchmark (lm-sys/RouteLLM routellm/evals) on out-of-fold --preds: route
-GPT-4-1106 vs Mixtral on MMLU, GSM8K and MT-bench by Δβ = β_strong − β_weak, scored by RouteLLM's
-APGR and CPT against its random router and its oracle (definitions: curve_metrics and its neighbours).
-
 --sweep measures the cost–quality curve on the labelled votes of --prompts (held-out prompts):
 every router at 40 budgets from the cheapest to the dearest model, every single model, and 200
 random fixed mixtures of two models. REALISED win rate: from the votes on prompt z, r_z(m, o) is
@@ -52,6 +47,7 @@ favours them); router − baseline intervals are 95% paired bootstraps over prom
 """
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -61,17 +57,276 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
+from scipy.optimize import brentq, linprog
 from scipy.special import expit
 
 from common import (
-    A, B, OutputSet, add_checkpoint_options, all_pairs, atomic_write, autodetect_device, check_out,
-    checkpoint_config, finite_or_none, fit_pairs, hull_route, load_checkpoint, load_predictions, parse_turns,
-    predict_prompts, prompt_key, rating, read_battles, read_jsonl, read_model_numbers, read_prompts, route_all, route_one, save_png,
-    save_predictions, solve_theta, solve_theta_many, torch_threads, win_rates, write_json,
+    A, add_checkpoint_options, all_pairs, atomic_write, autodetect_device, B, check_out, checkpoint_config,
+    finite_or_none, fit_pairs, load_checkpoint, load_predictions, map_blocks, OutputSet, pair_sweep, parse_turns,
+    phi_t, predict_prompts, prompt_key, rating, read_battles, read_jsonl, read_model_numbers, row_blocks, save_png,
+    save_predictions, SPREAD_MAX, torch_threads, wide_rows, write_json,
 )
 
 ROUTERS = ("optimal", "simple", "strict")
+
+# -----------------------------------------------------------------------------
+# Algorithm 1 (docs/design.md §2): serve.py and livebench_eval.py import it from here. For one prompt
+# with coefficients β, costs c, budget C and opponents q: s = Wq with W_ab = σ(β_a − β_b) is each
+# model's predicted win rate against q, and π* = argmax π·s over the simplex with c·π <= C. The
+# routing math is float64 numpy.
+
+
+def read_prompts(path):
+    """Unique prompts (lists of user turns) of a JSONL(.gz) file in first-seen order, with their
+    first line's id and category (battle files and Arena files too)."""
+    seen = {}
+    for where, row in read_jsonl(path):
+        turns = parse_turns(row, where)
+        key = tuple(turns)  # the same identity as prompt_key's JSON text, without encoding every line
+        if key not in seen:
+            seen[key] = {"prompt": turns, "id": row.get("id", row.get("uid", where)),
+                         "category": row.get("category"), "line": where}
+    if not seen:
+        raise ValueError(f"{path}: no prompts")
+    return list(seen.values())
+
+
+def win_rates(beta, q, mean_pairs=False):
+    """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)), float64 numpy [N, M]: each model's predicted win rate
+    against an opponent drawn from q. Exact (φ form above): (Wq)_a = q_a/2 + φ_a Σ_{b≠a} q_b r_ab.
+    mean_pairs: also mean_pair_probs(beta, None, "bt") [1, P, 2] (the averaged leaderboard's target)
+    from the same r, for one more pass instead of a second sweep."""
+    beta, q = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    N, M = beta.shape
+    if N * M < 2 ** 12 and not mean_pairs:  # a few prompts (one decision): whole-array numpy calls
+        x = beta - beta.max(1, keepdims=True)
+        if N and x.min() >= -SPREAD_MAX:
+            f = np.exp(x)
+            r = f[:, :, None] + f[:, None, :]
+            np.divide(1.0, r, out=r)
+            return f * (r @ q)
+    beta, qt = torch.as_tensor(beta), torch.as_tensor(q)
+    out = torch.empty(N, M, dtype=torch.float64)
+    off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i): [off[i], off[i + 1])
+
+    def block(se):
+        bs = beta[se[0]:se[1]]
+        wide = wide_rows(bs)
+        fT = phi_t(bs[~wide] if wide.any() else bs)  # wide rows: σ of the differences, below
+        acc = torch.zeros_like(fT)
+        pairs = torch.zeros(off[-1], dtype=torch.float64) if mean_pairs else None
+
+        def visit(i, r):
+            acc[i] += qt[i + 1:] @ r                 # (a = i, b > i)
+            acc[i + 1:].add_(r, alpha=float(qt[i]))  # (a > i, b = i)
+            if mean_pairs:
+                pairs[off[i]:off[i + 1]] += r @ fT[i]
+        pair_sweep(fT, visit)
+        if wide.any():
+            out[se[0]:se[1]][~wide] = (fT * acc + 0.5 * qt[:, None]).T
+        else:
+            out[se[0]:se[1]] = (fT * acc + 0.5 * qt[:, None]).T
+        if wide.any():
+            bw = bs[wide]
+            out[se[0]:se[1]][wide] = torch.sigmoid(bw[:, :, None] - bw[:, None, :]) @ qt
+            if mean_pairs:
+                a, b = all_pairs(M)
+                pairs += torch.sigmoid(bw[:, a] - bw[:, b]).sum(0)
+        return pairs
+    total = 0
+    for part in map_blocks(block, row_blocks(N, M)):  # summed in block order: deterministic
+        total = total + (part if mean_pairs else 0)
+    if not mean_pairs:
+        return out.numpy()
+    total = (total / N)[None, :, None]
+    return out.numpy(), torch.cat([total, 1 - total], -1)
+
+
+def hull_route(s, c, budget, order):
+    """Exact max π·s s.t. c·π <= budget, π in the simplex; budget below min(c) is a ValueError.
+    order = argsort(c), shared by every prompt. Returns (i, j, w): π_i = w, π_j = 1 − w.
+    The scalar reference for route_many (which does every prompt at once; tests compare them)."""
+    s, c = s.tolist(), c.tolist()  # plain floats: the loop below is ~10x faster than on numpy scalars
+    if not budget >= min(c):
+        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {min(c):g}")
+    top = max(s)
+    best = min((k for k in range(len(s)) if s[k] == top), key=lambda k: c[k])  # the cheapest best model
+    if c[best] <= budget:
+        return best, best, 1.0
+    # Upper concave hull, left to right, of the points no dearer than the best one (dearer points
+    # are dominated). It rises from the cheapest point to the best one, so the optimum at cost C
+    # is on the hull edge whose ends straddle C.
+    hull = []
+    for k in order:
+        if c[k] > c[best]:
+            break
+        if hull and c[k] == c[hull[-1]]:  # same cost: keep the better one
+            if s[k] <= s[hull[-1]]:
+                continue
+            hull.pop()
+        while len(hull) >= 2:  # drop the last vertex while it is on or below the chord to k
+            a, b = hull[-2], hull[-1]
+            if (s[b] - s[a]) * (c[k] - c[a]) > (s[k] - s[a]) * (c[b] - c[a]):
+                break
+            hull.pop()
+        hull.append(k)
+    n = 0
+    while c[hull[n + 1]] <= budget:
+        n += 1
+    i, j = hull[n], hull[n + 1]
+    return i, j, (c[j] - budget) / (c[j] - c[i])
+
+
+@functools.lru_cache(maxsize=16)
+def _route_plan(c_bytes, budget):
+    """What route_many needs of the costs and budget alone (a server routes many prompts with the
+    same ones): the models by cost then index, the affordable ones A, the others B, and the
+    weights w_ij = (c_j − C)/(c_j − c_i) of every mix on the budget line."""
+    c = np.frombuffer(c_bytes)
+    if not budget >= c.min():
+        raise ValueError(f"budget {budget:g} is infeasible: the cheapest model costs {c.min():g}")
+    order = np.lexsort((np.arange(len(c)), c))  # by cost, then by index: argmax's first hit is the cheapest best
+    A, B = order[c[order] <= budget], order[c[order] > budget]
+    w = (c[B][None, :] - budget) / (c[B][None, :] - c[A][:, None])  # [|A|, |B|]
+    plan = order, A, B, w, 1 - w
+    for x in plan:  # shared by later calls: read-only
+        x.flags.writeable = False
+    return plan
+
+
+def route_many(S, c, budget, elems=2 ** 21):
+    """hull_route for every row of S [N, M] at once: (I, J, W) arrays, π = W on model I, 1 − W on J.
+    When the best model (the cheapest of equal best) is affordable it is the answer. Otherwise the
+    optimum costs exactly C and mixes a model i with c_i <= C and a model j with c_j > C, so it is
+    max over those pairs of w_ij s_i + (1 − w_ij) s_j, w_ij = (c_j − C)/(c_j − c_i): the weights are
+    shared by all prompts, so that max is three array passes over [prompts, |A|, |B|]."""
+    S, c = np.asarray(S, dtype=np.float64), np.asarray(c, dtype=np.float64)
+    N = len(S)
+    order, A, B, w, w1 = _route_plan(c.tobytes(), float(budget))
+    if N == 1:  # one decision: only the Pareto points can be on the hull, usually a handful
+        return _route_one(S[0], c, budget, order, A, B, w, w1)
+    best = np.concatenate([order[S[s:e][:, order].argmax(1)] for s, e in row_blocks(N, len(c), 2 ** 20)] or [np.zeros(0, int)])
+    I, J, W = best, best.copy(), np.ones(N)
+    rest = np.flatnonzero(c[best] > budget)
+    if len(rest) == 0:
+        return I, J, W
+
+    def block(se):
+        rows = rest[se[0]:se[1]]
+        v = S[rows][:, A, None] * w
+        v += S[rows][:, None, B] * w1
+        return np.divmod(v.reshape(len(rows), -1).argmax(1), len(B))
+    blocks = row_blocks(len(rest), w.size, elems)
+    for (s, e), (ia, jb) in zip(blocks, map_blocks(block, blocks)):
+        I[rest[s:e]], J[rest[s:e]], W[rest[s:e]] = A[ia], B[jb], w[ia, jb]
+    return I, J, W
+
+
+def _route_one(s, c, budget, order, A, B, w, w1):
+    """route_many for one prompt. A hull vertex scores strictly more than every cheaper model (the
+    hull rises up to the best model), so the pairs may be restricted to those: in A, the models
+    better than every cheaper one; in B, those better than every cheaper one and all of A."""
+    best = order[s[order].argmax()]
+    if c[best] <= budget:
+        return np.array([best]), np.array([best]), np.ones(1)
+    sa, sb = s[A], s[B]
+    ia = np.flatnonzero(sa > np.maximum.accumulate(np.concatenate(([-np.inf], sa[:-1]))))
+    jb = np.flatnonzero(sb > np.maximum.accumulate(np.concatenate(([sa.max()], sb[:-1]))))
+    wp = w[np.ix_(ia, jb)]
+    v = sa[ia, None] * wp + sb[None, jb] * w1[np.ix_(ia, jb)]
+    a, b = divmod(int(v.argmax()), len(jb))
+    return np.array([A[ia[a]]]), np.array([B[jb[b]]]), np.array([wp[a, b]])
+
+
+def route_all(router, beta, Wq, c, budget):
+    """(i, j, w) arrays for every prompt: π = w on model i, 1 − w on model j.
+    optimal: max π·Wq (the paper's); simple: max π·β (the reference's simple-lp); strict: the best
+    single model whose cost is <= budget."""
+    c = np.asarray(c, dtype=np.float64)
+    if router == "strict":  # the best affordable model (the cheapest of equal best); Wq ranks models as β does
+        I, _, _ = route_many(np.where(c <= budget, Wq, -np.inf), c, math.inf)
+        return I, I.copy(), np.ones(len(I))
+    return route_many(Wq if router == "optimal" else beta, c, budget)
+
+
+def route_one(router, beta, q, c, budget):
+    """One prompt's decision from its β [M] alone: (i, j, w, R), π = w on model i, 1 − w on model j,
+    R = π·Wq its win rate against q. The optimum of route_all on win_rates (tests compare them) for
+    a fraction of the work: (Wq)_a increases with β_a (σ does), so β ranks the models as Wq does,
+    and only a model better than every cheaper one (the front in cost order: about ln M of M on
+    random instances) can be the answer or a hull vertex. Wq is computed for those rows alone."""
+    beta, q, c = (np.asarray(x, dtype=np.float64) for x in (beta, q, c))
+    order, A, _, _, _ = _route_plan(c.tobytes(), float(budget))  # also the infeasible-budget error
+    b = beta[order]
+    if router == "strict":  # the best affordable model; A is a prefix of order, argmax takes the cheapest
+        b = b[:len(A)]
+    front = order[:len(b)][b > np.maximum.accumulate(np.concatenate(([-np.inf], b[:-1])))]
+    x = beta - beta.max()
+    if x.min() >= -SPREAD_MAX:  # the φ form of win_rates, for the front's rows only
+        f = np.exp(x)
+        s = f[front] * ((1.0 / (f[front, None] + f[None, :])) @ q)
+    else:
+        s = expit(beta[front, None] - beta[None, :]) @ q
+    if c[front[-1]] <= budget:  # the front ends at the best model (the cheapest of equal best)
+        return int(front[-1]), int(front[-1]), 1.0, float(s[-1])
+    # Otherwise the optimum mixes a front model i with c_i <= C and one j with c_j > C on the budget line.
+    a = c[front] <= budget
+    ci, cj = c[front[a]][:, None], c[front[~a]][None, :]
+    w = (cj - budget) / (cj - ci)
+    v = (beta[front[a]][:, None] * w + beta[front[~a]][None, :] * (1 - w)) if router == "simple" else \
+        (s[a][:, None] * w + s[~a][None, :] * (1 - w))
+    k, m = divmod(int(v.argmax()), w.shape[1])
+    wk = float(w[k, m])
+    return int(front[a][k]), int(front[~a][m]), wk, float(wk * s[a][k] + (1 - wk) * s[~a][m])
+
+
+def solve_theta(beta, q, R):
+    """θ with Σ_a q_a σ(θ − β_a) = R; the left side increases in θ. On one prompt R mixes win rates
+    of models with those β, so the root lies in [min β, max β]; on the averaged leaderboard a
+    router can beat every model, so the bracket widens (doubling) until it holds the root."""
+    f = lambda t: float(q @ expit(t - beta)) - R
+    lo, hi = float(beta.min()), float(beta.max())
+    for _ in range(60):
+        if f(lo) <= 0 <= f(hi):
+            break
+        width = max(hi - lo, 1.0)
+        lo, hi = (lo - width, hi) if f(lo) > 0 else (lo, hi + width)
+    if f(lo) == 0 or f(hi) == 0 or f(lo) * f(hi) > 0:  # an exact hit, or R rounds to 0 or 1 (σ saturates)
+        return lo if abs(f(lo)) <= abs(f(hi)) else hi
+    return brentq(f, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps, maxiter=200)
+
+
+def solve_theta_many(beta, q, R, lo, hi, tol=1e-13, max_iter=200):
+    """solve_theta for every prompt at once, given brackets with g(lo) <= R <= g(hi), g(θ) = Σ q σ(θ − β)
+    (route.py: the β of the two mixed models). Newton's method, safeguarded by bisection of the
+    bracket, which shrinks every step, until the step or the bracket is below tol (brentq's xtol)."""
+    beta, q, R = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64), np.asarray(R, dtype=np.float64)
+    lo, hi = np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
+    theta = 0.5 * (lo + hi)
+
+    def block(se):
+        act = se[0] + np.flatnonzero(hi[se[0]:se[1]] - lo[se[0]:se[1]] > tol)
+        for _ in range(max_iter):
+            if len(act) == 0:
+                break
+            t = theta[act]
+            sg = expit(t[:, None] - beta[act])
+            f = sg @ q - R[act]
+            d = (sg * (1 - sg)) @ q
+            lo[act] = np.where(f < 0, t, lo[act])
+            hi[act] = np.where(f > 0, t, hi[act])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = t - f / d
+            bisect = ~((new > lo[act]) & (new < hi[act]))  # Newton left the bracket (or d underflowed)
+            new[bisect] = 0.5 * (lo[act] + hi[act])[bisect]
+            new[f == 0] = t[f == 0]
+            done = (f == 0) | (np.abs(new - t) <= tol) | (hi[act] - lo[act] <= tol)
+            theta[act] = new
+            act = act[~done]
+    for _ in map_blocks(block, row_blocks(len(R), beta.shape[1])):
+        pass
+    return theta
+
 
 # -----------------------------------------------------------------------------
 # inputs: costs, opponents (prompts: read_prompts); every bad value is an error naming the file (and line)
@@ -108,8 +363,7 @@ def read_opponents(path, model_list):
 
 
 # -----------------------------------------------------------------------------
-# the router is win_rates / hull_route / route_all / route_one / solve_theta (common.py, shared with
-# livebench_eval.py); here only the LP it replaces, for tests and --bench
+# the LP the router above replaces: the reference for tests and --bench
 
 
 def lp_route(s, c, budget):
@@ -299,252 +553,6 @@ def bench_scale(args, small=10_000):
     write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
 
 
-# -----------------------------------------------------------------------------
-# --routellm: RouteLLM's own benchmark (lm-sys/RouteLLM, routellm/evals/evaluate.py + benchmarks.py),
-# written afresh in numpy: GPT-4-1106 vs Mixtral on MMLU, GSM8K and MT-bench, scored by APGR and CPT
-
-STRONG, WEAK = "gpt4_1106_preview", "Mixtral-8x7B-Instruct-v0.1_concise"
-# (file stem, title, label field, scale): MMLU/GSM8K performance in % correct, MT-bench in judge points
-ROUTELLM_BENCHES = (("mmlu", "MMLU", "correct", 100.0), ("gsm8k", "GSM8K", "correct", 100.0),
-                    ("mt_bench", "MT-bench", "score", 1.0))
-
-
-def read_routellm(path, label):
-    """One benchmark file as questions, contaminated ones dropped (RouteLLM's evaluation drops them).
-    Returns ([(where, prompt key)], strong results, weak results, questions dropped). MT-bench has a
-    row per (question, turn): a question is routed on its turn-1 prompt, as RouteLLM routes, scores
-    the mean over its turns, and goes when any of its turns is contaminated."""
-    ok = (lambda v: isinstance(v, bool)) if label == "correct" else \
-        (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-    qs = {}
-    for where, row in read_jsonl(path):
-        res = row.get(label)
-        if not isinstance(res, dict) or not all(ok(res.get(m)) for m in (STRONG, WEAK)):
-            raise ValueError(f"{where}: '{label}' must give both {STRONG} and {WEAK} a "
-                             f"{'true/false' if label == 'correct' else 'finite number'}")
-        if not isinstance(row.get("contaminated"), bool):
-            raise ValueError(f"{where}: 'contaminated' must be true or false")
-        qid, turn = where, 1
-        if label == "score":  # the turns of a question share the id's "<qid>/" prefix
-            if not isinstance(row.get("id"), str) or "/" not in row["id"]:
-                raise ValueError(f"{where}: MT-bench rows need an id '<question>/<turn>'")
-            qid, turn = row["id"].rsplit("/", 1)[0], row.get("turn")
-        q = qs.setdefault(qid, {"turns": {}, "contaminated": False})
-        if type(turn) is not int or turn < 1 or turn in q["turns"]:
-            raise ValueError(f"{where}: question {qid}: turn {turn!r} is not a new turn number >= 1")
-        q["contaminated"] |= row["contaminated"]
-        q["turns"][turn] = (where, prompt_key(parse_turns(row, where)), float(res[STRONG]), float(res[WEAK]))
-    kept = [q["turns"] for q in qs.values() if not q["contaminated"]]
-    if not kept:
-        raise ValueError(f"{path}: no uncontaminated questions")
-    for t in kept:
-        if 1 not in t:
-            raise ValueError(f"{next(iter(t.values()))[0]}: question has no turn 1, the prompt it is routed on")
-    mean = lambda t, k: sum(v[k] for v in t.values()) / len(t)
-    return [t[1][:2] for t in kept], np.array([mean(t, 2) for t in kept]), np.array([mean(t, 3) for t in kept]), \
-        len(qs) - len(kept)
-
-
-def threshold_curve(scores, strong, weak, scale, bins=10):
-    """RouteLLM's points for a router's per-question scores (higher: strong): thresholds at the edges
-    of `bins` equal-count bins (np.quantile's linear interpolation is where pandas qcut cuts), strong
-    where score >= edge, except at the top edge, where score > edge, so the last point is all weak.
-    Returns (strong % of calls, performance, thresholds), one per edge."""
-    t = np.quantile(scores, np.linspace(0, 1, bins + 1))
-    to_strong = scores[None] >= t[:, None]
-    to_strong[-1] = scores > t[-1]
-    perf = scale * (weak.sum() + to_strong @ (strong - weak)) / len(scores)
-    return 100 * to_strong.mean(1), perf, t
-
-
-def oracle_curve(strong, weak, label, scale):
-    """RouteLLM's get_optimal_accuracy at 0, 10, ..., 100% strong calls (x is that nominal share, even
-    where the oracle needs fewer). Correctness: the strong calls go to questions only the strong model
-    gets right, min(n·f, their count) of them (fractional, as RouteLLM counts). Judge scores: the
-    int(n·f) questions with the largest positive strong − weak gap (RouteLLM's inclusive .loc[:k]
-    slice hands k + 1 questions to the strong model; k is what its budget allows)."""
-    n, pct, d = len(strong), np.arange(0, 101, 10), strong - weak
-    if label == "correct":
-        perf = [(weak.sum() + min(n * (p / 100), (d > 0).sum())) / n for p in pct]
-    else:
-        gain = np.maximum(np.sort(d)[::-1], 0)  # only a positive gap is worth a strong call
-        perf = [(weak.sum() + gain[:int(n * (p / 100))].sum()) / n for p in pct]
-    return pct.astype(float), scale * np.array(perf)
-
-
-def first_crossing(x, y, target):
-    """The strong % at which the piecewise-linear curve (x ascending) first reaches target; None: never.
-    RouteLLM's np.interp(target, y, x) assumes y rises with x; where it rises strictly this is the same
-    number, and on a curve that dips it is still the least strong share that reaches the target."""
-    if y[0] >= target:
-        return float(x[0])
-    for i in range(1, len(y)):
-        if y[i] >= target:
-            return float(x[i - 1] + (target - y[i - 1]) / (y[i] - y[i - 1]) * (x[i] - x[i - 1]))
-    return None
-
-
-def curve_metrics(x, perf, weak, strong):
-    """RouteLLM's metrics of one router's points, sorted by strong %: AUC = trapezoid of performance over
-    the strong fraction; APGR = (AUC − weak's) / (strong's − weak's), the constant lines integrated over
-    the same x (None when the models tie); CPT(p%) = first_crossing of weak + p%·(strong − weak)."""
-    o = np.argsort(x, kind="stable")
-    x, perf = np.asarray(x, float)[o], np.asarray(perf, float)[o]
-    area = lambda y: float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x / 100)))
-    auc, lo, hi = area(perf), area(np.full_like(perf, weak)), area(np.full_like(perf, strong))
-    return {"strong_pct": x.tolist(), "performance": perf.tolist(), "auc": auc,
-            "apgr": (auc - lo) / (hi - lo) if hi != lo else None,
-            **{f"cpt{p}": first_crossing(x, perf, weak + p / 100 * (strong - weak)) for p in (20, 50, 80)}}
-
-
-def bootstrap_apgr(scores, strong, weak, scale, rng, n_boot):
-    """95% interval of a router's APGR over questions resampled with replacement; each resample gets
-    its own thresholds and weak/strong lines, as a fresh benchmark of that size would."""
-    vals = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(scores), len(scores))
-        x, perf, _ = threshold_curve(scores[i], strong[i], weak[i], scale)
-        vals.append(curve_metrics(x, perf, scale * weak[i].mean(), scale * strong[i].mean())["apgr"])
-    vals = [v for v in vals if v is not None]
-    return np.percentile(vals, [2.5, 97.5]).tolist() if vals else None
-
-
-def random_router(strong, weak, scale, rng, draws):
-    """RouteLLM's random router (a uniform score per question) over seeded draws: the mean curve, and each
-    metric's mean and sd over the draws that have it (cptNN_n: how many reached the target)."""
-    wp, sp = scale * weak.mean(), scale * strong.mean()
-    curves = [threshold_curve(rng.random(len(strong)), strong, weak, scale)[:2] for _ in range(draws)]
-    ms = [curve_metrics(x, perf, wp, sp) for x, perf in curves]
-    out = {k: v for k, v in curve_metrics(*np.mean(curves, 0), wp, sp).items() if k in ("strong_pct", "performance")}
-    out["draws"] = draws
-    for k in ("auc", "apgr", "cpt20", "cpt50", "cpt80"):
-        v = np.array([m[k] for m in ms if m[k] is not None])
-        out[k], out[f"{k}_sd"] = (float(v.mean()) if len(v) else None), (float(v.std(ddof=1)) if len(v) > 1 else None)
-        if k.startswith("cpt"):
-            out[f"{k}_n"] = len(v)
-    return out
-
-
-def score_routellm(b, seed, n_boot=1000, draws=20):
-    """One benchmark (a read_routellm_inputs entry): P2L, random and oracle as RouteLLM scores them."""
-    s, strong, weak, scale = b["scores"], b["strong"], b["weak"], b["scale"]
-    wp, sp = scale * weak.mean(), scale * strong.mean()
-    x, perf, t = threshold_curve(s, strong, weak, scale)
-    p2l = {**curve_metrics(x, perf, wp, sp), "thresholds_delta_beta": t.tolist(), "bootstrap": n_boot,
-           "apgr_ci95": bootstrap_apgr(s, strong, weak, scale, np.random.default_rng([seed, 1]), n_boot)}
-    routers = {"p2l": p2l, "random": random_router(strong, weak, scale, np.random.default_rng([seed, 2]), draws),
-               "oracle": curve_metrics(*oracle_curve(strong, weak, b["label"], scale), wp, sp)}
-    keep = ("name", "title", "file", "questions", "dropped_contaminated", "without_predictions", "unit")
-    return {**{k: b[k] for k in keep}, "weak_performance": wp, "strong_performance": sp, "routers": routers}
-
-
-def p2l_scores(args):
-    """{prompt key: Δβ = β_strong − β_weak} of --preds, P2L's routing score (any monotone map of it, e.g.
-    the predicted win rate σ(Δβ), cuts the same bins), and where each row is, for errors."""
-    beta, _, model_list, rows = load_predictions(args.preds)
-    missing = [m for m in (STRONG, WEAK) if m not in model_list]
-    if missing:
-        raise ValueError(f"--preds {args.preds}: no coefficients for {', '.join(missing)} (RouteLLM's pair is "
-                         f"{STRONG} vs {WEAK}; the predictions have {len(model_list)} models)")
-    d = (beta[:, model_list.index(STRONG)].double() - beta[:, model_list.index(WEAK)].double()).numpy()
-    jl, of = Path(args.preds) / "predictions.jsonl", {}
-    for i, r in enumerate(rows):
-        of.setdefault(prompt_key(parse_turns(r, f"{jl}:{i + 1}")), (d[i], f"{jl}:{i + 1}"))
-    return of
-
-
-def read_routellm_inputs(args):
-    """The three benchmark files and the predictions, every check done before any output is written."""
-    check_out(args.out)
-    read = [(b, Path(args.routellm) / f"{b[0]}.jsonl.gz") for b in ROUTELLM_BENCHES]
-    read = [(b, f, *read_routellm(f, b[2])) for b, f in read]
-    of, out = p2l_scores(args), []
-    for (name, title, label, scale), f, wk, strong, weak, dropped in read:
-        hit = np.array([k in of for _, k in wk])
-        if not hit.all() and not args.covered_only:
-            raise ValueError(f"{wk[int(np.argmin(hit))][0]}: question not in --preds {args.preds} ({(~hit).sum()} of "
-                             f"{len(hit)} missing; --covered-only scores just those it has, e.g. after cv.py --max-prompts)")
-        if not hit.any():
-            raise ValueError(f"{f}: --preds {args.preds} has none of its {len(hit)} questions")
-        s, at = zip(*(of[k] for (_, k), h in zip(wk, hit) if h))
-        s = np.array(s)
-        if not np.isfinite(s).all():
-            raise ValueError(f"{at[int(np.argmin(np.isfinite(s)))]}: non-finite coefficients")
-        out.append({"name": name, "title": title, "label": label, "scale": scale, "file": str(f), "scores": s,
-                    "strong": strong[hit], "weak": weak[hit], "questions": int(hit.sum()), "dropped_contaminated": dropped,
-                    "without_predictions": int((~hit).sum()),
-                    "unit": "% of questions correct" if label == "correct" else "mean GPT-4 judge score (1-10) over both turns"})
-    return out
-
-
-def routellm_bench(args):
-    """--routellm: route GPT-4-1106 vs Mixtral on RouteLLM's questions by P2L's Δβ and score it the way
-    RouteLLM scores routers: routellm.json, routellm.png and a printed table, in --out as one set."""
-    try:
-        benches = read_routellm_inputs(args)
-    except (ValueError, OSError) as e:  # OSError: a missing benchmark file, a broken .gz
-        sys.exit(f"error: {e}")
-    results = [score_routellm(b, args.seed) for b in benches]
-    report = {"strong": STRONG, "weak": WEAK, "preds": args.preds, "routellm": args.routellm, "seed": args.seed,
-              "covered_only": args.covered_only,
-              "note": "RouteLLM's metrics (routellm/evals/evaluate.py): 11 thresholds at the edges of 10 equal-count "
-                      "bins of each router's scores (P2L: Δβ = β_strong − β_weak); AUC = trapezoid of performance "
-                      "over the strong fraction, APGR = (AUC − weak) / (strong − weak) areas, CPT(p%) = strong-call % "
-                      "where performance first reaches weak + p%·(strong − weak) (null: never); random: mean and sd "
-                      "over seeded draws; oracle: RouteLLM's get_optimal_accuracy; apgr_ci95: bootstrap over questions",
-              "benchmarks": {r["name"]: r for r in results}}
-    try:
-        o = OutputSet(args.out).__enter__()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    try:
-        write_json(o.stage / "routellm.json", finite_or_none(report))
-        plot_routellm(results, o.stage / "routellm.png")
-        o.commit(marker="routellm.json")
-    finally:
-        o.__exit__(None, None, None)
-    print_routellm(results)
-    print(f"-> {Path(args.out) / 'routellm.json'}, {Path(args.out) / 'routellm.png'}")
-
-
-def print_routellm(results):
-    num = lambda v, sd=None, f="{:.3f}": "-" if v is None else f.format(v) + ("" if sd is None else " ± " + f.format(sd))
-    pct = lambda v, sd=None: num(v, sd, "{:.1f}%")
-    print(f"RouteLLM's benchmark, strong {STRONG} vs weak {WEAK}; CPT: strong-call % to reach that share of the gap")
-    print(f"{'benchmark':10s} {'router':7s} {'APGR':>22s} {'CPT(50%)':>14s} {'CPT(80%)':>14s}")
-    for r in results:
-        p, rn, orc = (r["routers"][k] for k in ("p2l", "random", "oracle"))
-        ci = p["apgr_ci95"]
-        rows = (("P2L", num(p["apgr"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), pct(p["cpt50"]), pct(p["cpt80"])),
-                ("random", num(rn["apgr"], rn["apgr_sd"]), pct(rn["cpt50"], rn["cpt50_sd"]), pct(rn["cpt80"], rn["cpt80_sd"])),
-                ("oracle", num(orc["apgr"]), pct(orc["cpt50"]), pct(orc["cpt80"])))
-        for name, apgr, c50, c80 in rows:
-            print(f"{r['title']:10s} {name:7s} {apgr:>22s} {c50:>14s} {c80:>14s}")
-    for r in results:
-        print(f"  {r['title']}: {r['questions']} questions ({r['dropped_contaminated']} contaminated dropped, "
-              f"{r['without_predictions']} without predictions); weak {r['weak_performance']:.2f}, "
-              f"strong {r['strong_performance']:.2f} ({r['unit']})")
-
-
-def plot_routellm(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), dpi=110, squeeze=False)
-    for ax, r in zip(axes[0], results):
-        for key, label, style in (("p2l", "P2L (Δβ)", {"marker": "."}), ("random", "random (mean of draws)", {"marker": "."}),
-                                  ("oracle", "oracle", {"marker": "x"})):
-            c = r["routers"][key]
-            apgr = "-" if c["apgr"] is None else f"{c['apgr']:.3f}"
-            ax.plot(c["strong_pct"], c["performance"], label=f"{label}, APGR {apgr}", **style)
-        ax.axhline(r["strong_performance"], color="red", ls="--", lw=0.8, label=f"strong: {STRONG}")
-        ax.axhline(r["weak_performance"], color="grey", ls="--", lw=0.8, label=f"weak: {WEAK}")
-        ax.set_title(f"{r['title']}: {r['questions']} questions", fontsize=9)
-        ax.set_xlabel("strong model calls (%)")
-        ax.set_ylabel(r["unit"], fontsize=8)
-        ax.legend(fontsize=6, loc="lower right")
-        ax.grid(alpha=0.3)
-    save_png(fig, path)
 
 
 def load_betas(args, prompts, preds):
@@ -587,8 +595,7 @@ def parse_args(argv):
     p.add_argument("--opponents", metavar="JSON", help="{model: weight} opponent distribution q for the win rate the "
                    "router maximises (default: uniform over the models)")
     p.add_argument("--deterministic", action="store_true", help="route each prompt to argmax π instead of sampling from π")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling from π (and --bench instances, --routellm's "
-                   "random router and bootstrap): reruns agree")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling from π (and --bench instances): reruns agree")
     p.add_argument("--sweep", action="store_true", help="cost-quality curves of all routers, every single model and random "
                    "mixtures on the labelled votes of --prompts: sweep.csv, sweep.png, sweep.json")
     p.add_argument("--sweep-budgets", metavar="C,C,...", help="budgets for the printed router vs best-single-model "
@@ -598,20 +605,10 @@ def parse_args(argv):
     p.add_argument("--bench-n", type=int, default=100_000, help="--bench: prompts routed end to end (synthetic files in a temp dir)")
     p.add_argument("--bench-scale", type=int, metavar="N", help="time and peak memory of route.py on N synthetic prompts x "
                    "130 models (files in a temp dir), and on 10,000 so growth shows as a ratio; then exit")
-    p.add_argument("--routellm", metavar="DIR", help="RouteLLM's benchmark instead of routing --prompts: DIR holds "
-                   "mmlu/gsm8k/mt_bench.jsonl.gz (data/routellm); needs --preds, out-of-fold so no question is scored "
-                   "by a P2L that saw it (cv.py); writes routellm.json and routellm.png")
-    p.add_argument("--covered-only", action="store_true", help="--routellm: score only the questions --preds has (cv.py "
-                   "--max-prompts predicts a subset); without it a missing question is an error, so a wrong --preds "
-                   "cannot pass for a smaller benchmark")
     p.add_argument("--out", default="out/route", help="routes.jsonl, metrics.json (and predictions, sweep files) go here")
     add_checkpoint_options(p)
     args = p.parse_args(argv)
     if args.bench or args.bench_scale:
-        return p, args
-    if args.routellm:
-        if not args.preds:
-            p.error("--routellm needs --preds (cv.py's out-of-fold predictions), not a --checkpoint")
         return p, args
     if not (args.checkpoint or args.preds):
         p.error("one of --checkpoint or --preds is required")
@@ -667,8 +664,6 @@ def main(argv=None):
         return bench(args)
     if args.bench_scale:
         return bench_scale(args)
-    if args.routellm:
-        return routellm_bench(args)
     try:
         prompts, model_list, c, q, budgets, r, skipped, beta, raw = read_inputs(args)
     except (ValueError, OSError) as e:  # OSError: missing files, a broken .gz

@@ -1,6 +1,6 @@
 """Serve the P2L router as an OpenAI-compatible chat service (docs/design.md §7): point any OpenAI client at
 it, send `model="p2l"`, and each request is routed under a cost budget (the paper's Algorithm 1,
-common.route_one) to one of the models in --models and forwarded there.
+route.route_one) to one of the models in --models and forwarded there.
 
     python serve.py --fake-upstream --port 9000 &         # a stand-in upstream that echoes (no keys, offline)
     P2L_API_KEYS=sk-local-1 python serve.py --checkpoint out/train --models models.json --budget 10 --port 8000
@@ -65,11 +65,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aggregate import aggregate, leaderboard_rows
 from common import (
-    HEAD_OF_LOSS, LOSSES, aggregate, autodetect_device, checkpoint_config, encode_for, leaderboard_rows,
-    load_checkpoint, parse_turns, predict, rating, read_json_object, read_model_numbers, read_prompts,
-    route_one, solve_theta, write_json,
+    HEAD_OF_LOSS, LOSSES, autodetect_device, checkpoint_config, encode_for, load_checkpoint, parse_turns, predict,
+    rating, read_json_object, read_model_numbers, write_json,
 )
+from route import ROUTERS, read_prompts, route_one, solve_theta
 
 # serving dependencies (requirements-serve.txt): the training stages run without them
 import anyio
@@ -257,7 +258,7 @@ class Service:
         self.stats["forward_passes"] += len(groups)
         return beta, eta
 
-    # -- routing (Algorithm 1 is common.route_one: one prompt, one budget, one draw) ------------------
+    # -- routing (Algorithm 1 is route.route_one: one prompt, one budget, one draw) ------------------
 
     def decide(self, beta_all, budget, seed=None):
         """π over the routable models for one prompt's β, the sampled model and its fallback."""
@@ -724,7 +725,7 @@ def parse_args(argv=None):
                    "unconstrained); a request may send its own 'budget'")
     p.add_argument("--max-budget", type=float, help="the most a request may ask to spend per query (default: --budget, "
                    "so clients can only spend less than the operator's default)")
-    p.add_argument("--router", default="optimal", choices=("optimal", "simple", "strict"), help="as route.py: optimal is "
+    p.add_argument("--router", default="optimal", choices=ROUTERS, help="as route.py: optimal is "
                    "the paper's (max predicted win rate), simple max Σπβ, strict the best single affordable model")
     p.add_argument("--deterministic", action="store_true", help="route to argmax π instead of sampling (then the budget "
                    "holds per request only for single-model π, not on average)")

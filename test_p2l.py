@@ -24,6 +24,7 @@ import aggregate as AG
 import numpy as np
 from scipy.optimize import linprog
 import route
+import routellm_eval as RL
 import csv
 import livebench_eval as L
 import cv
@@ -1283,7 +1284,7 @@ def test_identical_prompt_leaderboards_aggregate_to_themselves(loss):
     g = torch.Generator().manual_seed(1)
     beta = (2 * torch.randn(9, generator=g, dtype=D64)).expand(5, 9)
     eta = torch.full((5,), 0.4, dtype=D64)
-    bb, ee = C.aggregate(beta, eta, loss)
+    bb, ee = AG.aggregate(beta, eta, loss)
     want = beta[0] - beta[0].mean() if loss != "grk" else beta[0]  # bt/rk: up to the gauge Σβ = 0; grk has none
     assert torch.allclose(bb, want, atol=1e-8)
     assert ee == (0.0 if loss == "bt" else pytest.approx(0.4, abs=1e-8))
@@ -1293,7 +1294,7 @@ def test_bt_aggregation_is_the_bt_fit_to_the_mean_pairwise_matrix():
     g = torch.Generator().manual_seed(2)
     N, M = 40, 7
     beta = 1.5 * torch.randn(M, generator=g) + 2 * torch.randn(N, M, generator=g)
-    bb, _ = C.aggregate(beta, None, "bt")
+    bb, _ = AG.aggregate(beta, None, "bt")
     # an independent algorithm: Hunter's (2004) MM iteration for BT on W̄_ij = mean_z σ(β_i(z) − β_j(z))
     W = torch.sigmoid(beta[:, :, None] - beta[:, None, :]).double().mean(0)
     W.fill_diagonal_(0)
@@ -1314,9 +1315,9 @@ def test_tie_aware_aggregation_matches_a_generic_optimizer(head):
     g = torch.Generator().manual_seed(3)
     N, M = 30, 5
     beta, eta = torch.randn(N, M, generator=g, dtype=D64) + torch.arange(M, dtype=D64) / 2, 0.5 * torch.randn(N, generator=g, dtype=D64)
-    bb, ee = C.aggregate(beta, eta, head)
+    bb, ee = AG.aggregate(beta, eta, head)
     a, b = C.all_pairs(M)
-    mean = C.mean_pair_probs(beta, eta, head)[0]
+    mean = AG.mean_pair_probs(beta, eta, head)[0]
 
     def objective(v):  # Σ_z Σ_{i<j} CE(P_z, P_v) / N, straight from the definition, per prompt
         v = torch.tensor(v, dtype=D64, requires_grad=True)
@@ -1335,7 +1336,7 @@ def test_bt_fast_path_equals_outcome_logprobs():
     beta = 3 * torch.randn(50, 8, generator=g, dtype=D64)
     a, b = C.all_pairs(8)
     direct = C.outcome_logprobs(beta[:, a], beta[:, b], None, "bt").exp()[..., :2].mean(0)
-    assert torch.allclose(C.mean_pair_probs(beta, None, "bt")[0], direct, atol=1e-14)
+    assert torch.allclose(AG.mean_pair_probs(beta, None, "bt")[0], direct, atol=1e-14)
 
 
 def test_many_problems_at_once_equal_one_at_a_time():
@@ -1344,7 +1345,7 @@ def test_many_problems_at_once_equal_one_at_a_time():
     W = torch.rand(4, 20, generator=g, dtype=D64)
     bb, ee = AG.solve_many(beta, eta, "grk", W)
     for k in range(4):
-        one, e1 = C.aggregate(beta, eta, "grk", weights=W[k])
+        one, e1 = AG.aggregate(beta, eta, "grk", weights=W[k])
         assert torch.allclose(bb[k], one, atol=1e-7) and ee[k].item() == pytest.approx(e1, abs=1e-7)
 
 # -----------------------------------------------------------------------------
@@ -1375,7 +1376,7 @@ def test_streamed_prompt_bootstrap_cis_cover_the_population_aggregate():
     # the same check for the streamed bootstrap run_preds uses (resample counts per block of prompts)
     g = torch.Generator().manual_seed(17)
     population = torch.tensor([1.0, 0.4, 0.0, -0.5], dtype=D64) + 1.5 * torch.randn(4000, 4, generator=g, dtype=D64)
-    truth, _ = C.aggregate(population, None, "bt")
+    truth, _ = AG.aggregate(population, None, "bt")
     hits, total = 0, 0
     for k in range(50):
         sample = population[torch.randint(4000, (60,), generator=g)]
@@ -1390,7 +1391,7 @@ def test_prompt_bootstrap_cis_cover_the_population_aggregate():
     # a population of prompts whose aggregate is computed exactly; samples of 60 prompts from it
     g = torch.Generator().manual_seed(7)
     population = torch.tensor([1.0, 0.4, 0.0, -0.5], dtype=D64) + 1.5 * torch.randn(4000, 4, generator=g, dtype=D64)
-    truth, _ = C.aggregate(population, None, "bt")
+    truth, _ = AG.aggregate(population, None, "bt")
     hits, total = 0, 0
     for _ in range(50):
         sample = population[torch.randint(4000, (60,), generator=g)]
@@ -1496,7 +1497,7 @@ def test_streamed_bootstrap_row_0_is_the_aggregate(head):
     beta, eta = torch.randn(700, 5, generator=g), 0.3 * torch.randn(700, generator=g)
     e = eta if head != "bt" else None
     bb, ee = AG.solve_bootstrap(lambda s, t: (beta[s:t], e[s:t] if e is not None else None), 700, 5, head, 20, seed=0)
-    one, e1 = C.aggregate(beta, e, head)
+    one, e1 = AG.aggregate(beta, e, head)
     assert bb.shape == (21, 5) and torch.allclose(bb[0], one, atol=1e-7)
     assert (bb[1:].std(0) > 0).all()
 
@@ -1561,7 +1562,7 @@ def test_votes_without_the_group_field_name_file_and_line(tmp_path):
 
 def solve(s, c, budget):
     s, c = np.asarray(s, float), np.asarray(c, float)
-    i, j, w = C.hull_route(s, c, budget, np.argsort(c, kind="stable").tolist())
+    i, j, w = route.hull_route(s, c, budget, np.argsort(c, kind="stable").tolist())
     return i, j, w, w * s[i] + (1 - w) * s[j], w * c[i] + (1 - w) * c[j]
 
 
@@ -1618,16 +1619,16 @@ def test_route_many_equals_the_scalar_hull_on_random_instances():
         S, c, budgets = random_instance(rng, trial)
         order = np.argsort(c, kind="stable").tolist()
         for budget in budgets:
-            I, J, W = C.route_many(S, c, budget)
+            I, J, W = route.route_many(S, c, budget)
             for z in range(len(S)):
-                i, j, w = C.hull_route(S[z], c, budget, order)
+                i, j, w = route.hull_route(S[z], c, budget, order)
                 want = w * S[z, i] + (1 - w) * S[z, j]
                 got = W[z] * S[z, I[z]] + (1 - W[z]) * S[z, J[z]]
                 assert got == pytest.approx(want, abs=1e-9), (trial, budget, z)
                 assert 0 <= W[z] <= 1 and W[z] * c[I[z]] + (1 - W[z]) * c[J[z]] <= budget + 1e-12
                 if w == 1:  # a single model: the same one (the cheapest of equal best, as hull_route picks)
                     assert (I[z], W[z]) == (i, 1.0)
-                i1, j1, w1 = C.route_many(S[z:z + 1], c, budget)  # one prompt: the Pareto-pruned path
+                i1, j1, w1 = route.route_many(S[z:z + 1], c, budget)  # one prompt: the Pareto-pruned path
                 assert w1[0] * S[z, i1[0]] + (1 - w1[0]) * S[z, j1[0]] == pytest.approx(want, abs=1e-9), (trial, budget, z)
                 assert 0 <= w1[0] <= 1 and w1[0] * c[i1[0]] + (1 - w1[0]) * c[j1[0]] <= budget + 1e-12
 
@@ -1637,7 +1638,7 @@ def test_route_all_strict_is_the_cheapest_best_affordable_model():
     for trial in range(60):
         S, c, budgets = random_instance(rng, trial)
         for budget in budgets:
-            I, J, W = C.route_all("strict", S, S, c, budget)
+            I, J, W = route.route_all("strict", S, S, c, budget)
             for z in range(len(S)):
                 s = np.where(c <= budget, S[z], -np.inf)
                 want = min(np.flatnonzero(s == s.max()), key=lambda k: c[k])  # the scalar rule route.py had
@@ -1653,11 +1654,11 @@ def test_route_one_from_beta_equals_route_all_on_the_full_win_rates(router):
         B, c, budgets = random_instance(rng, trial)
         B = B * (300 if trial % 11 == 0 else 1)  # spreads beyond SPREAD_MAX: the expit path
         q = rng.dirichlet(np.ones(len(c)))
-        Wq = C.win_rates(B, q)
+        Wq = route.win_rates(B, q)
         for budget in budgets:
-            I, J, W = C.route_all(router, B, Wq, c, budget)
+            I, J, W = route.route_all(router, B, Wq, c, budget)
             for z in range(len(B)):
-                i, j, w, R = C.route_one(router, B[z], q, c, budget)
+                i, j, w, R = route.route_one(router, B[z], q, c, budget)
                 assert 0 <= w <= 1 and w * c[i] + (1 - w) * c[j] <= budget + 1e-12
                 assert R == pytest.approx(w * Wq[z, i] + (1 - w) * Wq[z, j], abs=1e-12)  # R is π·Wq
                 s = B[z] if router == "simple" else Wq[z]  # what the router maximises
@@ -1667,16 +1668,16 @@ def test_route_one_from_beta_equals_route_all_on_the_full_win_rates(router):
                     ok = np.flatnonzero((c <= budget) & (B[z] == B[z][c <= budget].max()))  # equal β can differ by an ulp)
                     assert (i, j, w) == (min(ok, key=lambda k: (c[k], k)),) * 2 + (1.0,)
     with pytest.raises(ValueError, match="infeasible"):
-        C.route_one("optimal", np.zeros(2), np.full(2, 0.5), np.array([1.0, 4.0]), 0.5)
+        route.route_one("optimal", np.zeros(2), np.full(2, 0.5), np.array([1.0, 4.0]), 0.5)
 
 
 def test_budget_below_the_cheapest_model_is_a_value_error():
     s, c = np.array([0.2, 0.9]), np.array([1.0, 4.0])
     for budget in (0.5, math.nan):
         with pytest.raises(ValueError, match="infeasible"):
-            C.hull_route(s, c, budget, [0, 1])
+            route.hull_route(s, c, budget, [0, 1])
         with pytest.raises(ValueError, match="infeasible"):
-            C.route_many(s[None], c, budget)
+            route.route_many(s[None], c, budget)
 
 
 def test_win_rates_phi_form_equals_expit_definition():
@@ -1688,8 +1689,8 @@ def test_win_rates_phi_form_equals_expit_definition():
             beta[2] -= 5000  # a large common shift changes nothing
         q = rng.dirichlet(np.ones(M))
         want = np.stack([expit(b[:, None] - b[None, :]) @ q for b in beta])
-        Wq, target = C.win_rates(beta, q, mean_pairs=True)
-        np.testing.assert_allclose(C.win_rates(beta, q), want, rtol=0, atol=1e-14)
+        Wq, target = route.win_rates(beta, q, mean_pairs=True)
+        np.testing.assert_allclose(route.win_rates(beta, q), want, rtol=0, atol=1e-14)
         np.testing.assert_allclose(Wq, want, rtol=0, atol=1e-14)
         a, b = C.all_pairs(M)
         mean = expit(beta[:, a] - beta[:, b]).mean(0)
@@ -1708,9 +1709,9 @@ def test_solve_theta_many_equals_brentq():
     z = np.arange(300)
     R = w * np.array([g(k, beta[k, i[k]]) for k in z]) + (1 - w) * np.array([g(k, beta[k, j[k]]) for k in z])
     bi, bj = beta[z, i], beta[z, j]
-    theta = C.solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj))
+    theta = route.solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj))
     for k in z:
-        assert theta[k] == pytest.approx(C.solve_theta(beta[k], q, R[k]), abs=1e-9)
+        assert theta[k] == pytest.approx(route.solve_theta(beta[k], q, R[k]), abs=1e-9)
         assert min(bi[k], bj[k]) <= theta[k] <= max(bi[k], bj[k])
 
 
@@ -1742,9 +1743,9 @@ def random_preds(N=20, M=6, seed=0):
 def test_budget_is_respected(router):
     beta = random_preds()
     c = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0])
-    Wq = C.win_rates(beta, np.full(6, 1 / 6))
+    Wq = route.win_rates(beta, np.full(6, 1 / 6))
     for budget in (1.0, 1.7, 4.0, 9.5, 13.0):
-        I, J, W = C.route_all(router, beta, Wq, c, budget)
+        I, J, W = route.route_all(router, beta, Wq, c, budget)
         assert (W * c[I] + (1 - W) * c[J] <= budget + 1e-12).all()
         assert ((W >= 0) & (W <= 1)).all()
 
@@ -1753,13 +1754,13 @@ def test_unconstrained_routing_picks_argmax_wq():
     beta = random_preds()
     c = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0])
     q = np.array([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
-    Wq = C.win_rates(beta, q)
+    Wq = route.win_rates(beta, q)
     # Wq by its definition, one prompt at a time
     W0 = expit(beta[0][:, None] - beta[0][None, :])
     assert np.allclose(Wq[0], W0 @ q, atol=1e-15)
     for budget in (math.inf, c.max()):
         for router in ("optimal", "strict"):
-            I, J, W = C.route_all(router, beta, Wq, c, budget)
+            I, J, W = route.route_all(router, beta, Wq, c, budget)
             assert (I == Wq.argmax(1)).all() and (J == I).all() and (W == 1).all()
 
 
@@ -1772,12 +1773,12 @@ def test_theta_round_trips():
         i, j = rng.choice(9, 2, replace=False)
         w = rng.random()
         R = w * g(beta[i]) + (1 - w) * g(beta[j])
-        theta = C.solve_theta(beta, q, R)
+        theta = route.solve_theta(beta, q, R)
         assert g(theta) == pytest.approx(R, abs=1e-12)
         assert min(beta[i], beta[j]) - 1e-9 <= theta <= max(beta[i], beta[j]) + 1e-9
-    assert C.solve_theta(beta, q, g(beta[3])) == pytest.approx(beta[3], abs=1e-10)
+    assert route.solve_theta(beta, q, g(beta[3])) == pytest.approx(beta[3], abs=1e-10)
     # a router better than every model on average: the root lies beyond max β and is still found
-    theta = C.solve_theta(beta, q, 0.5 * (1 + g(beta.max())))
+    theta = route.solve_theta(beta, q, 0.5 * (1 + g(beta.max())))
     assert theta > beta.max() and g(theta) == pytest.approx(0.5 * (1 + g(beta.max())), abs=1e-12)
 
 
@@ -1785,30 +1786,30 @@ def test_averaged_leaderboard_and_router_theta_on_it():
     rng = np.random.default_rng(2)
     base = rng.normal(0, 1, 5)
     shifted = base[None, :] + rng.normal(0, 3, (7, 1))  # per-prompt shifts change no probability
-    averaged = lambda b: C.aggregate(torch.from_numpy(b), None, "bt")[0].numpy()  # what route.py calls
+    averaged = lambda b: AG.aggregate(torch.from_numpy(b), None, "bt")[0].numpy()  # what route.py calls
     assert np.allclose(averaged(shifted), base - base.mean(), atol=1e-9)
     beta = rng.normal(0, 1.5, (40, 5))
     bbar = averaged(beta)
     # uniform q: a router that always picks model m has exactly m's averaged coefficient
     q = np.full(5, 0.2)
-    Wq = C.win_rates(beta, q)
+    Wq = route.win_rates(beta, q)
     for m in range(5):
-        assert C.solve_theta(bbar, q, Wq[:, m].mean()) == pytest.approx(bbar[m], abs=1e-8)
+        assert route.solve_theta(bbar, q, Wq[:, m].mean()) == pytest.approx(bbar[m], abs=1e-8)
 
 # -----------------------------------------------------------------------------
-# route.py --routellm: RouteLLM's benchmark metrics, known answers
+# routellm_eval.py: RouteLLM's benchmark metrics, known answers
 
-STRONG, WEAK = route.STRONG, route.WEAK
+STRONG, WEAK = RL.STRONG, RL.WEAK
 
 
 def test_routellm_metrics_on_a_hand_computed_curve():
     # 4 questions, scores 0.1..0.4: edges 0.1 + 0.03k; strong where score >= edge, none at the top edge
-    x, perf, t = route.threshold_curve(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 1, 1, 0]),
+    x, perf, t = RL.threshold_curve(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 1, 1, 0]),
                                        np.array([0.0, 1, 0, 0]), 100.0)
     assert t == pytest.approx([0.1 + 0.03 * k for k in range(11)])
     assert x.tolist() == [100, 75, 75, 75, 50, 50, 50, 25, 25, 25, 0]
     assert perf.tolist() == [75, 50, 50, 50, 50, 50, 50, 25, 25, 25, 25]
-    m = route.curve_metrics(x, perf, 25.0, 75.0)
+    m = RL.curve_metrics(x, perf, 25.0, 75.0)
     # trapezoids over x/100: 25·.25 + 37.5·.25 + 50·.25 + 62.5·.25 = 43.75; APGR (43.75 − 25) / (75 − 25)
     assert m["auc"] == pytest.approx(43.75) and m["apgr"] == pytest.approx(0.375)
     assert (m["cpt20"], m["cpt50"], m["cpt80"]) == pytest.approx((35.0, 50.0, 90.0))  # targets 35, 50, 65
@@ -1818,11 +1819,11 @@ def test_routellm_metrics_on_a_hand_computed_curve():
 def test_routellm_cpt_is_the_first_crossing_and_none_when_never_reached():
     x, y = np.array([0.0, 30, 60, 100]), np.array([1.0, 2, 5, 9])
     for target in (1.0, 1.5, 4.0, 8.0):  # rising: RouteLLM's np.interp
-        assert route.first_crossing(x, y, target) == pytest.approx(np.interp(target, y, x))
+        assert RL.first_crossing(x, y, target) == pytest.approx(np.interp(target, y, x))
     dip = np.array([0.0, 8, 4, 10])
-    assert route.first_crossing(x, dip, 6.0) == pytest.approx(22.5)  # on the first segment, not after the dip
-    assert route.first_crossing(x, dip, 11.0) is None
-    m = route.curve_metrics(x, dip, 0.0, 20.0)
+    assert RL.first_crossing(x, dip, 6.0) == pytest.approx(22.5)  # on the first segment, not after the dip
+    assert RL.first_crossing(x, dip, 11.0) is None
+    m = RL.curve_metrics(x, dip, 0.0, 20.0)
     assert m["cpt80"] is None
     json.loads(json.dumps(C.finite_or_none(m), allow_nan=False))
 
@@ -1835,8 +1836,8 @@ def test_routellm_p2l_scored_by_the_outcome_gap_reaches_the_oracle():
     weak = np.array([1.0, 1, 0, 1, 0, 1, 0, 0, 0, 0])
     perm = np.random.default_rng(0).permutation(10)
     strong, weak = strong[perm], weak[perm]
-    x, perf, _ = route.threshold_curve(strong - weak, strong, weak, 100.0)
-    oracle = dict(zip(*route.oracle_curve(strong, weak, "correct", 100.0)))
+    x, perf, _ = RL.threshold_curve(strong - weak, strong, weak, 100.0)
+    oracle = dict(zip(*RL.oracle_curve(strong, weak, "correct", 100.0)))
     assert sorted(set(x.tolist())) == [0, 30, 90, 100]
     for xi, p in zip(x, perf):
         assert p == pytest.approx(oracle[xi] if xi < 100 else 60.0)
@@ -1847,11 +1848,11 @@ def test_routellm_reversed_scores_fall_below_random():
     rng = np.random.default_rng(1)
     strong = (rng.random(2000) < 0.8).astype(float)
     weak = (rng.random(2000) < 0.65).astype(float)
-    apgr = lambda s: route.curve_metrics(*route.threshold_curve(s, strong, weak, 100.0)[:2], 100 * weak.mean(),
+    apgr = lambda s: RL.curve_metrics(*RL.threshold_curve(s, strong, weak, 100.0)[:2], 100 * weak.mean(),
                                          100 * strong.mean())["apgr"]
     d = strong - weak
-    rand = route.random_router(strong, weak, 100.0, np.random.default_rng(0), 20)
-    oracle = route.curve_metrics(*route.oracle_curve(strong, weak, "correct", 100.0), 100 * weak.mean(), 100 * strong.mean())
+    rand = RL.random_router(strong, weak, 100.0, np.random.default_rng(0), 20)
+    oracle = RL.curve_metrics(*RL.oracle_curve(strong, weak, "correct", 100.0), 100 * weak.mean(), 100 * strong.mean())
     assert apgr(-d) < 0.5 < apgr(d) <= oracle["apgr"]
     assert rand["apgr"] == pytest.approx(0.5, abs=0.03) and rand["draws"] == 20
 
@@ -1903,7 +1904,7 @@ COVERED = ["m0", "m1", "m3", "g0", "g1", "g2", "a1", "b1"]  # no contaminated qu
 
 def run_routellm(tmp_path, rl, pdir, *extra):
     out = tmp_path / "out"
-    route.main(["--preds", pdir, "--routellm", str(rl), "--out", str(out), *extra])
+    RL.main(["--preds", pdir, "--data", str(rl), "--out", str(out), *extra])
     return json.loads((out / "routellm.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
 
 
@@ -1916,11 +1917,11 @@ def test_routellm_drops_contaminated_and_a_missing_question_is_an_error(tmp_path
     assert (tmp_path / "out/routellm.png").exists() and "MT-bench" in capsys.readouterr().out
     without_m3 = routellm_preds(tmp_path, [p for p in COVERED if p != "m3"], name="p2")
     with pytest.raises(SystemExit, match=r"mmlu\.jsonl\.gz:4: question not in --preds .*1 of 3 missing"):
-        route.main(["--preds", without_m3, "--routellm", str(rl), "--out", str(tmp_path / "o2")])
+        RL.main(["--preds", without_m3, "--data", str(rl), "--out", str(tmp_path / "o2")])
     res = run_routellm(tmp_path, rl, without_m3, "--covered-only")
     assert (res["benchmarks"]["mmlu"]["questions"], res["benchmarks"]["mmlu"]["without_predictions"]) == (2, 1)
     with pytest.raises(SystemExit, match=f"no coefficients for {WEAK}"):
-        route.main(["--preds", routellm_preds(tmp_path, COVERED, (STRONG, "other"), "p3"), "--routellm", str(rl),
+        RL.main(["--preds", routellm_preds(tmp_path, COVERED, (STRONG, "other"), "p3"), "--data", str(rl),
                     "--out", str(tmp_path / "o3")])
 
 
@@ -2016,7 +2017,7 @@ def test_cli_routes_and_is_reproducible(preds, capsys):
     routes = [json.loads(line) for line in (d / "a/routes.jsonl").read_text().splitlines()]
     assert len(routes) == 6 and "optimal router" in capsys.readouterr().out
     beta = random_preds(6, 4, seed=3).astype(np.float32).astype(np.float64)
-    Wq = C.win_rates(beta, np.full(4, 0.25))
+    Wq = route.win_rates(beta, np.full(4, 0.25))
     for z, row in enumerate(routes):
         assert abs(sum(row["pi"].values()) - 1) < 1e-6 and row["model"] in row["pi"]
         assert row["expected_cost"] <= 4 + 1e-9
@@ -2066,9 +2067,9 @@ def test_best_single_model_theta_uses_the_opponent_distribution(preds):
     best = json.loads((d / "q/metrics.json").read_text())["best_single_model"]
     beta = random_preds(6, 4, seed=3).astype(np.float32).astype(np.float64)
     q = np.array([8, 1, 0.5, 0.5]) / 10
-    bbar = C.aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()
+    bbar = AG.aggregate(torch.from_numpy(beta), None, "bt")[0].numpy()
     m = MODELS.index(best["model"])
-    assert best["win_rate"] == pytest.approx(C.win_rates(beta, q)[:, m].mean(), abs=1e-12)
+    assert best["win_rate"] == pytest.approx(route.win_rates(beta, q)[:, m].mean(), abs=1e-12)
     g = lambda t: q @ expit(t - bbar)
     assert g(best["theta"]) == pytest.approx(best["win_rate"], abs=1e-12)
     assert abs(best["theta"] - bbar[m]) > 1e-3 and best["rating"] == pytest.approx(C.rating(best["theta"]))
