@@ -11,6 +11,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,16 +36,6 @@ def rating(beta):
 
 # -----------------------------------------------------------------------------
 # battles: one vote per JSONL line (docs/design.md §3), also the public Arena column forms
-
-def open_text(path):
-    """A text file, gunzipped on the fly when its name ends in .gz; a UTF-8 byte-order mark (as
-    Windows tools write) is skipped. A directory or an unreadable file is a ValueError naming it."""
-    if Path(path).is_dir():
-        raise ValueError(f"{path}: is a directory, expected a file")
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
-
 
 def parse_turns(row, where):
     """The user turns of a row: `prompt` (a string or a list of strings) or, in the Arena form,
@@ -113,17 +105,45 @@ def _parse_battle(row, where):
             "category": row.get("category"), "id": row.get("id", where), "where": where}
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800..\udfff in JSON text: maybe a lone surrogate
+
+
+def _lone_surrogate(x):
+    """True if a parsed JSON value holds a string that is not valid Unicode (a lone UTF-16
+    surrogate such as "\\ud800": half of an emoji a client cut in two). JSON lets it through; the
+    tokenizer raises a TypeError on it and UTF-8 cannot encode it."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
+    if isinstance(x, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in x.items())
+    return isinstance(x, list) and any(_lone_surrogate(v) for v in x)
+
+
 def read_jsonl(path, keep_blank=False):
     """Yield (where, row) for each non-blank line of a JSONL(.gz) file, where = "path:line"; a line
-    that is not a JSON object, a truncated or corrupt .gz, bytes that are not UTF-8, or a path that
-    is not a readable file raise ValueError naming the file (and line). keep_blank: blank lines
-    yield row None."""
+    that is not a JSON object, a string that is not valid Unicode (a lone surrogate), a truncated or
+    corrupt .gz, bytes that are not UTF-8, or a path that is not a readable file raise ValueError
+    naming the file (and line). keep_blank: blank lines yield row None. Lines are read as bytes and
+    decoded one by one, so a bad byte is reported at its own line (a text-mode reader decodes ahead
+    in 8 KB blocks, and its error came lines early); a UTF-8 byte-order mark is skipped."""
     import zlib
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory, expected a file")
     lineno = 0
     try:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
+                if lineno == 1 and line.startswith("\ufeff"):
+                    line = line[1:]
                 if not line.strip():
                     if keep_blank:
                         yield where, None
@@ -134,11 +154,12 @@ def read_jsonl(path, keep_blank=False):
                     raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                if _SURROGATE_ESCAPE.search(line) and _lone_surrogate(row):
+                    raise ValueError(f"{where}: a string holds a lone UTF-16 surrogate (e.g. \"\\ud800\", half of an "
+                                     "emoji cut in two): not valid Unicode text; fix or drop the line")
                 yield where, row
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise ValueError(f"{path}:{lineno + 1}: truncated or corrupt gzip file ({e or type(e).__name__})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -510,7 +531,7 @@ def collate(seqs, pad_id):
 # shared between ranks through the OS page cache and read on demand (a rank holds its batches,
 # not the dataset); Arrow/HF datasets would add a dependency for the same two arrays.
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json holds a checksum of the arrays (caches of version 1 are rebuilt under a new key)
 _ENC = None  # (tok, max_len, pooling, cls_id) in a worker process
 
 
@@ -529,16 +550,48 @@ def tokenizer_digest(tok):
     return h.hexdigest()
 
 
+def cache_checksum(d):
+    """blake2b of tokens.bin and offsets.npy: ids that are in range but not the ones built (a
+    disk or copy error, an edited file) are caught too, not only a broken layout."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("tokens.bin", "offsets.npy"):
+        with open(Path(d) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 class TokenCache:
-    """Read side of a built cache: len(c), c[i] (int32 numpy view of prompt i's ids), c.lengths."""
-    def __init__(self, d):
+    """Read side of a built cache: len(c), c[i] (int32 numpy view of prompt i's ids), c.lengths.
+    Opening checks it whole (meta.json, the offsets, the size of tokens.bin, the checksum, and ids
+    below vocab_size when given): a damaged cache is a ValueError naming its directory and saying
+    to delete it (the next run rebuilds it), not a crash or silently wrong ids mid-training."""
+    def __init__(self, d, vocab_size=None):
         self.dir = Path(d)
-        self.meta = json.loads((self.dir / "meta.json").read_text())
-        self.offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
-        n_tok = int(self.offsets[-1])
+        try:
+            self.meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
+            if not isinstance(self.meta, dict) or not all(isinstance(self.meta.get(k), int) for k in ("prompts", "tokens")):
+                raise ValueError("meta.json lacks its prompt and token counts")
+            self.offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
+        except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:  # missing, empty, truncated, not JSON / .npy
+            raise self._corrupt(e) from None
+        n_tok, off = self.meta["tokens"], self.offsets
+        if off.dtype != np.int64 or off.shape != (self.meta["prompts"] + 1,) or off[0] != 0 or off[-1] != n_tok \
+                or (np.diff(off) < 0).any():
+            raise self._corrupt(f"offsets.npy does not fit meta.json ({self.meta['prompts']} prompts, {n_tok} tokens)")
+        size = (self.dir / "tokens.bin").stat().st_size if (self.dir / "tokens.bin").exists() else -1
+        if size != 4 * n_tok:
+            raise self._corrupt(f"tokens.bin has {size} bytes, meta.json says {n_tok} int32 tokens")
+        if cache_checksum(self.dir) != self.meta.get("checksum"):
+            raise self._corrupt("tokens.bin / offsets.npy do not match the checksum in meta.json")
         self.tokens = (np.memmap(self.dir / "tokens.bin", dtype=np.int32, mode="r", shape=(n_tok,)) if n_tok
                        else np.zeros(0, dtype=np.int32))
+        if n_tok and vocab_size is not None and not (0 <= self.tokens.min() and self.tokens.max() < vocab_size):
+            raise self._corrupt(f"token ids outside the tokenizer's vocabulary of {vocab_size}")
         self.lengths = np.diff(self.offsets).astype(np.int32)
+
+    def _corrupt(self, why):
+        return ValueError(f"token cache {self.dir}: {why}: the cache is damaged; delete {self.dir} and rerun to rebuild it")
 
     def __len__(self):
         return len(self.lengths)
@@ -583,12 +636,12 @@ def token_cache(path, tok, max_len, pooling, cls_id=None, workers=None, rank=0, 
     key = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=12).hexdigest()
     d = Path(root or cache_root()) / key
     if (d / "meta.json").exists():
-        return TokenCache(d)
+        return TokenCache(d, len(tok))
     if rank != 0:
         import time
         while not (d / "meta.json").exists():  # no collective: a long build must not hit a barrier timeout
             time.sleep(1.0)
-        return TokenCache(d)
+        return TokenCache(d, len(tok))
     import time
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
@@ -623,7 +676,7 @@ def token_cache(path, tok, max_len, pooling, cls_id=None, workers=None, rank=0, 
     np.save(tmp / "offsets.npy", off)
     secs = time.perf_counter() - t0
     meta = dict(fields, path=str(path), prompts=len(off) - 1, tokens=n_tok, seconds=round(secs, 2),
-                tokens_per_s=round(n_tok / max(secs, 1e-9)), workers=workers)
+                tokens_per_s=round(n_tok / max(secs, 1e-9)), workers=workers, checksum=cache_checksum(tmp))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     try:
         os.rename(tmp, d)
@@ -632,7 +685,7 @@ def token_cache(path, tok, max_len, pooling, cls_id=None, workers=None, rank=0, 
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"token cache: {meta['prompts']} prompts, {n_tok} tokens in {secs:.1f} s ({meta['tokens_per_s']} tokens/s, "
         f"{workers} workers) -> {d}")
-    return TokenCache(d)
+    return TokenCache(d, len(tok))
 
 # -----------------------------------------------------------------------------
 # batches: a fixed number of prompts, or a token budget filled by length-grouped sampling
@@ -1082,6 +1135,10 @@ def load_checkpoint(path, loss=None, dtype=torch.float32, max_len=None):
     if not p2l.get("max_len"):
         p2l["max_len"] = max_len or backbone_max_len(config, tok)
     state = _read_safetensors(path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # else every prediction is NaN and a later solver reports a baffling "did not converge"
+        raise ValueError(f"{path}/model.safetensors: non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. "
+                         f"{', '.join(bad[:3])}: the training that wrote it diverged")
     backbone = AutoModel.from_config(config, dtype=dtype)
     model = P2LModel(backbone, p2l)
     try:
@@ -1105,54 +1162,116 @@ def check_device(device, flag="--device"):
         raise ValueError(f"{flag} {device}: expected cpu, cuda, cuda:N or mps")
 
 
+def checkpoint_fingerprint(ckpt):
+    """A cheap identity of a checkpoint that survives moving it: blake2b of its JSON files (config,
+    model list, marginal) and of each weight file's size, header and first and last 4 MiB (a
+    full hash of a 7B model would take a minute). Another training run, even of the same recipe
+    with another seed, changes the weights there (the safetensors header holds their offsets)."""
+    ckpt, h = Path(ckpt), hashlib.blake2b(digest_size=16)
+    for name in ("config.json", "model_list.json", "marginal.json"):
+        h.update(name.encode() + ((ckpt / name).read_bytes() if (ckpt / name).is_file() else b"-"))
+    for f in sorted(ckpt.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as g:
+            h.update(f"{f.name}:{size}".encode() + g.read(4 << 20))
+            g.seek(max(0, size - (4 << 20)))
+            h.update(g.read())
+    return h.hexdigest()
+
+
+def _write_safetensors(path, tensors, metadata):
+    """The safetensors format (8-byte header length, JSON header, raw little-endian data) written
+    here rather than by the library, which writes its metadata in a per-process random order: the
+    same predictions must be the same bytes, or their sha256 (metrics.json's predictions_sha256)
+    cannot say "same predictions". Float32 tensors, in name order."""
+    header, arrays, off = {"__metadata__": metadata}, [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name].detach().cpu().float().numpy(), dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        arrays.append(a)
+        off += a.nbytes
+    h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned, as the library pads it
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for a in arrays:
+            f.write(memoryview(a.reshape(-1)).cast("B"))
+
+
+def _jsonl_digest(data):
+    """sha256 of predictions.jsonl's bytes, trailing blank lines aside (a reader allows them)."""
+    return hashlib.sha256(data.rstrip()).hexdigest()
+
+
 def save_predictions(out, beta, eta, model_list, rows, loss=None, checkpoint=None):
     """Per-prompt coefficients: predictions.safetensors holds beta [N, M] (and eta [N]) and, in its
-    metadata, the model list, the loss of the head that produced them and its checkpoint, so the file
-    says how to read itself; predictions.jsonl holds one metadata row per prompt (prompt, id,
-    category, ...), line i describing beta[i]."""
-    from safetensors.torch import save_file
+    metadata, the model list, the loss of the head that produced them, its checkpoint (path and
+    checkpoint_fingerprint), and the sha256 of predictions.jsonl, which holds one metadata row per
+    prompt (prompt, id, category, ...), line i describing beta[i]: the two files are bound, so a
+    .jsonl of another run beside them is refused (load_predictions). Deterministic bytes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"beta": beta.float().contiguous()}
-    if eta is not None:
-        tensors["eta"] = eta.float().contiguous()
-    meta = {"model_list": json.dumps(model_list)}
+    tensors = {"beta": beta} if eta is None else {"beta": beta, "eta": eta}
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    meta = {"model_list": json.dumps(model_list), "rows": str(len(rows)), "jsonl_sha256": _jsonl_digest(text)}
     if loss is not None:
         meta["loss"] = loss
     if checkpoint is not None:
         meta["checkpoint"] = os.path.abspath(checkpoint)
+        meta["checkpoint_fingerprint"] = checkpoint_fingerprint(checkpoint)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".predictions.")
     os.close(fd)
-    save_file(tensors, tmp, metadata=meta)
+    _write_safetensors(tmp, tensors, meta)
     os.chmod(tmp, 0o644)
-    atomic_write(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write(out / "predictions.jsonl", text)
     os.replace(tmp, out / "predictions.safetensors")
 
 
-def predictions_meta(path):
-    """The metadata of predictions.safetensors: model_list (a list), and loss and checkpoint when the
-    writer recorded them (files from before they were recorded have neither)."""
+def _open_predictions(f):
+    """safe_open on predictions.safetensors, a truncated or corrupt file a ValueError naming it."""
     from safetensors import safe_open
-    f = Path(path) / "predictions.safetensors"
     if not f.exists():
-        raise ValueError(f"{path}: no predictions.safetensors")
-    with safe_open(f, "pt") as g:
+        raise ValueError(f"{f.parent}: no predictions.safetensors")
+    try:
+        return safe_open(f, "pt")
+    except Exception as e:  # safetensors' own error type: a header cut short, data past the end
+        raise ValueError(f"{f}: cannot read it, truncated or corrupt ({e})") from None
+
+
+def predictions_meta(path):
+    """The metadata of predictions.safetensors: model_list (a list), and loss, checkpoint,
+    checkpoint_fingerprint, jsonl_sha256 when the writer recorded them (older files and other
+    tools' files may have none of them)."""
+    f = Path(path) / "predictions.safetensors"
+    with _open_predictions(f) as g:
         meta = dict(g.metadata() or {})
     if "model_list" not in meta:
         raise ValueError(f"{f}: no model_list in its metadata (not written by save_predictions)")
-    meta["model_list"] = json.loads(meta["model_list"])
+    try:
+        meta["model_list"] = json.loads(meta["model_list"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: its model_list metadata is not JSON ({e.msg})") from None
     return meta
 
 
 def load_predictions(path):
     """Returns (beta [N, M], eta [N] or None, model_list, rows). Line i of predictions.jsonl is row i
-    (trailing blank lines are allowed, others would shift the rows); a bad line is named file:line."""
-    from safetensors import safe_open
+    (trailing blank lines are allowed, others would shift the rows); a bad line is named file:line;
+    a predictions.jsonl other than the one written with the .safetensors (its sha256 is in the
+    metadata) is refused. Files without that record (older ones, or a user's own β matrix in the
+    documented format) are read with a note on stderr that the pairing could not be checked."""
     path = Path(path)
-    model_list = predictions_meta(path)["model_list"]
-    with safe_open(path / "predictions.safetensors", "pt") as f:
-        beta = f.get_tensor("beta")
-        eta = f.get_tensor("eta") if "eta" in f.keys() else None
+    f = path / "predictions.safetensors"
+    meta = predictions_meta(path)
+    model_list = meta["model_list"]
+    try:
+        with _open_predictions(f) as g:
+            beta = g.get_tensor("beta")
+            eta = g.get_tensor("eta") if "eta" in g.keys() else None
+    except ValueError:
+        raise
+    except Exception as e:  # no beta, or data the header promises but the file lacks
+        raise ValueError(f"{f}: cannot read its tensors, truncated or corrupt ({e})") from None
     jl = path / "predictions.jsonl"
     if not jl.exists():
         raise ValueError(f"{path}: no predictions.jsonl")
@@ -1164,9 +1283,16 @@ def load_predictions(path):
             raise ValueError(f"{blank}: blank line before the last row (line i describes beta[i])")
         else:
             rows.append(row)
-    if len(rows) != beta.shape[0] or beta.shape[1] != len(model_list):
+    if beta.ndim != 2 or len(rows) != beta.shape[0] or beta.shape[1] != len(model_list) or \
+            (eta is not None and tuple(eta.shape) != (beta.shape[0],)):
         raise ValueError(f"{path}: predictions.jsonl has {len(rows)} rows, predictions.safetensors {tuple(beta.shape)} "
                          f"for {len(model_list)} models")
+    if "jsonl_sha256" not in meta:
+        print(f"note: {f} records no digest of predictions.jsonl (an older writer, or another tool): "
+              "could not check that the two files belong together", file=sys.stderr)
+    elif _jsonl_digest(jl.read_bytes()) != meta["jsonl_sha256"]:
+        raise ValueError(f"{jl} is not the file written with {f.name} (its sha256 differs from the one recorded there): "
+                         "the rows would describe another run's coefficients; keep the two files of one run together")
     return beta, eta, model_list, rows
 
 

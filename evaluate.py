@@ -33,6 +33,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,9 @@ from scipy import stats
 from aggregate import aggregate
 from common import (
     A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, autodetect_device, batch_nll,
-    cat_pairs, check_device, check_out, checkpoint_config, dist_env, fit_marginal, group_by_prompt, load_checkpoint,
-    load_predictions, outcome_logprobs, pair_nll, paired_bootstrap, predict_prompts, prompt_key, read_battles,
-    read_marginal, save_predictions, sha256_file, write_json,
+    cat_pairs, check_device, check_out, checkpoint_config, checkpoint_fingerprint, dist_env, fit_marginal, group_by_prompt,
+    load_checkpoint, load_predictions, outcome_logprobs, pair_nll, paired_bootstrap, predict_prompts, predictions_meta,
+    prompt_key, read_battles, read_marginal, save_predictions, sha256_file, write_json,
 )
 
 
@@ -163,9 +164,57 @@ def parse_args(argv):
     return args
 
 
+class Inputs(NamedTuple):
+    """What read_inputs checked: the held-out votes, the outcome model, the model list (the
+    checkpoint's, or --preds'), the baselines' sources, and --preds' (beta, eta, model_list, rows)."""
+    battles: list
+    loss: str
+    model_list: list
+    unknown: Counter  # votes' models the checkpoint does not know -> count
+    mj: Optional[dict]  # marginal.json when it is usable as the marginal baseline as it stands
+    train_path: str
+    train: Optional[list]  # the training votes, when a baseline has to be fitted on them
+    preds: Optional[tuple]
+
+    @property
+    def head(self):
+        return HEAD_OF_LOSS[self.loss]
+
+    @property
+    def index(self):
+        return {m: i for i, m in enumerate(self.model_list)}
+
+
+def read_preds(args, ck_models):
+    """--preds' (beta, eta, model_list, rows), refused when they come from another checkpoint than
+    --checkpoint: another model list, or another checkpoint_fingerprint than the one they record
+    (the baselines would then belong to another model and the comparison would be meaningless)."""
+    try:
+        preds, meta = load_predictions(args.preds), predictions_meta(args.preds)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: --preds {args.preds}: {e}")
+    if not args.checkpoint:
+        return preds
+    if ck_models is not None and preds[2] != ck_models:
+        diff = sorted(set(preds[2]) ^ set(ck_models))
+        sys.exit(f"error: --preds {args.preds} were made for {len(preds[2])} models, --checkpoint {args.checkpoint} lists "
+                 f"{len(ck_models)} ({'e.g. ' + repr(diff[0]) + ' in one only' if diff else 'in another order'}): "
+                 "predictions of another checkpoint; rerun evaluate.py --checkpoint without --preds")
+    if "checkpoint_fingerprint" in meta:
+        if meta["checkpoint_fingerprint"] != checkpoint_fingerprint(args.checkpoint):
+            sys.exit(f"error: --preds {args.preds} were made by the checkpoint {meta['checkpoint']}, and --checkpoint "
+                     f"{args.checkpoint} is another one (its files differ): its baselines do not belong to these "
+                     "predictions; pass that checkpoint, or rerun evaluate.py --checkpoint without --preds")
+    else:
+        print(f"note: --preds {args.preds} record no checkpoint fingerprint"
+              f"{' (made by ' + meta['checkpoint'] + ')' if 'checkpoint' in meta else ''}: could not check that "
+              f"--checkpoint {args.checkpoint} made them")
+    return preds
+
+
 def read_inputs(args):
     """Everything that can be wrong with the inputs fails here: before the (slow) model load, any
-    forward pass, or anything written. Returns a dict of what the later steps need."""
+    forward pass, or anything written."""
     try:
         battles = read_battles(args.data)
     except (ValueError, FileNotFoundError) as e:
@@ -175,17 +224,10 @@ def read_inputs(args):
     if loss not in LOSSES:
         sys.exit(f"error: {args.checkpoint or args.preds}: no loss recorded (the authors' released layout does not say): "
                  f"pass --loss ({'|'.join(LOSSES)})")
-    preds = None
-    if args.preds:
-        try:
-            preds = load_predictions(args.preds)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            sys.exit(f"error: --preds {args.preds}: {e}")
-        model_list = preds[2]
-    elif ck_models is None:
+    preds = read_preds(args, ck_models) if args.preds else None
+    if preds is None and ck_models is None:
         sys.exit(f"error: --checkpoint {args.checkpoint}: no model list (config.json p2l.model_list or model_list.json)")
-    else:
-        model_list = ck_models
+    model_list = preds[2] if preds else ck_models
     index = {m: i for i, m in enumerate(model_list)}
     unknown = Counter(m for b in battles for m in (b["model_a"], b["model_b"]) if m not in index)
     if unknown and args.strict:
@@ -212,13 +254,32 @@ def read_inputs(args):
             train = read_battles(train_path)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
-    return dict(battles=battles, loss=loss, head=HEAD_OF_LOSS[loss], model_list=model_list, index=index, M=len(model_list),
-                unknown=unknown, mj=mj if use_mj else None, train_path=train_path, train=train, preds=preds)
+    return Inputs(battles, loss, model_list, unknown, mj if use_mj else None, train_path, train, preds)
 
 
-def group_votes(args, ctx):
+class Votes(NamedTuple):
+    """The held-out votes grouped by prompt: keys[i] / prompts[i] is prompt i (first-seen order);
+    pairs holds every kept vote with pairs["row"] its prompt; vote_cat the category of each."""
+    keys: list
+    prompts: list
+    by_prompt: dict  # prompt key -> its battles
+    pairs_list: list  # per kept prompt, group_by_prompt's pairs (the vote fit takes them as they are)
+    pairs: dict
+    vote_cat: list
+    n_skipped: int
+
+    @property
+    def P(self):
+        return len(self.keys)
+
+    @property
+    def n_votes(self):
+        return len(self.vote_cat)
+
+
+def group_votes(args, inp):
     """Votes grouped by prompt; every unique prompt gets a prediction, even one whose votes were all skipped."""
-    battles, index, loss = ctx["battles"], ctx["index"], ctx["loss"]
+    battles, index, loss = inp.battles, inp.index, inp.loss
     keys = list(dict.fromkeys(prompt_key(b["prompt"]) for b in battles))
     pos = {k: i for i, k in enumerate(keys)}
     by_prompt = {}
@@ -234,50 +295,46 @@ def group_votes(args, ctx):
                 if b["model_a"] in index and b["model_b"] in index]
     if pairs["w"].sum() == 0:
         sys.exit(f"error: {args.data}: no vote carries weight (plain bt drops hard-label ties): try --loss bt-tie")
-    ctx.update(keys=keys, prompts=[json.loads(k) for k in keys], by_prompt=by_prompt, pairs_list=pairs_list, pairs=pairs,
-               vote_cat=vote_cat, n_skipped=n_skipped, P=len(keys), n_votes=len(vote_cat))
     print(f"{args.data}: {len(vote_cat)} votes on {len(keys)} prompts, {n_skipped} skipped (unknown model: "
-          f"{', '.join(f'{m} ×{c}' for m, c in ctx['unknown'].most_common(5)) or 'none'}); {ctx['M']} models, loss {loss}")
+          f"{', '.join(f'{m} ×{c}' for m, c in inp.unknown.most_common(5)) or 'none'}); {len(inp.model_list)} models, loss {loss}")
+    return Votes(keys, [json.loads(k) for k in keys], by_prompt, pairs_list, pairs, vote_cat, n_skipped)
 
 
-def reused_predictions(args, ctx):
+def reused_predictions(args, inp, votes):
     """(beta [P, M], eta [P] or None) for the prompts of --data, from --preds."""
-    keys, P, head = ctx["keys"], ctx["P"], ctx["head"]
-    if True:
-        pred_beta, pred_eta, _, pred_rows = ctx["preds"]
-        where = {prompt_key(r["prompt"]): i for i, r in enumerate(pred_rows)}
-        missing = [k for k in keys if k not in where]
-        if missing:
-            b = next(b for b in ctx["battles"] if prompt_key(b["prompt"]) == missing[0])
-            sys.exit(f"error: {b['where']}: prompt not in --preds {args.preds} ({len(missing)} of {P} prompts missing)")
-        take = torch.tensor([where[k] for k in keys])
-        beta, eta = pred_beta[take], (pred_eta[take] if pred_eta is not None else None)
-        if (eta is None) != (head == "bt"):
-            sys.exit(f"error: --preds {args.preds} {'has no' if eta is None else 'has an'} eta but the loss is {ctx['loss']}")
-        return beta, eta
+    pred_beta, pred_eta, _, pred_rows = inp.preds
+    where = {prompt_key(r["prompt"]): i for i, r in enumerate(pred_rows)}
+    missing = [k for k in votes.keys if k not in where]
+    if missing:
+        b = next(b for b in inp.battles if prompt_key(b["prompt"]) == missing[0])
+        sys.exit(f"error: {b['where']}: prompt not in --preds {args.preds} ({len(missing)} of {votes.P} prompts missing)")
+    take = torch.tensor([where[k] for k in votes.keys])
+    beta, eta = pred_beta[take], (pred_eta[take] if pred_eta is not None else None)
+    if (eta is None) != (inp.head == "bt"):
+        sys.exit(f"error: --preds {args.preds} {'has no' if eta is None else 'has an'} eta but the loss is {inp.loss}")
+    return beta, eta
 
 
-def load_model(args, ctx):
+def load_model(args, inp):
     try:
-        return load_checkpoint(args.checkpoint, ctx["loss"], max_len=args.max_len)
+        return load_checkpoint(args.checkpoint, inp.loss, max_len=args.max_len)
     except (ValueError, OSError) as e:
         sys.exit(f"error: --checkpoint {args.checkpoint}: {e}")
 
 
-def predictions(args, ctx, model, tok):
+def predictions(args, votes, model, tok):
     """(beta [P, M], eta [P] or None, rows): one forward per unique prompt, batched by length."""
-    keys = ctx["keys"]
     # under torchrun each rank runs every N-th prompt into a shard in --out; rank 0 merges them and
     # carries on alone (it alone holds --out's lock and writes the outputs)
-    res = predict_prompts(model, tok, ctx["prompts"], args.out, args.batch_size, args.device,
-                            torch.bfloat16 if args.dtype == "bf16" else None, args.max_tokens)
+    res = predict_prompts(model, tok, votes.prompts, args.out, args.batch_size, args.device,
+                          torch.bfloat16 if args.dtype == "bf16" else None, args.max_tokens)
     if res is None:
         sys.exit(0)
     beta, eta = res
     rows = []
-    for k, t in zip(keys, ctx["prompts"]):
-        cats = sorted({str(b["category"]) for b in ctx["by_prompt"][k] if b["category"] is not None})
-        row = {"prompt": t, "prompt_id": hashlib.sha1(k.encode()).hexdigest()[:12], "ids": [b["id"] for b in ctx["by_prompt"][k]]}
+    for k, t in zip(votes.keys, votes.prompts):
+        cats = sorted({str(b["category"]) for b in votes.by_prompt[k] if b["category"] is not None})
+        row = {"prompt": t, "prompt_id": hashlib.sha1(k.encode()).hexdigest()[:12], "ids": [b["id"] for b in votes.by_prompt[k]]}
         if cats:
             row["category"] = cats[0] if len(cats) == 1 else cats
         rows.append(row)
@@ -286,26 +343,40 @@ def predictions(args, ctx, model, tok):
     return beta, eta, rows
 
 
-def baselines(ctx):
+class Baselines(NamedTuple):
+    """The leaderboards P2L is compared with: marginal (mbeta, meta), per category (row 0 the
+    marginal, row 1 + i categories[i]; fallback: categories without training votes), uniform."""
+    mbeta: torch.Tensor
+    meta: torch.Tensor
+    categories: list
+    cat_beta: list
+    cat_eta: list
+    fallback: list
+    ubeta: torch.Tensor
+    ueta: torch.Tensor
+    notes: list
+
+
+def baselines(inp, votes):
     """The marginal, per-category and uniform leaderboards, fitted on the training votes (or marginal.json)."""
-    loss, M, index, head = ctx["loss"], ctx["M"], ctx["index"], ctx["head"]
+    loss, M, index, head = inp.loss, len(inp.model_list), inp.index, inp.head
 
     def train_pairs(category=None):  # the training votes (all, or one category's) grouped for the loss; None if none weigh
-        tb = [b for b in ctx["train"] if category is None or b["category"] == category]
+        tb = [b for b in inp.train if category is None or b["category"] == category]
         _, tp, _ = group_by_prompt(tb, index, loss)
         return tp if tp and sum(t["w"].sum().item() for t in tp) > 0 else None
 
-    notes, mj = [], ctx["mj"]
+    notes, mj = [], inp.mj
     if mj is not None:
-        mbeta = torch.tensor(mj["beta"], dtype=torch.float64)[[mj["model_list"].index(m) for m in ctx["model_list"]]]
+        mbeta = torch.tensor(mj["beta"], dtype=torch.float64)[[mj["model_list"].index(m) for m in inp.model_list]]
         meta = torch.tensor(float(mj["eta"]), dtype=torch.float64)
     else:  # no marginal.json, another loss, or other models: refit on the training votes
-        notes.append(f"marginal refitted on {ctx['train_path']} for loss {loss}")
+        notes.append(f"marginal refitted on {inp.train_path} for loss {loss}")
         tp = train_pairs()
         if tp is None:
-            sys.exit(f"error: {ctx['train_path']}: no training votes between models the checkpoint knows")
+            sys.exit(f"error: {inp.train_path}: no training votes between models the checkpoint knows")
         mbeta, meta = (t.double() for t in fit_marginal(tp, M, loss))
-    categories = sorted({c for c in ctx["vote_cat"] if c is not None}, key=str)
+    categories = sorted({c for c in votes.vote_cat if c is not None}, key=str)
     cat_beta, cat_eta, fallback = [mbeta], [meta], []  # row 0: the marginal, for votes without a category
     for c in categories:
         tp = train_pairs(c)
@@ -323,27 +394,26 @@ def baselines(ctx):
     if head != "bt":
         tp = train_pairs()
         if tp is None:
-            sys.exit(f"error: {ctx['train_path']}: no training votes between models the checkpoint knows")
+            sys.exit(f"error: {inp.train_path}: no training votes between models the checkpoint knows")
         ubeta, ueta = fit_uniform(tp, M, loss)
     else:
         ubeta, ueta = torch.zeros(M, dtype=torch.float64), torch.tensor(0.0)
-    return dict(mbeta=mbeta, meta=meta, categories=categories, cat_beta=cat_beta, cat_eta=cat_eta, fallback=fallback,
-                ubeta=ubeta, ueta=ueta, notes=notes)
+    return Baselines(mbeta, meta, categories, cat_beta, cat_eta, fallback, ubeta, ueta, notes)
 
 
-def score(args, ctx, beta, eta, base):
+def score(args, inp, votes, beta, eta, base):
     """Every metric of the docstring, the paired bootstrap CI and the leaderboard agreement."""
-    loss, head, pairs, P, M = ctx["loss"], ctx["head"], ctx["pairs"], ctx["P"], ctx["M"]
+    loss, head, pairs, P, M = inp.loss, inp.head, votes.pairs, votes.P, len(inp.model_list)
     eta1 = (lambda e: e.reshape(1)) if head != "bt" else (lambda e: None)  # one leaderboard's eta as a 1-row tensor
-    zero = torch.zeros(ctx["n_votes"], dtype=torch.long)
+    zero = torch.zeros(votes.n_votes, dtype=torch.long)
     p2l, p2l_pp = vote_metrics(beta, eta, pairs["row"], pairs, loss, P)
-    marg, marg_pp = vote_metrics(base["mbeta"][None], eta1(base["meta"]), zero, pairs, loss, P)
+    marg, marg_pp = vote_metrics(base.mbeta[None], eta1(base.meta), zero, pairs, loss, P)
     results = {"p2l": p2l, "marginal": marg, "category": None}
-    if base["categories"]:
-        cat_row = torch.tensor([0 if c is None else 1 + base["categories"].index(c) for c in ctx["vote_cat"]])
-        results["category"] = vote_metrics(torch.stack(base["cat_beta"]), torch.stack(base["cat_eta"]) if head != "bt" else None,
+    if base.categories:
+        cat_row = torch.tensor([0 if c is None else 1 + base.categories.index(c) for c in votes.vote_cat])
+        results["category"] = vote_metrics(torch.stack(base.cat_beta), torch.stack(base.cat_eta) if head != "bt" else None,
                                            cat_row, pairs, loss, P)[0]
-    results["uniform"] = vote_metrics(base["ubeta"][None], eta1(base["ueta"]), zero, pairs, loss, P)[0]
+    results["uniform"] = vote_metrics(base.ubeta[None], eta1(base.ueta), zero, pairs, loss, P)[0]
     # paired bootstrap over prompts: resample prompts with replacement, NLL = Σ weighted NLL / Σ weight of the resample
     w_pp = torch.zeros(P, dtype=torch.float64).index_add_(0, pairs["row"], pairs["w"])
     live = w_pp > 0  # prompts whose votes all weigh 0 (or were skipped) say nothing
@@ -354,20 +424,20 @@ def score(args, ctx, beta, eta, base):
     # leaderboard agreement: the aggregated P2L leaderboard on these prompts (each prompt weighted by its votes, so
     # both leaderboards average over the same prompts) vs a leaderboard fitted to these votes
     agg_beta, agg_eta = aggregate(beta[live], eta[live] if eta is not None else None, loss, weights=w_pp[live])
-    vbeta, veta = fit_marginal(ctx["pairs_list"], M, loss)
+    vbeta, veta = fit_marginal(votes.pairs_list, M, loss)
     seen = torch.zeros(M, dtype=torch.bool)
     seen[pairs["a"][pairs["w"] > 0]] = True
     seen[pairs["b"][pairs["w"] > 0]] = True  # a model with no votes here has only the ridge's 0 in the vote fit: left out
     board = {"n_models": int(seen.sum()),
              "p2l": agreement(agg_beta, agg_eta, vbeta, veta, seen, head),
-             "marginal": agreement(base["mbeta"], base["meta"], vbeta, veta, seen, head),
-             "models": ctx["model_list"], "p2l_beta": agg_beta.tolist(), "p2l_eta": float(agg_eta),
+             "marginal": agreement(base.mbeta, base.meta, vbeta, veta, seen, head),
+             "models": inp.model_list, "p2l_beta": agg_beta.tolist(), "p2l_eta": float(agg_eta),
              "votes_beta": vbeta.tolist(), "votes_eta": float(veta)}
     return results, boot, board
 
 
-def report(args, ctx, results, boot, board, notes, secs):
-    head = ctx["head"]
+def report(args, inp, votes, results, boot, board, notes, secs):
+    head = inp.head
     cols = ["nll", "accuracy", "brier"] + (["tie_nll"] if head != "bt" else []) + (["bothbad_nll"] if head == "grk" else [])
     fmt = lambda v: f"{v:>12.4f}" if v is not None else f"{'-':>12}"
     marg, ci, rel_ci = results["marginal"], boot["nll_diff_ci"], boot["nll_rel_diff_pct_ci"]
@@ -386,50 +456,47 @@ def report(args, ctx, results, boot, board, notes, secs):
               + f"{a['mean_abs_dp']:10.4f}")
     for n in notes:
         print(f"note: {n}")
-    print(f"{ctx['n_votes']} votes, {ctx['n_skipped']} skipped; {secs:.1f} s; metrics -> {args.out}/metrics.json")
+    print(f"{votes.n_votes} votes, {votes.n_skipped} skipped; {secs:.1f} s; metrics -> {args.out}/metrics.json")
 
 
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     torch.manual_seed(0)
-    ctx = read_inputs(args)
-    group_votes(args, ctx)
+    inp = read_inputs(args)
+    votes = group_votes(args, inp)
     t_pred = time.time()
     if args.preds:
-        (beta, eta), rows = reused_predictions(args, ctx), None
+        (beta, eta), rows = reused_predictions(args, inp, votes), None
     else:
-        model, tok = load_model(args, ctx)  # a bad checkpoint fails here, before --out is touched
+        model, tok = load_model(args, inp)  # a bad checkpoint fails here, before --out is touched
         if dist_env()[0] != 0:  # a torchrun rank > 0 only runs its share of the forward passes, then exits
-            predictions(args, ctx, model, tok)
+            predictions(args, votes, model, tok)
     try:
-        out = OutputSet(args.out).__enter__()  # locked from here to the commit: no second run interleaves its files
-    except ValueError as e:
+        with OutputSet(args.out) as out:  # locked from here to the commit: no second run interleaves its files
+            if not args.preds:
+                beta, eta, rows = predictions(args, votes, model, tok)
+            pred_seconds = time.time() - t_pred
+            print(f"predictions for {votes.P} prompts in {pred_seconds:.1f} s")
+            base = baselines(inp, votes)
+            results, boot, board = score(args, inp, votes, beta, eta, base)
+            if rows is not None:  # staged: nothing reaches --out until the whole set is ready
+                save_predictions(out.stage, beta, eta, inp.model_list, rows, loss=inp.loss, checkpoint=args.checkpoint)
+            preds_dir = Path(args.preds) if args.preds else Path(args.out)
+            digest = sha256_file((out.stage if rows is not None else preds_dir) / "predictions.safetensors")
+            metrics = dict(results, n_votes=votes.n_votes, n_skipped=votes.n_skipped, nll_diff=boot["nll_diff"],
+                           nll_diff_ci=boot["nll_diff_ci"], nll_rel_diff_pct_ci=boot["nll_rel_diff_pct_ci"], n_prompts=votes.P,
+                           skipped_models=dict(inp.unknown.most_common()), leaderboard=board, loss=inp.loss,
+                           checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                           preds=str(preds_dir.resolve()), predictions_sha256=digest,
+                           data=str(Path(args.data).resolve()), train_votes=str(Path(inp.train_path).resolve()),
+                           category_fallback=base.fallback, notes=base.notes, bootstrap=args.bootstrap, seed=args.seed,
+                           predict_seconds=round(pred_seconds, 1), seconds=round(time.time() - t_start, 1))
+            write_json(out.stage / "metrics.json", metrics)
+            out.commit(marker="metrics.json")
+    except ValueError as e:  # --out held by another run
         sys.exit(f"error: {e}")
-    try:
-        if not args.preds:
-            beta, eta, rows = predictions(args, ctx, model, tok)
-        pred_seconds = time.time() - t_pred
-        print(f"predictions for {ctx['P']} prompts in {pred_seconds:.1f} s")
-        base = baselines(ctx)
-        results, boot, board = score(args, ctx, beta, eta, base)
-        if rows is not None:  # staged: nothing reaches --out until the whole set is ready
-            save_predictions(out.stage, beta, eta, ctx["model_list"], rows, loss=ctx["loss"], checkpoint=args.checkpoint)
-        preds_dir = Path(args.preds) if args.preds else Path(args.out)
-        digest = sha256_file((out.stage if rows is not None else preds_dir) / "predictions.safetensors")
-        metrics = dict(results, n_votes=ctx["n_votes"], n_skipped=ctx["n_skipped"], nll_diff=boot["nll_diff"],
-                       nll_diff_ci=boot["nll_diff_ci"], nll_rel_diff_pct_ci=boot["nll_rel_diff_pct_ci"], n_prompts=ctx["P"],
-                       skipped_models=dict(ctx["unknown"].most_common()), leaderboard=board, loss=ctx["loss"],
-                       checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                       preds=str(preds_dir.resolve()), predictions_sha256=digest,
-                       data=str(Path(args.data).resolve()), train_votes=str(Path(ctx["train_path"]).resolve()),
-                       category_fallback=base["fallback"], notes=base["notes"], bootstrap=args.bootstrap, seed=args.seed,
-                       predict_seconds=round(pred_seconds, 1), seconds=round(time.time() - t_start, 1))
-        write_json(out.stage / "metrics.json", metrics)
-        out.commit(marker="metrics.json")
-    finally:
-        out.__exit__(None, None, None)
-    report(args, ctx, results, boot, board, base["notes"], time.time() - t_start)
+    report(args, inp, votes, results, boot, board, base.notes, time.time() - t_start)
 
 
 if __name__ == "__main__":
