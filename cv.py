@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from common import (
-    HEAD_OF_LOSS, atomic_write, cat_pairs, encode_for, group_by_prompt, judge_logprobs, load_checkpoint,
-    paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, save_png,
-    save_predictions, write_json,
+    HEAD_OF_LOSS, atomic_write, cat_pairs, check_out, encode_for, group_by_prompt, judge_logprobs, load_checkpoint,
+    lock_dir, paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, save_png,
+    save_predictions, sha256_file, write_json,
 )
 
 
@@ -89,6 +89,8 @@ def compare(dir_a, dir_b, n_boot, seed):
     """Paired comparison of two CV runs over the prompts both scored: B's P2L NLL minus A's."""
     def load(d):
         return {r["prompt"]: r for r in map(json.loads, (Path(d) / "prompts.jsonl").read_text().splitlines())}
+    for d in (dir_a, dir_b):
+        finished_run(d, "--compare")
     a, b = load(dir_a), load(dir_b)
     keys = sorted(a.keys() & b.keys())
     if not keys:
@@ -99,6 +101,14 @@ def compare(dir_a, dir_b, n_boot, seed):
     print(f"{len(keys)} prompts: P2L NLL {dir_a} {sa.sum() / w.sum():.4f}, {dir_b} {sb.sum() / w.sum():.4f}: "
           f"B vs A {100 * (sb.sum() / sa.sum() - 1):+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "
           f"(diff {(sb.sum() - sa.sum()) / w.sum():+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts)")
+
+
+def finished_run(d, flag):
+    """d/cv.json of a finished cv.py run (prompts.jsonl beside it), or exit with one line saying what is missing."""
+    for name in ("cv.json", "prompts.jsonl"):
+        if not (Path(d) / name).is_file():
+            sys.exit(f"error: {flag} {d}: not a finished cv.py run (no {Path(d) / name})")
+    return Path(d) / "cv.json"
 
 
 def backbone_of(train_args):
@@ -136,7 +146,7 @@ def scaling(dirs, out):
     """The paper's scaling curve (§3.2) from finished CV runs that differ in --train-fraction: CV NLL
     against training prompts per fold, per backbone, fitted as L = b·n^−α, and the gain over the
     marginal leaderboard of the same folds, marginal − P2L = g·n^γ (where every gain is > 0)."""
-    runs = [(Path(d), json.loads((Path(d) / "cv.json").read_text())) for d in dirs]
+    runs = [(Path(d), json.loads(finished_run(d, "--scaling").read_text())) for d in dirs]
     common = set.intersection(*({f["fold"] for f in res["per_fold"]} for _, res in runs))
     if not common:
         sys.exit("error: --scaling: the runs share no scored fold (cv.py --only), so their NLLs are not comparable")
@@ -196,21 +206,34 @@ def write_rows(path, rows):
     atomic_write(path, gzip.compress(text.encode("utf-8"), mtime=0))
 
 
-def train_fold(fold_dir, train_args, log):
-    """Run train.py on this fold unless its checkpoint already comes from the same arguments."""
+def train_fold(fold_dir, train_args, run, log):
+    """Run train.py on this fold unless its checkpoint already comes from the same fold: the same
+    train.py arguments AND the same split (the sha256 of the fold's train and val files) of the same
+    data, seed, --folds, --max-prompts and --train-fraction (run). fold.json records them once the
+    checkpoint is complete; it is removed before training, so a run killed midway reuses nothing.
+    (Reusing on the arguments alone once scored prompts with models that had trained on them.)"""
     argv = ["--train", str(fold_dir / "train.jsonl.gz"), "--val", str(fold_dir / "val.jsonl.gz"),
             "--out", str(fold_dir / "model")] + train_args
-    done = fold_dir / "model" / "metrics.json"
+    record = {**run, "fold": fold_dir.name, "argv": argv, "train_sha256": sha256_file(fold_dir / "train.jsonl.gz"),
+              "val_sha256": sha256_file(fold_dir / "val.jsonl.gz")}
+    done, rec = fold_dir / "model" / "metrics.json", fold_dir / "fold.json"
     if done.exists():
-        ran = json.loads((fold_dir / "model" / "training_args.json").read_text())["argv"][1:]
-        if ran == argv:
-            log(f"{fold_dir.name}: trained already, reusing {done}")
+        try:
+            same = json.loads(rec.read_text()) == record and \
+                json.loads((fold_dir / "model" / "marginal.json").read_text())["train"]["sha256"] == record["train_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):  # no record (an older run), or a damaged one
+            same = False
+        if same:
+            log(f"{fold_dir.name}: trained already on this split, reusing {done}")
             return json.loads(done.read_text())
+        log(f"{fold_dir.name}: the checkpoint there was trained on another split, data or arguments: training again")
+    rec.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "train.py")] + argv
     log("$ " + " ".join(cmd))
     r = subprocess.run(cmd)
     if r.returncode != 0:
         sys.exit(f"error: train.py failed on {fold_dir.name} (exit {r.returncode})")
+    write_json(rec, record)
     return json.loads(done.read_text())
 
 
@@ -265,7 +288,7 @@ def save_out_of_fold(out, held, source_of):
     save_predictions(out, torch.cat([h["beta"] for h in held]), eta, held[0]["model_list"], rows, loss=held[0]["loss"])
 
 
-def main():
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=["data/alpaca_eval/train.jsonl.gz", "data/alpaca_eval/val.jsonl.gz"],
                    help="battle files pooled into one set of prompts (default: all 805 AlpacaEval prompts)")
@@ -281,60 +304,53 @@ def main():
     p.add_argument("--scaling", nargs="+", metavar="RUN", help="no training: the scaling curve (table, power-law fit, "
                    "PNG in --out) from finished CV runs at several --train-fraction values, grouped by backbone")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples over prompts")
-    p.add_argument("--out", default="out/cv", help="fold data, fold checkpoints, cv.json and per-prompt NLLs (prompts.jsonl)")
+    p.add_argument("--out", default="out/cv", help="fold data, fold checkpoints, cv.json and per-prompt NLLs (prompts.jsonl); "
+                   "locked against a second cv.py run for the whole run")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py's flags for every fold (not --train/--val/--out)")
-    args = p.parse_args()
-    if args.compare:
-        return compare(*args.compare, args.boot, args.seed)
-    if args.scaling:
-        return scaling(args.scaling, Path(args.out))
+    args = p.parse_args(argv)
+    args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.boot < 1:
+        p.error(f"--boot must be >= 1, got {args.boot}")
     if not 0 < args.train_fraction <= 1:
         p.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    if any(a.split("=")[0] in ("--train", "--val", "--out") for a in train_args):
+    if any(a.split("=")[0] in ("--train", "--val", "--out") for a in args.train_args):
         p.error("cv.py sets train.py's --train/--val/--out per fold; do not pass them after --")
     if args.folds < 2:
         p.error(f"--folds must be >= 2, got {args.folds}")
     try:
-        only = sorted({int(i) for i in args.only.split(",")}) if args.only else list(range(args.folds))
+        args.only = sorted({int(i) for i in args.only.split(",")}) if args.only else list(range(args.folds))
     except ValueError:
         p.error(f"--only must be comma-separated fold indices, got {args.only!r}")
-    if not all(0 <= i < args.folds for i in only):
-        p.error(f"--only: fold indices must be in 0..{args.folds - 1}, got {args.only}")
+    if not all(0 <= i < args.folds for i in args.only):
+        p.error(f"--only: fold indices must be in 0..{args.folds - 1}, got {','.join(map(str, args.only))}")
     try:
-        for path in args.data:  # every row valid (file:line errors) before any training
-            read_battles(path)
-        rows, source_of = read_rows(args.data, args.max_prompts, args.seed)
-        folds = split_folds(rows, args.folds, args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    out = Path(args.out)
-    t0 = time.time()
+        check_out(args.out)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
-    keys, s_p2l, s_marg, w, per_fold, oof = [], [], [], [], [], []
-    for k in only:
-        fold_dir = out / f"fold{k}"
-        held = set(folds[k])
-        train_idx = keep_fraction(rows, [j for j in range(len(rows)) if j not in held], args.train_fraction, args.seed + 1 + k)
-        write_rows(fold_dir / "train.jsonl.gz", [rows[j] for j in train_idx])
-        write_rows(fold_dir / "val.jsonl.gz", [rows[j] for j in folds[k]])
-        metrics = train_fold(fold_dir, train_args, print)
-        kk, sp, sm, ww, skipped, hh = score_fold(fold_dir / "model", read_battles(fold_dir / "val.jsonl.gz"))
-        oof.append({**hh, "fold": k})
-        keys += kk
-        s_p2l.append(sp)
-        s_marg.append(sm)
-        w.append(ww)
-        fold = {"fold": k, "prompts": len(kk), "votes_skipped": skipped, "p2l_nll": (sp.sum() / ww.sum()).item(),
-                "marginal_nll": (sm.sum() / ww.sum()).item(), "train_seconds": metrics["train_seconds"]}
-        per_fold.append(fold)
-        print(f"fold {k}: {len(kk)} prompts, P2L {fold['p2l_nll']:.4f} vs marginal {fold['marginal_nll']:.4f} "
-              f"({100 * (fold['p2l_nll'] / fold['marginal_nll'] - 1):+.2f}%), trained in {metrics['train_seconds'] / 60:.1f} min")
-    assert len(set(keys)) == len(keys), "a prompt was scored twice: folds overlap"
-    sp, sm, ww = (torch.cat(t).numpy() for t in (s_p2l, s_marg, w))
+
+def run_fold(args, k, rows, folds, run):
+    """Write fold k's train / val votes, train (or reuse) its P2L, score its held-out prompts."""
+    fold_dir = Path(args.out) / f"fold{k}"
+    held = set(folds[k])
+    train_idx = keep_fraction(rows, [j for j in range(len(rows)) if j not in held], args.train_fraction, args.seed + 1 + k)
+    write_rows(fold_dir / "train.jsonl.gz", [rows[j] for j in train_idx])
+    write_rows(fold_dir / "val.jsonl.gz", [rows[j] for j in folds[k]])
+    metrics = train_fold(fold_dir, args.train_args, run, print)
+    kk, sp, sm, ww, skipped, hh = score_fold(fold_dir / "model", read_battles(fold_dir / "val.jsonl.gz"))
+    fold = {"fold": k, "prompts": len(kk), "votes_skipped": skipped, "p2l_nll": (sp.sum() / ww.sum()).item(),
+            "marginal_nll": (sm.sum() / ww.sum()).item(), "train_seconds": metrics["train_seconds"]}
+    print(f"fold {k}: {len(kk)} prompts, P2L {fold['p2l_nll']:.4f} vs marginal {fold['marginal_nll']:.4f} "
+          f"({100 * (fold['p2l_nll'] / fold['marginal_nll'] - 1):+.2f}%), trained in {metrics['train_seconds'] / 60:.1f} min")
+    return kk, sp, sm, ww, fold, {**hh, "fold": k}
+
+
+def summarize(args, keys, sp, sm, ww, per_fold, source_of, t0):
+    """cv.json's numbers: pooled NLLs with the paired bootstrap CI, overall and per source."""
     (d_lo, d_hi), (r_lo, r_hi) = paired_bootstrap(sp, sm, ww, args.boot, args.seed)
-    res = {"folds": args.folds, "only": only, "train_fraction": args.train_fraction, "seed": args.seed, "prompts": len(keys), "train_args": train_args,
-           "p2l_nll": float(sp.sum() / ww.sum()), "marginal_nll": float(sm.sum() / ww.sum()),
+    res = {"folds": args.folds, "only": args.only, "train_fraction": args.train_fraction, "seed": args.seed, "prompts": len(keys),
+           "train_args": args.train_args, "p2l_nll": float(sp.sum() / ww.sum()), "marginal_nll": float(sm.sum() / ww.sum()),
            "diff": float((sp.sum() - sm.sum()) / ww.sum()), "diff_ci": [d_lo, d_hi],
            "rel": float(sp.sum() / sm.sum() - 1), "rel_ci": [r_lo, r_hi],
            "minutes": round((time.time() - t0) / 60, 2),
@@ -342,12 +358,38 @@ def main():
     src = np.array([source_of[key] for key in keys])
     res["per_source"] = {name: per_source(sp[src == name], sm[src == name], ww[src == name], args)
                          for name in sorted(set(src))}
-    save_out_of_fold(out, oof, source_of)
+    return res, src
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compare:
+        return compare(*args.compare, args.boot, args.seed)
+    if args.scaling:
+        return scaling(args.scaling, Path(args.out))
+    try:
+        for path in args.data:  # every row valid (file:line errors) before any training
+            read_battles(path)
+        run = {"data": [sha256_file(path) for path in args.data], "seed": args.seed, "folds": args.folds,
+               "max_prompts": args.max_prompts, "train_fraction": args.train_fraction}  # what a reused fold must share
+        rows, source_of = read_rows(args.data, args.max_prompts, args.seed)
+        folds = split_folds(rows, args.folds, args.seed)
+        lock = lock_dir(args.out)  # held to the end: a second cv.py on this --out would mix its folds with ours
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    out, t0 = Path(args.out), time.time()
+    parts = [run_fold(args, k, rows, folds, run) for k in args.only]
+    keys = [key for part in parts for key in part[0]]
+    assert len(set(keys)) == len(keys), "a prompt was scored twice: folds overlap"
+    sp, sm, ww = (torch.cat([part[i] for part in parts]).numpy() for i in (1, 2, 3))
+    res, src = summarize(args, keys, sp, sm, ww, [part[4] for part in parts], source_of, t0)
+    save_out_of_fold(out, [part[5] for part in parts], source_of)
     atomic_write(out / "prompts.jsonl", "".join(json.dumps({"prompt": key, "source": s, "p2l": float(a), "marginal": float(b),
                                                             "w": float(c)}, ensure_ascii=False) + "\n"
                                                 for key, s, a, b, c in zip(keys, src, sp, sm, ww)))
     write_json(out / "cv.json", res)  # last: its presence marks a finished run
-    print(f"CV ({len(only)} of {args.folds} folds, {len(keys)} prompts): judge NLL P2L {res['p2l_nll']:.4f} vs marginal "
+    (d_lo, d_hi), (r_lo, r_hi) = res["diff_ci"], res["rel_ci"]
+    print(f"CV ({len(args.only)} of {args.folds} folds, {len(keys)} prompts): judge NLL P2L {res['p2l_nll']:.4f} vs marginal "
           f"{res['marginal_nll']:.4f}: {100 * res['rel']:+.2f}% [{100 * r_lo:+.2f}%, {100 * r_hi:+.2f}%] "
           f"(diff {res['diff']:+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts, {args.boot} resamples); "
           f"{res['minutes']:.1f} min, {res['train_minutes']:.1f} in train.py; {out / 'cv.json'}")
@@ -355,6 +397,7 @@ def main():
         for name, r in res["per_source"].items():
             print(f"  {name}: {r['prompts']} prompts, P2L {r['p2l_nll']:.4f} vs marginal {r['marginal_nll']:.4f}: "
                   f"{100 * r['rel']:+.2f}% [{100 * r['rel_ci'][0]:+.2f}%, {100 * r['rel_ci'][1]:+.2f}%]")
+    lock.close()
 
 
 if __name__ == "__main__":
