@@ -47,6 +47,7 @@ Outputs in --out: table.csv, metrics.json, livebench.png, routes.jsonl, predicti
 import argparse
 import contextlib
 import csv
+import datetime
 import io
 import json
 import math
@@ -64,8 +65,8 @@ import torch
 
 from aggregate import aggregate
 from common import (
-    WINNERS, add_checkpoint_options, atomic_write, autodetect_device, batch_nll, check_out, checkpoint_config,
-    encode_for, load_checkpoint, load_predictions, predict, predict_prompts, read_json_object, read_jsonl,
+    WINNERS, OutputSet, add_checkpoint_options, atomic_write, autodetect_device, batch_nll, check_out, checkpoint_config,
+    dist_env, encode_for, load_checkpoint, load_predictions, predict, predict_prompts, read_json_object, read_jsonl,
     read_marginal, read_model_numbers, save_png, save_predictions, write_json,
 )
 from route import hull_route, route_all, win_rates
@@ -88,7 +89,7 @@ def read_questions(path):
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns) or not any(t.strip() for t in turns):
             raise ValueError(f"{where}: 'turns' must be a non-empty list of strings")
         rel, rem = str(q.get("livebench_release_date") or "")[:10], str(q.get("livebench_removal_date") or "")[:10]
-        if not DATE.match(rel) or not (rem == "" or DATE.match(rem)):
+        if not is_date(rel) or not (rem == "" or is_date(rem)):
             raise ValueError(f"{where}: livebench_release_date must be YYYY-MM-DD and livebench_removal_date "
                              f"YYYY-MM-DD or empty, got {rel!r}, {rem!r}")
         qid = str(q["question_id"])
@@ -104,6 +105,14 @@ def read_questions(path):
         if cat.setdefault(q["task"], q["category"]) != q["category"]:
             raise ValueError(f"{q['line']}: task {q['task']} is in category {cat[q['task']]} elsewhere, here {q['category']}")
     return qs
+
+
+def is_date(s):
+    """YYYY-MM-DD and a real day (2099-13-45 matches the pattern but is none)."""
+    try:
+        return bool(DATE.match(s)) and datetime.date.fromisoformat(s) is not None
+    except ValueError:
+        return False
 
 
 def in_release(q, release):
@@ -247,11 +256,19 @@ def p2l_router(beta, avail):
 # P2L coefficients: a checkpoint, saved predictions, or K-fold training on LiveBench outcomes
 
 
-def predict_questions(ckpt, questions, shard_dir=None, loss=None, max_len=None):
-    """(beta, eta, model list) of a checkpoint on the questions. With shard_dir, a torchrun launch
-    splits the questions over its ranks (predict_prompts): rank 0 gets the merged result, the
-    other ranks exit here."""
-    model, tok = load_checkpoint(ckpt, loss, max_len=max_len)
+def load_model(ckpt, loss=None, max_len=None):
+    """(model, tok) of a checkpoint; a damaged one (truncated weights, non-finite weights, ...) is one line."""
+    try:
+        return load_checkpoint(ckpt, loss, max_len=max_len)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: --checkpoint {ckpt}: {e}")
+
+
+def predict_questions(model_tok, questions, shard_dir=None):
+    """(beta, eta, model list) of a loaded checkpoint (model, tok) on the questions. With shard_dir,
+    a torchrun launch splits the questions over its ranks (predict_prompts): rank 0 gets the merged
+    result, the other ranks exit here."""
+    model, tok = model_tok
     device = autodetect_device()
     turns = [q["turns"] for q in questions]
     if shard_dir is None:
@@ -348,7 +365,7 @@ def train_cv(args, questions, S, models, out):
         few = {questions[z]["question_id"] for z in test_z[:16]}
         t0 = time.time()
         with train_fold(args, d, train_v, [v for v in test_v if v["id"] in few]) as ck:
-            b, e, ck_models = predict_questions(ck, [questions[z] for z in test_z])
+            b, e, ck_models = predict_questions(load_model(ck), [questions[z] for z in test_z])
             marg = read_marginal(ck)
             b = in_order(b, ck_models, models, f"fold {k}'s checkpoint")
             mb = in_order(torch.tensor(marg["beta"]), marg["model_list"], models, f"fold {k}'s marginal.json")
@@ -397,7 +414,8 @@ def parse_args(argv):
                    "format instructions, which say which task it is, are at the end of LiveBench questions)")
     p.add_argument("--cv-head-lr", type=float, default=1e-2, help="--train-cv head learning rate")
     p.add_argument("--seed", type=int, default=0, help="folds and pair sampling (training seeds too): reruns agree")
-    p.add_argument("--out", default="out/livebench", help="table.csv, metrics.json, livebench.png, routes.jsonl, predictions")
+    p.add_argument("--out", default="out/livebench", help="table.csv, metrics.json, livebench.png, routes.jsonl, predictions: "
+                   "written as one set at the end (metrics.json last); locked against a second run for the whole run")
     add_checkpoint_options(p)
     args = p.parse_args(argv)
     if args.train_cv is not None and (args.train_cv < 2 or args.name_map):
@@ -412,8 +430,17 @@ def load(args):
     check_out(args.out)
     all_q = read_questions(args.questions)
     release = args.release or max(q["release"] for q in all_q)
-    if not DATE.match(release):
-        raise ValueError(f"--release must be YYYY-MM-DD, got {release!r}")
+    if not is_date(release):
+        raise ValueError(f"--release must be a date YYYY-MM-DD, got {release!r}")
+    known = sorted({q["release"] for q in all_q} | {q["removal"] for q in all_q if q["removal"]})
+    if release not in known:  # another date would count a set of questions no LiveBench release ever had
+        raise ValueError(f"--release {release}: not a release of {args.questions} (its release and removal dates: "
+                         f"{', '.join(known)})")
+    table = re.search(r"table_(\d{4})_(\d{2})_(\d{2})\.csv$", str(args.scores))
+    if table and "-".join(table.groups()) != release:
+        raise ValueError(f"--release {release}: --scores {args.scores} is release {'-'.join(table.groups())}'s table; "
+                         f"scoring release {release}'s questions with it mixes releases: pass that release's table "
+                         f"(data/livebench/prepare.py --release {release})")
     questions = [q for q in all_q if in_release(q, release)]
     if not questions:
         raise ValueError(f"{args.questions}: no question is in release {release}")
@@ -487,16 +514,17 @@ def make_pool(args, inp):
         no_cost=sorted(lb for lb, _ in inp.name_map.values() if lb in lb_index and inp.costs is not None and lb not in inp.costs))
 
 
-def coefficients(args, inp, pool, out):
-    """P2L's β [N, pooled models] for the routed questions: from --preds, or predicted (a checkpoint,
-    or the --train-cv fold models) and saved into out for reuse; and the --train-cv summary."""
+def coefficients(args, inp, pool, model_tok, out, stage):
+    """P2L's β [N, pooled models] for the routed questions: from --preds, or predicted (the loaded
+    checkpoint model_tok, or the --train-cv fold models, which keep their logs in out/fold<k>) and
+    saved into stage (--out's staging dir) for reuse; and the --train-cv summary."""
     if args.preds:
         pb, where = inp.preds
         beta_all = pb.double().numpy()[[where[q["question_id"]] for q in pool.questions]]
         cv = None
     else:
         if args.checkpoint:
-            raw_b, raw_e, ck_models = predict_questions(args.checkpoint, pool.questions, shard_dir=out, loss=args.loss, max_len=args.max_len)
+            raw_b, raw_e, ck_models = predict_questions(model_tok, pool.questions, shard_dir=out)
             raw_b = in_order(raw_b, ck_models, inp.p2l_models, f"--checkpoint {args.checkpoint}")
             fold, cv = None, None
         else:
@@ -505,8 +533,7 @@ def coefficients(args, inp, pool, out):
                   "max_len": args.cv_max_len, "head_lr": args.cv_head_lr, "heldout_grk_nll": nll}
         rows = [{"question_id": q["question_id"], "task": q["task"], "category": q["category"], "prompt": q["turns"],
                  **({"fold": int(fold[z])} if fold is not None else {})} for z, q in enumerate(pool.questions)]
-        save_predictions(out, raw_b, raw_e, inp.p2l_models, rows, loss=inp.loss,
-                           checkpoint=args.checkpoint)
+        save_predictions(stage, raw_b, raw_e, inp.p2l_models, rows, loss=inp.loss, checkpoint=args.checkpoint)
         beta_all = raw_b.double().numpy()
     p2l_index = {m: i for i, m in enumerate(inp.p2l_models)}
     return beta_all[:, [p2l_index[p2l] for _, p2l, _ in pool.pool]], cv
@@ -570,7 +597,8 @@ def fixed_policies(pi, singles, names, c, complete, p2l_bbar, bgt, N):
 
 
 def write_outputs(args, inp, pool, res, cv, src, out, seconds):
-    """metrics.json, table.csv, routes.jsonl, livebench.png, each replaced atomically."""
+    """metrics.json, table.csv, routes.jsonl, livebench.png into out (--out's staging dir: the set is
+    renamed in at the end, metrics.json last)."""
     at, singles, names, budgets = res.at, res.singles, pool.names, pool.budgets
     cats = sorted({q["category"] for q in pool.questions})
     tasks = sorted({q["task"] for q in pool.questions})
@@ -659,10 +687,18 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     pool = make_pool(args, inp)
     out = Path(args.out)
-    beta, cv = coefficients(args, inp, pool, out)
-    res = score(pool, beta)
+    model_tok = load_model(args.checkpoint, args.loss, args.max_len) if args.checkpoint else None  # fails before --out is touched
+    if model_tok is not None and dist_env()[0] != 0:  # a torchrun rank > 0 runs its share of the forward passes, then exits
+        predict_questions(model_tok, pool.questions, shard_dir=out)
     src = args.checkpoint or args.preds or f"--train-cv {args.train_cv} ({args.cv_model}, grk)"
-    write_outputs(args, inp, pool, res, cv, src, out, time.time() - t_start)
+    try:
+        with OutputSet(out) as o:  # locked to the end; the files are staged and renamed in as one set, metrics.json last
+            beta, cv = coefficients(args, inp, pool, model_tok, out, o.stage)
+            res = score(pool, beta)
+            write_outputs(args, inp, pool, res, cv, src, o.stage, time.time() - t_start)
+            o.commit(marker="metrics.json")
+    except ValueError as e:  # --out held by another run
+        sys.exit(f"error: {e}")
     report(args, inp, pool, res, src, out, time.time() - t_start)
 
 

@@ -668,28 +668,25 @@ def main(argv=None):
         prompts, model_list, c, q, budgets, r, skipped, beta, raw = read_inputs(args)
     except (ValueError, OSError) as e:  # OSError: missing files, a broken .gz
         sys.exit(f"error: {e}")
-    try:  # --out is locked from here; the files are staged and renamed in as one set at the end
-        o = OutputSet(args.out).__enter__()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     try:
-        if raw is not None:
-            rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
-            save_predictions(o.stage, raw[0], raw[1], model_list, rows, loss=args.loss or checkpoint_loss(args.checkpoint),
-                             checkpoint=args.checkpoint)
-        Wq, target = win_rates(beta, q, mean_pairs=True)  # one sweep over the pairs serves both
-        bbar = averaged_leaderboard(beta, target)
-        q_name = args.opponents or f"uniform over {beta.shape[1]} models"
-        if args.budget is not None:
-            route_at_budget(args, o.stage, prompts, model_list, beta, Wq, bbar, c, q, q_name)
-        if args.sweep:
-            if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
-                free = c[Wq.argmax(1)].mean()
-                budgets = np.maximum(spaced(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
-            sweep(args, o.stage, r, skipped, beta, Wq, c, model_list, budgets, q_name)
-        o.commit(marker="metrics.json" if args.budget is not None else "sweep.json")
-    finally:
-        o.__exit__(None, None, None)
+        with OutputSet(args.out) as o:  # --out is locked from here; the files are staged and renamed in as one set at the end
+            if raw is not None:
+                rows = [{"prompt": p_["prompt"], "id": p_["id"], "category": p_["category"]} for p_ in prompts]
+                save_predictions(o.stage, raw[0], raw[1], model_list, rows, loss=args.loss or checkpoint_loss(args.checkpoint),
+                                 checkpoint=args.checkpoint)
+            Wq, target = win_rates(beta, q, mean_pairs=True)  # one sweep over the pairs serves both
+            bbar = averaged_leaderboard(beta, target)
+            q_name = args.opponents or f"uniform over {beta.shape[1]} models"
+            if args.budget is not None:
+                route_at_budget(args, o.stage, prompts, model_list, beta, Wq, bbar, c, q, q_name)
+            if args.sweep:
+                if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
+                    free = c[Wq.argmax(1)].mean()
+                    budgets = np.maximum(spaced(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
+                sweep(args, o.stage, r, skipped, beta, Wq, c, model_list, budgets, q_name)
+            o.commit(marker="metrics.json" if args.budget is not None else "sweep.json")
+    except ValueError as e:  # --out held by another run
+        sys.exit(f"error: {e}")
 
 
 def spaced(lo, hi, n):

@@ -77,6 +77,12 @@ for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum"
                            ("--head-rank", args.head_rank or 0, 0), ("--reg-marginal", args.reg_marginal, 0.0)):
     if not value >= least:  # also catches NaN
         p.error(f"{flag} must be >= {least}, got {value}")
+    if not math.isfinite(value):  # inf would train nothing useful and write Infinity into training_args.json
+        p.error(f"{flag} must be finite, got {value}")
+if not (0 < args.clip < math.inf):  # clip_grad_norm_ scales by clip/‖g‖: -1 reverses the gradients, 0 zeroes them
+    p.error(f"--clip must be a finite number > 0, got {args.clip}")
+if args.warmup > 1:  # a fraction of the optimizer steps: more than all of them never reaches the full lr
+    p.error(f"--warmup is a fraction of the optimizer steps, in [0, 1]; got {args.warmup}")
 if args.max_tokens and args.max_tokens < args.max_len:
     p.error(f"--max-tokens must be >= --max-len ({args.max_len}) so the longest prompt fits, got {args.max_tokens}")
 try:  # before any work: an --out that cannot be a directory, --resume with nothing to resume
@@ -148,8 +154,11 @@ model.init_head(beta0, eta0)
 if args.grad_checkpointing:
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 # token ids from the on-disk cache (token_cache): local rank 0 of each node builds it, the others wait
-train_ids, val_ids = (token_cache(f, tok, args.max_len, pooling, cls_id, workers=args.tokenize_workers or None,
-                                   rank=local_rank, log=log) for f in (args.train, args.val))
+try:  # a damaged cache is one line naming its dir (delete it to rebuild)
+    train_ids, val_ids = (token_cache(f, tok, args.max_len, pooling, cls_id, workers=args.tokenize_workers or None,
+                                       rank=local_rank, log=log) for f in (args.train, args.val))
+except ValueError as e:
+    sys.exit(f"error: {e}")
 
 
 def epoch_batches(epoch):
@@ -281,7 +290,10 @@ if args.bench:
 # resume, train, validate. The resume state carries a fingerprint of what produced it (data, model list,
 # backbone, training arguments) and every RNG state, so a resumed run is the uninterrupted one, step for
 # step, or refuses; --out is locked against a second run for the whole run.
-lock = lock_dir(args.out) if master else None
+try:
+    lock = lock_dir(args.out) if master else None
+except ValueError as e:  # another run holds --out
+    sys.exit(f"error: {e}")
 # the arguments that change what a step computes; --max-steps may grow on resume (the schedule follows it)
 SAME = ("loss", "epochs", "batch_size", "max_tokens", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "clip",
         "max_len", "pooling", "dtype", "seed", "zero", "grad_checkpointing", "head_scale", "head_rank", "reg_marginal")
