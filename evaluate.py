@@ -134,7 +134,8 @@ def parse_args(argv):
     p.add_argument("--out", default="out/eval", help="predictions.safetensors + predictions.jsonl and metrics.json, written "
                    "as one set when everything has succeeded (metrics.json last; it records the predictions' sha256)")
     p.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
-                   "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated")
+                   "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated; "
+                   "predictions made by another checkpoint than --checkpoint (model list, fingerprint) are refused")
     add_checkpoint_options(p, "; also the outcome model the predictions are scored with")
     p.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
                    "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
