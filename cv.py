@@ -19,7 +19,8 @@ Every head is scored on the same labels with the same NLL: a judge's soft label 
 ½ for a hard win / loss / tie) as the probability that a is preferred, under the head's
 P(a preferred) = P(a) + ½·(P(tie) + P(both bad)) (common.judge_logprobs; σ(Δ) for bt, so for bt
 this is exactly the training NLL). A fold whose checkpoint already holds metrics.json from the
-same train.py arguments is not trained again (an interrupted CV picks up where it stopped).
+same train.py arguments and the same split of the same data (fold<k>/fold.json) is not trained
+again (an interrupted CV picks up where it stopped); --out is locked against a second cv.py run.
 """
 import argparse
 import gzip
