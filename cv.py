@@ -91,7 +91,7 @@ def compare(dir_a, dir_b, n_boot, seed):
     def load(d):
         return {r["prompt"]: r for r in map(json.loads, (Path(d) / "prompts.jsonl").read_text().splitlines())}
     for d in (dir_a, dir_b):
-        finished_run(d, "--compare")
+        finished_run(d, "--compare", "prompts.jsonl")
     a, b = load(dir_a), load(dir_b)
     keys = sorted(a.keys() & b.keys())
     if not keys:
@@ -104,12 +104,11 @@ def compare(dir_a, dir_b, n_boot, seed):
           f"(diff {(sb.sum() - sa.sum()) / w.sum():+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]; paired bootstrap over prompts)")
 
 
-def finished_run(d, flag):
-    """d/cv.json of a finished cv.py run (prompts.jsonl beside it), or exit with one line saying what is missing."""
-    for name in ("cv.json", "prompts.jsonl"):
-        if not (Path(d) / name).is_file():
-            sys.exit(f"error: {flag} {d}: not a finished cv.py run (no {Path(d) / name})")
-    return Path(d) / "cv.json"
+def finished_run(d, flag, name):
+    """d/name of a finished cv.py run (cv.json, prompts.jsonl), or exit with one line saying it is missing."""
+    if not (Path(d) / name).is_file():
+        sys.exit(f"error: {flag} {d}: not a finished cv.py run (no {Path(d) / name})")
+    return Path(d) / name
 
 
 def backbone_of(train_args):
@@ -147,7 +146,7 @@ def scaling(dirs, out):
     """The paper's scaling curve (§3.2) from finished CV runs that differ in --train-fraction: CV NLL
     against training prompts per fold, per backbone, fitted as L = b·n^−α, and the gain over the
     marginal leaderboard of the same folds, marginal − P2L = g·n^γ (where every gain is > 0)."""
-    runs = [(Path(d), json.loads(finished_run(d, "--scaling").read_text())) for d in dirs]
+    runs = [(Path(d), json.loads(finished_run(d, "--scaling", "cv.json").read_text())) for d in dirs]
     common = set.intersection(*({f["fold"] for f in res["per_fold"]} for _, res in runs))
     if not common:
         sys.exit("error: --scaling: the runs share no scored fold (cv.py --only), so their NLLs are not comparable")

@@ -191,7 +191,7 @@ def test_cv_reuses_a_fold_only_for_the_same_split(tmp_path, monkeypatch, capsys)
     assert len(calls) == 6
 
 
-def test_cv_out_is_locked_and_bad_arguments_are_one_line(tmp_path, monkeypatch):
+def test_cv_out_is_locked_and_bad_arguments_are_one_line(tmp_path, monkeypatch, capsys):
     """Issue 20, silent wrong answers 1 (two cv.py runs on one --out: AssertionError "a prompt was scored
     twice") and tracebacks (cv.py --out FILE, --boot 0, --compare / --scaling with a missing dir)."""
     rows = [{"prompt": f"q{i}", "model_a": "x", "model_b": "y", "winner": "model_a"} for i in range(6)]
@@ -212,7 +212,7 @@ def test_cv_out_is_locked_and_bad_arguments_are_one_line(tmp_path, monkeypatch):
                       (("--scaling", tmp_path / "nope", "--out", tmp_path / "s"), "not a finished cv.py run")):
         with pytest.raises(SystemExit) as e:
             run_cv(monkeypatch, *argv)
-        assert e.value.code != 0
+        assert e.value.code != 0 and msg in str(e.value.code) + capsys.readouterr().err
     r = RUN([sys.executable, "cv.py", "--compare", str(tmp_path / "nope"), str(tmp_path / "busy")], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "not a finished cv.py run" in r.stderr
