@@ -39,15 +39,18 @@ stage in a fresh process:
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import math
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -90,17 +93,15 @@ def fresh(script, *argv):
     return secs, rss, (json.loads(results[-1]) if results else None)
 
 
+def maxrss_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def child_result(t, answer, rss_before_kib):
     """A cold child's RESULT line: the call's (wall, CPU) seconds, its answer, how far the call raised the peak RSS."""
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = maxrss_kib()
     print("RESULT " + json.dumps({"seconds": t[0], "cpu_seconds": t[1], "answer": answer, "rss_before_mib": rss_before_kib / 1024,
                                   "peak_rss_mib": peak / 1024, "call_rss_mib": (peak - rss_before_kib) / 1024}))
-
-
-def maxrss_kib():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def timed(f):
@@ -141,8 +142,6 @@ def authors_aggregate(d):
 def authors_router(d):
     """Their OptimalLPCostOptimizer (route/cost_optimizers.py: W, Wq, then a cvxpy LP per request). Their
     package is named `route` like this project's route.py, so it holds that name only while it imports."""
-    import importlib
-    import types
     ours = sys.modules["route"]
     pkg = types.ModuleType("route")
     pkg.__path__ = [str(Path(d) / "route")]
@@ -191,7 +190,8 @@ def route_instance(seed, M, n):
 
 
 def deciders(a, c, budget, q):
-    """name -> f(β) -> the decision's predicted win rate π·Wq (each builds W itself, as a request does)."""
+    """name -> f(β): one decision, W built inside as a request does. Ours and HiGHS return the predicted win
+    rate π·Wq; the authors' router returns the sampled model's name, and cvxpy_objective its π·Wq (checks)."""
     def highs(b):
         return lp_route(expit(b[:, None] - b[None, :]) @ q, c, budget)[1]
 
@@ -896,8 +896,8 @@ def add_scales(sub):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{route,aggregate,serve,train,scale,route-scale,aggregate-scale}")
     for add in (add_route, add_aggregate, add_serve, add_train, add_scales):
         add(sub)
@@ -906,7 +906,7 @@ def parse_args(argv):
         sp.add_argument("--out", help="where <subcommand>.json goes (default out/bench; scale runs: out/bench-scale)")
     a = p.parse_args(argv)
     if a.cmd == "scale" and not 0 < a.unique <= 1:
-        p.error(f"--unique must be in (0, 1], got {a.unique}")
+        sub.choices["scale"].error(f"--unique must be in (0, 1], got {a.unique}")
     a.out = a.out or getattr(a, "out_default", "out/bench")
     a.argv = list(argv)
     return a
@@ -914,11 +914,10 @@ def parse_args(argv):
 
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    if getattr(a, "threads", None):
-        torch.set_num_threads(a.threads)
     try:
-        return a.func(a)
-    except (ValueError, OSError) as e:
+        with C.torch_threads(getattr(a, "threads", None) or torch.get_num_threads()):  # restored after (tests call main)
+            return a.func(a)
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: a fresh process failed (its stderr follows)
         sys.exit(f"bench.py {a.cmd}: error: {e}")
 
 
