@@ -44,7 +44,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -69,13 +68,16 @@ HERE = Path(__file__).resolve().parent
 # the one fresh-process runner: a script's argv in a new Python process, its wall time and peak memory.
 # The script runs as __main__ (runpy), so a stage is measured exactly as a user runs it; the peak is read
 # in that process after the script ends (also when it exits by sys.exit), its worker processes included.
+# The peak is /proc's VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss over fork and exec, so a
+# child's ru_maxrss is at least the parent's peak when it started (measured: 811 MiB for an empty child
+# of an 800 MiB parent, whose VmHWM was 9 MiB). Its workers' ru_maxrss is bounded by its own peak at fork.
 RUNNER = """import resource, runpy, sys
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name='__main__')
 finally:
-    r = resource.getrusage
-    print('PEAK_RSS_KB', max(r(resource.RUSAGE_SELF).ru_maxrss, r(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)
+    hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM:'))
+    print('PEAK_RSS_KB', max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)
 """
 
 
@@ -94,7 +96,9 @@ def fresh(script, *argv):
 
 
 def maxrss_kib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's own peak resident memory (VmHWM: see RUNNER on why not ru_maxrss)."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
 
 
 def child_result(t, answer, rss_before_kib):

@@ -117,6 +117,9 @@ def test_fresh_runner_reads_peak_memory_and_result(tmp_path):
                       "sys.exit(0)\n")
     secs, rss, res = bench.fresh(script, "a", 1)
     assert secs > 0 and rss >= 300 and res == {"argv": ["a", "1"]}  # read after sys.exit, the 300 MiB buffer counted
+    held = b"y" * (600 * 2 ** 20)  # this process's peak: Linux carries ru_maxrss over fork + exec, VmHWM starts afresh
+    script.write_text("print('RESULT {}')\n")
+    assert bench.fresh(script)[1] < 200 and len(held)
     script.write_text("raise SystemExit('boom')\n")
     with pytest.raises(RuntimeError, match="boom"):
         bench.fresh(script)
