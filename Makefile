@@ -34,21 +34,24 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" test_p2l.py
 
-# speed: grouped-by-prompt vs per-vote training; aggregation from predictions to the board vs torch L-BFGS over the
-# per-prompt pairwise tensors; one routing decision from β, and route.py on 100k prompts, vs scipy's HiGHS LP
+# speed (bench.py): grouped-by-prompt vs per-vote training; aggregation from predictions to the board vs torch L-BFGS
+# over the per-prompt pairwise tensors; one routing decision from β vs scipy's HiGHS LP, warm and cold; route.py on 100k
+# prompts. Against the authors' code: AUTHORS=DIR (a checkout of lmarena/p2l) PY=a python that also has cvxpy, pandas
+AUTHORS ?=
 bench: venv
-	$(PY) train.py --bench 3 --batch-size 2 --out out/bench
-	$(PY) aggregate.py --bench
-	$(PY) route.py --bench --bench-n 100000 --out out/bench
+	$(PY) bench.py train --batch-size 2 --steps 3 --out out/bench
+	$(PY) bench.py aggregate --out out/bench $(if $(AUTHORS),--authors $(AUTHORS))
+	$(PY) bench.py route --out out/bench $(if $(AUTHORS),--authors $(AUTHORS))
+	$(PY) bench.py route-scale 100000 --out out/bench
 
 # scale: each data stage on synthetic battles at 10k and at the paper's size (1.5M battles, 130 models): time and
 # peak RSS per stage, growth as a ratio, padding and useful tokens/s of the two samplers (~12 min on 2 busy CPUs;
 # tokenization is measured on 100k prompts and extrapolated to the rest, as the output says), then aggregation with 200
 # bootstrap resamples and budgeted routing on 1.5M synthetic prediction rows (~9 and ~4 min), each also at 10k
 bench-scale: venv
-	$(PY) bench_scale.py --sizes 10000,1500000 --out out/bench-scale
-	$(PY) aggregate.py --bench-scale 1500000 --bootstrap 200 --out out/bench-scale/aggregate
-	$(PY) route.py --bench-scale 1500000 --out out/bench-scale/route
+	$(PY) bench.py scale --sizes 10000,1500000 --out out/bench-scale
+	$(PY) bench.py aggregate-scale 1500000 --bootstrap 200 --out out/bench-scale
+	$(PY) bench.py route-scale 1500000 --out out/bench-scale
 
 # quality (docs/results.md#quality): 5-fold CV by prompt over all 805 AlpacaEval prompts, at 1/8, 1/4, 1/2 and all
 # of each fold's training prompts, then the scaling curve (table, power-law fit, PNG); ~10 min per full MiniLM CV

@@ -10,8 +10,6 @@ coefficients whose pairwise outcome probabilities best match a target, to a grad
     # leaderboards from human votes, checked against the official Arena category leaderboards
     python aggregate.py --votes data/arena_catalog/train.jsonl.gz data/arena_catalog/val.jsonl.gz --by category \\
         --official data/arena_catalog/leaderboards.csv --out out/arena
-    # speed: predictions -> leaderboard vs torch L-BFGS over the per-prompt pairwise tensors (N=10,000, M=130)
-    python aggregate.py --bench
 """
 import argparse
 import hashlib
@@ -22,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
 from common import (
@@ -380,7 +377,7 @@ def fit_truth(votes_path, models, loss, prompt_group, l2):
     return truth
 
 # -----------------------------------------------------------------------------
-# the jobs: --preds, --checkpoint --prompt, --votes, --bench
+# the jobs: --preds, --checkpoint --prompt, --votes
 
 
 def run_preds(args):
@@ -648,123 +645,12 @@ def official_check(args, boards, sets):
             "checks": result}
 
 
-def division_rate():
-    """Divisions per second on this CPU, one thread, in cache: the φ form's floor is one per pair."""
-    x = torch.rand(2 ** 17, dtype=torch.float64) + 1
-    with_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t = min(timed(lambda: [x.reciprocal_() for _ in range(50)])[0] for _ in range(3))
-    finally:
-        torch.set_num_threads(with_threads)
-    return 50 * x.numel() / t
-
-
-def timed(f):
-    t0 = time.perf_counter()
-    out = f()
-    return time.perf_counter() - t0, out
-
-
-def run_bench(args):
-    """From N x M per-prompt coefficients to the leaderboard (bt), as a user waits for it: ours
-    (solve_many: the mean pairwise matrix by the φ-form sweep, Newton, then the board's rows, best of
-    3) against what a torch user writes, as the authors do: the per-prompt pairwise probabilities as
-    one [N, P] tensor and torch L-BFGS on their cross-entropy summed over all prompts, each
-    evaluation a pass over N x P. Same inputs, same run; timed until its coefficients are within
-    1e-6 of ours (centred: the bt gauge)."""
-    torch.manual_seed(args.seed)
-    N, M = args.bench_n, args.bench_m
-    beta = (1.5 * torch.randn(M) + torch.randn(N, M)).float()
-    models = [f"m{k}" for k in range(M)]
-    a, b = all_pairs(M)
-    P = len(a)
-
-    def ours():
-        bb, _ = solve_many(beta, None, "bt", torch.ones(1, N, dtype=torch.float64))
-        return bb[0], leaderboard_rows(models, bb[0])
-    t_ours, (bn, _) = min((timed(ours) for _ in range(3)), key=lambda r: r[0])
-    t_mean = min(timed(lambda: mean_pair_probs(beta, None, "bt"))[0] for _ in range(3))
-    want = bn - bn.mean()
-
-    def lbfgs():
-        t0 = time.perf_counter()
-        bd = beta.double()
-        probs = torch.sigmoid(bd[:, a] - bd[:, b])  # [N, P]: every prompt's pairwise matrix
-        x = torch.zeros(M, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([x], lr=1, max_iter=500, max_eval=1000, tolerance_grad=1e-10, tolerance_change=0,
-                                history_size=20, line_search_fn="strong_wolfe")
-        hit = []
-
-        def closure():
-            opt.zero_grad()
-            d = x[a] - x[b]
-            f = -(probs * F.logsigmoid(d) + (1 - probs) * F.logsigmoid(-d)).sum() / N
-            f.backward()
-            if not hit and ((x.detach() - x.detach().mean()) - want).abs().max() <= 1e-6:
-                hit.append((time.perf_counter() - t0, len(trace) + 1))
-            trace.append(f.item())
-            return f
-        trace = []
-        opt.step(closure)  # runs on to its own tolerance; timed to the first evaluation within 1e-6 of ours
-        return hit, len(trace), x.detach(), time.perf_counter() - t0
-    hit, evals, xl, t_total = lbfgs()
-    gap = ((xl - xl.mean()) - want).abs().max().item()
-    t_lbfgs = hit[0][0] if hit else math.nan
-    rate, limit = N * P / t_mean, division_rate()
-    print(f"aggregation (bt) of N={N} prompts x M={M} models, {torch.get_num_threads()} threads, from the [N, M] "
-          f"predictions to the leaderboard:")
-    print(f"  ours (mean pairwise matrix + Newton + rows):   {t_ours:8.3f} s  (the mean matrix alone {t_mean:.3f} s: "
-          f"{rate / 1e6:.0f} M pairs/s; one division, in cache, one thread: {limit / 1e6:.0f} M/s)")
-    print(f"  torch L-BFGS over the per-prompt [N, P] probabilities: {t_lbfgs:8.3f} s to within 1e-6 of ours "
-          f"({hit[0][1] if hit else '-'} of {evals} evaluations; {t_total:.1f} s in all; final gap {gap:.1e})")
-    print(f"ratio L-BFGS / ours end to end: {t_lbfgs / t_ours:.1f}x")
-    if args.out:
-        write_json(Path(args.out) / "bench.json", {"N": N, "M": M, "head": "bt", "threads": torch.get_num_threads(),
-                     "ours_s": t_ours, "mean_pairs_s": t_mean, "pairs_per_s": rate, "division_per_s_one_thread": limit,
-                     "lbfgs_s": t_lbfgs, "lbfgs_evals": evals, "lbfgs_total_s": t_total, "lbfgs_gap": gap,
-                     "ratio": t_lbfgs / t_ours})
-
-
-def run_bench_scale(args, small=10_000):
-    """aggregate.py --preds with --bootstrap on N synthetic prompts x 130 models and on 10,000: time and
-    peak RSS of a fresh process each (files in a temp dir; route.py's synthetic_run writes them)."""
-    import subprocess
-    import tempfile
-    import route
-    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
-    rows = []
-    for n in (small, args.bench_scale):
-        with tempfile.TemporaryDirectory() as d:
-            route.synthetic_run(d, n, seed=args.seed)
-            t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve()), "--preds", d, "--bootstrap",
-                                str(args.bootstrap), "--out", str(Path(d) / "out")], capture_output=True, text=True)
-            secs = time.perf_counter() - t0
-        if r.returncode != 0:
-            raise RuntimeError(f"aggregate.py on {n} prompts failed: {r.stderr[-2000:]}")
-        rss = int(r.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2 ** 20
-        rows.append({"prompts": n, "models": 130, "bootstrap": args.bootstrap, "seconds": secs, "peak_rss_gib": rss})
-        print(f"aggregate.py, {n} prompts x 130 models, {args.bootstrap} bootstrap resamples: {secs:.1f} s, "
-              f"peak RSS {rss:.2f} GiB", flush=True)
-    growth = (rows[1]["seconds"] / rows[0]["seconds"]) / (rows[1]["prompts"] / rows[0]["prompts"])
-    print(f"time grew {rows[1]['seconds'] / rows[0]['seconds']:.1f}x for {rows[1]['prompts'] / rows[0]['prompts']:.0f}x "
-          f"the prompts ({growth:.2f} of linear)")
-    if args.out:
-        write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preds", help="a predictions dir (evaluate.py's predictions.safetensors + .jsonl): leaderboards for its prompts")
     src.add_argument("--checkpoint", help="a P2L checkpoint: with --prompt, the leaderboard of that prompt (or set of prompts)")
     src.add_argument("--votes", nargs="+", help="battle files: maximum-likelihood leaderboards from the votes themselves, no P2L")
-    src.add_argument("--bench", action="store_true", help="time predictions -> leaderboard (bt) against torch L-BFGS over "
-                     "the per-prompt pairwise probabilities, as the authors aggregate")
-    src.add_argument("--bench-scale", type=int, metavar="N", help="time and peak memory of --preds with --bootstrap on N "
-                     "synthetic prompts x 130 models and on 10,000 (growth as a ratio)")
     p.add_argument("--prompt", action="append", help="with --checkpoint; repeat it to aggregate several prompts into one board")
     p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes)")
     add_checkpoint_options(p, "; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
@@ -782,11 +668,7 @@ def main(argv=None):
     p.add_argument("--show", type=int, default=20, help="leaderboard rows to print")
     p.add_argument("--show-group", type=int, default=5, help="rows to print of each --by group's leaderboard (all are in the CSV)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap and curve draws are seeded: reruns give identical files")
-    p.add_argument("--bench-n", type=int, default=10000, help="--bench: prompts")
-    p.add_argument("--bench-m", type=int, default=130, help="--bench: models")
     args = p.parse_args(argv)
-    if args.bench and args.loss not in (None, "bt", "bt-tie"):
-        p.error("--bench times the bt aggregation (its baseline holds N x P probabilities per outcome)")
     if (args.preds or args.votes) and not args.out:
         p.error("--out is required with --preds and --votes")
     if args.checkpoint and not args.prompt:
@@ -807,12 +689,8 @@ def main(argv=None):
             run_preds(args)
         elif args.checkpoint:
             run_prompt(args)
-        elif args.votes:
-            run_votes(args)
-        elif args.bench_scale:
-            run_bench_scale(args)
         else:
-            run_bench(args)
+            run_votes(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"aggregate.py: error: {e}")
 

@@ -5,7 +5,6 @@ most the budget.
 
     python route.py --checkpoint out/train --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --out out/route   # CPU, MiniLM: ~30 s
     python route.py --preds out/route --prompts data/alpaca_eval/val.jsonl.gz --budget 20 --sweep --out out/route  # no forward passes
-    python route.py --bench --bench-n 20000   # vs scipy HiGHS per prompt: one decision, a batch, route.py end to end
 
 For each unique prompt of --prompts (any JSONL(.gz) with a `prompt`, battle files included), with
 costs c (--costs, per query), budget C and an opponent distribution q (--opponents, default uniform):
@@ -52,12 +51,11 @@ import io
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import brentq, linprog
+from scipy.optimize import brentq
 from scipy.special import expit
 
 from common import (
@@ -363,19 +361,6 @@ def read_opponents(path, model_list):
 
 
 # -----------------------------------------------------------------------------
-# the LP the router above replaces: the reference for tests and --bench
-
-
-def lp_route(s, c, budget):
-    """The same program by scipy's HiGHS LP solver (for tests and --bench). Its status says whether
-    it solved; the objective value says nothing about that (the reference read it as a status)."""
-    res = linprog(-s, A_ub=c[None], b_ub=[budget], A_eq=np.ones((1, len(s))), b_eq=[1.0], bounds=(0, None), method="highs")
-    if res.status != 0:
-        raise RuntimeError(f"linprog: {res.message}")
-    return res.x, -res.fun
-
-
-# -----------------------------------------------------------------------------
 # --sweep: realised win rates on labelled votes (what is measured: module docstring)
 
 
@@ -436,125 +421,6 @@ def dense(I, J, Wt, M):
 # -----------------------------------------------------------------------------
 
 
-def synthetic_run(d, N, M=130, seed=0, block=100_000):
-    """Files for route.py on N synthetic prompts x M models in dir d: predictions (β = a shared
-    leaderboard + per-prompt deviations), prompts.jsonl, costs.json (log-uniform over 1..100).
-    Returns the arguments of a budgeted run (budget: the median cost, where mixing is common)."""
-    d = Path(d)
-    rng = np.random.default_rng(seed)
-    base = rng.normal(0, 1, M)
-    beta = torch.empty(N, M)
-    for s in range(0, N, block):
-        beta[s:s + block] = torch.from_numpy((base + rng.normal(0, 1.5, (min(block, N - s), M))).astype(np.float32))
-    models = [f"model-{k:03d}" for k in range(M)]
-    save_predictions(d, beta, None, models, [{"prompt": [f"synthetic prompt {i}"]} for i in range(N)])
-    with open(d / "prompts.jsonl", "w") as f:
-        for s in range(0, N, block):
-            f.write("".join(f'{{"prompt": "synthetic prompt {i}", "id": {i}}}\n' for i in range(s, min(s + block, N))))
-    c = np.exp(rng.uniform(0, math.log(100), M))
-    (d / "costs.json").write_text(json.dumps({"_about": "synthetic", **dict(zip(models, c.tolist()))}))
-    return ["--preds", d, "--prompts", d / "prompts.jsonl", "--costs", d / "costs.json", "--budget", float(np.median(c)),
-            "--out", d / "out"]
-
-
-def timed_run(argv):
-    """route.py argv in a fresh process: (wall seconds, the process's peak RSS in GiB)."""
-    import subprocess
-    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve()), *map(str, argv)],
-                       capture_output=True, text=True)
-    secs = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"route.py {' '.join(map(str, argv))} failed: {r.stderr[-2000:]}")
-    rss = int(r.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2 ** 20
-    return secs, rss
-
-
-def bench(args):
-    """What users wait for, each against scipy's HiGHS LP per prompt in the same run (M = 130; torch's
-    thread count, 2 here): (1) one routing decision from β, W built inside: ours (route_one, which
-    builds the rows of Wq on the cost-order front only; also win_rates + route_all, the whole Wq)
-    vs W = expit(β_a − β_b), s = Wq, linprog(highs); (2) N prompts at
-    once (win_rates + route_all + solve_theta_many) in decisions/s vs HiGHS's rate; (3) route.py
-    end to end on --bench-n synthetic prompts (a fresh process, files from a temp dir). The LP
-    checks every optimum (objective gap <= 1e-9)."""
-    import tempfile
-    rng = np.random.default_rng(args.seed)
-    M, n_one, n_lp, n_batch = 130, 1000, 200, min(20000, max(args.bench_n, 1000))
-    beta = rng.normal(0, 1, M) + rng.normal(0, 1.5, (n_batch, M))
-    c = np.exp(rng.uniform(0, math.log(100), M))
-    budget = float(np.median(c))
-    q = np.full(M, 1.0 / M)
-
-    def lp_decision(b):
-        s = expit(b[:, None] - b[None, :]) @ q
-        return lp_route(s, c, budget)[1]
-
-    def one_decision(b):  # what serve.py runs per request
-        return route_one("optimal", b, q, c, budget)[3]
-
-    def full_wq_decision(b):  # the whole Wq first, as route.py's batch path does
-        s = win_rates(b[None], q)
-        i, j, w = route_all("optimal", b[None], s, c, budget)
-        return w[0] * s[0, i[0]] + (1 - w[0]) * s[0, j[0]]
-    best = lambda f, n: min(timeit(f, n) for _ in range(3))
-
-    def timeit(f, n):
-        t0 = time.perf_counter()
-        for z in range(n):
-            f(beta[z])
-        return (time.perf_counter() - t0) / n
-    t_lp, t_one, t_full = best(lp_decision, n_lp), best(one_decision, n_one), best(full_wq_decision, n_one)
-    gap1 = max(max(abs(one_decision(beta[z]) - lp_decision(beta[z])), abs(full_wq_decision(beta[z]) - lp_decision(beta[z])))
-               for z in range(n_lp))
-    t0 = time.perf_counter()
-    Wq = win_rates(beta, q)
-    I, J, Wt = route_all("optimal", beta, Wq, c, budget)
-    z = np.arange(n_batch)
-    R = Wt * Wq[z, I] + (1 - Wt) * Wq[z, J]
-    bi, bj = beta[z, I], beta[z, J]
-    solve_theta_many(beta, q, R, np.minimum(bi, bj), np.maximum(bi, bj))
-    t_batch = (time.perf_counter() - t0) / n_batch
-    gap2 = max(abs(R[z] - lp_decision(beta[z])) for z in range(n_lp))
-    with tempfile.TemporaryDirectory() as d:
-        t_e2e, rss = timed_run(synthetic_run(d, args.bench_n, M, args.seed))
-    out = {"models": M, "threads": torch.get_num_threads(), "lp_decision_s": t_lp, "one_decision_s": t_one,
-           "ratio_one_decision": t_lp / t_one, "full_wq_decision_s": t_full, "ratio_full_wq_decision": t_lp / t_full, "batch_decision_s": t_batch, "ratio_batch": t_lp / t_batch,
-           "max_abs_objective_gap": max(gap1, gap2), "budget": budget, "end_to_end_prompts": args.bench_n,
-           "end_to_end_s": t_e2e, "end_to_end_peak_rss_gib": rss, "lp_end_to_end_s_at_that_rate": t_lp * args.bench_n}
-    print(f"routing at M={M} ({out['threads']} threads), objective equal to HiGHS's within {out['max_abs_objective_gap']:.1e}:")
-    print(f"  one decision from β (W built inside): ours {t_one * 1e6:8.1f} µs, W + linprog(highs) {t_lp * 1e6:8.1f} µs: "
-          f"{t_lp / t_one:6.1f}x")
-    print(f"    the same with the whole Wq (win_rates + route_all): {t_full * 1e6:8.1f} µs: {t_lp / t_full:6.1f}x")
-    print(f"  {n_batch} prompts at once (+ θ*):       ours {t_batch * 1e6:8.2f} µs per prompt: {t_lp / t_batch:6.0f}x HiGHS per prompt")
-    print(f"  route.py end to end, {args.bench_n} prompts: {t_e2e:.1f} s (peak RSS {rss:.2f} GiB; HiGHS at its per-decision "
-          f"rate would need {t_lp * args.bench_n:.0f} s for the LPs alone)")
-    write_json(Path(args.out) / "bench.json", out)
-
-
-def bench_scale(args, small=10_000):
-    """route.py on N synthetic prompts and on 10,000: time and peak RSS, and how time grew vs N."""
-    import tempfile
-    rows = []
-    for n in (small, args.bench_scale):
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            argv = synthetic_run(d, n, seed=args.seed)
-            t_files = time.perf_counter() - t0
-            secs, rss = timed_run(argv)
-        rows.append({"prompts": n, "models": 130, "seconds": secs, "peak_rss_gib": rss, "files_s": t_files})
-        print(f"route.py, {n} prompts x 130 models, budgeted: {secs:.1f} s, peak RSS {rss:.2f} GiB "
-              f"(writing the synthetic files: {t_files:.1f} s, not counted)", flush=True)
-    growth = (rows[1]["seconds"] / rows[0]["seconds"]) / (rows[1]["prompts"] / rows[0]["prompts"])
-    print(f"time grew {rows[1]['seconds'] / rows[0]['seconds']:.1f}x for {rows[1]['prompts'] / rows[0]['prompts']:.0f}x the "
-          f"prompts ({growth:.2f} of linear)")
-    write_json(Path(args.out) / "bench_scale.json", {"runs": rows, "time_growth_vs_linear": growth})
-
-
-
-
 def load_betas(args, prompts, preds):
     """β [N, M] float64 for the prompts: the rows of --preds matched by prompt text, or the
     --checkpoint run on them (then also (beta, eta) as predicted, to save for reuse)."""
@@ -595,21 +461,14 @@ def parse_args(argv):
     p.add_argument("--opponents", metavar="JSON", help="{model: weight} opponent distribution q for the win rate the "
                    "router maximises (default: uniform over the models)")
     p.add_argument("--deterministic", action="store_true", help="route each prompt to argmax π instead of sampling from π")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling from π (and --bench instances): reruns agree")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling from π: reruns agree")
     p.add_argument("--sweep", action="store_true", help="cost-quality curves of all routers, every single model and random "
                    "mixtures on the labelled votes of --prompts: sweep.csv, sweep.png, sweep.json")
     p.add_argument("--sweep-budgets", metavar="C,C,...", help="budgets for the printed router vs best-single-model "
                    "comparison (default: 3 between the cheapest model and what unconstrained routing spends, where it binds)")
-    p.add_argument("--bench", action="store_true", help="time what users wait for against scipy's HiGHS LP per prompt: "
-                   "one decision from β at M=130, a batch of prompts, and route.py end to end on --bench-n prompts")
-    p.add_argument("--bench-n", type=int, default=100_000, help="--bench: prompts routed end to end (synthetic files in a temp dir)")
-    p.add_argument("--bench-scale", type=int, metavar="N", help="time and peak memory of route.py on N synthetic prompts x "
-                   "130 models (files in a temp dir), and on 10,000 so growth shows as a ratio; then exit")
     p.add_argument("--out", default="out/route", help="routes.jsonl, metrics.json (and predictions, sweep files) go here")
     add_checkpoint_options(p)
     args = p.parse_args(argv)
-    if args.bench or args.bench_scale:
-        return p, args
     if not (args.checkpoint or args.preds):
         p.error("one of --checkpoint or --preds is required")
     if not args.prompts:
@@ -660,10 +519,6 @@ def read_inputs(args):
 
 def main(argv=None):
     p, args = parse_args(argv)
-    if args.bench:
-        return bench(args)
-    if args.bench_scale:
-        return bench_scale(args)
     try:
         prompts, model_list, c, q, budgets, r, skipped, beta, raw = read_inputs(args)
     except (ValueError, OSError) as e:  # OSError: missing files, a broken .gz

@@ -4,7 +4,7 @@ route.route_one) to one of the models in --models and forwarded there.
 
     python serve.py --fake-upstream --port 9000 &         # a stand-in upstream that echoes (no keys, offline)
     P2L_API_KEYS=sk-local-1 python serve.py --checkpoint out/train --models models.json --budget 10 --port 8000
-    python serve.py --checkpoint out/train --bench         # routing decisions/s, p50/p99: batched vs one forward each
+    python bench.py serve --checkpoint out/train           # routing decisions/s, p50/p99: batched vs one forward each
 
 --models maps each P2L model name to its upstream, any OpenAI-compatible server (vLLM, llama.cpp
 server, OpenAI, OpenRouter, a LiteLLM proxy); keys starting with '_' are comments:
@@ -44,7 +44,7 @@ below the cheapest model 400, body over --max-body-kb 413. Keys and prompt text 
 Batching: concurrent requests share forward passes. A queue gathers requests for --batch-wait-ms
 after the first, or up to --max-batch, and one worker thread runs them while the event loop keeps
 streaming other answers: as one forward when their lengths are alike, else as length-sorted groups
-whose padding stays under --max-padding (padding is wasted compute; --bench measures both modes).
+whose padding stays under --max-padding (padding is wasted compute; `bench.py serve` measures both modes).
 """
 import argparse
 import asyncio
@@ -60,7 +60,6 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,9 +67,9 @@ import torch
 from aggregate import aggregate, leaderboard_rows
 from common import (
     HEAD_OF_LOSS, LOSSES, autodetect_device, checkpoint_config, encode_for, load_checkpoint, parse_turns, predict,
-    rating, read_json_object, read_model_numbers, write_json,
+    rating, read_json_object,
 )
-from route import ROUTERS, read_prompts, route_one, solve_theta
+from route import ROUTERS, route_one, solve_theta
 
 # serving dependencies (requirements-serve.txt): the training stages run without them
 import anyio
@@ -641,79 +640,6 @@ def fake_upstream_app():
     return app
 
 # -----------------------------------------------------------------------------
-# --bench: routing decisions/s and added latency, batched vs one forward per request
-
-
-async def bench_cell(svc, prompts, budget, clients, n):
-    """n routing decisions by `clients` concurrent callers: (decisions/s, latencies in ms, forward-pass counters)."""
-    await svc.start()
-    lat, nxt = [], iter(range(n))
-
-    async def client():
-        for k in nxt:
-            t = time.perf_counter()
-            await svc.route(prompts[k % len(prompts)], budget)
-            lat.append(time.perf_counter() - t)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    wall = time.perf_counter() - t0
-    stats = dict(svc.stats)
-    await svc.stop()
-    return n / wall, [1000 * x for x in lat], stats
-
-
-def bench(args, model, tok):
-    costs = read_model_numbers(args.bench_costs, "cost") if not args.models else None
-    ml = model.p2l["model_list"]
-    if args.models:
-        ups = read_models(args.models, ml)
-    else:
-        missing = [m for m in ml if m not in costs]
-        if missing:
-            raise ValueError(f"{args.bench_costs}: no cost for {len(missing)} of the checkpoint's models (pass --models)")
-        ups = {m: {"base_url": "http://unused", "model": m, "cost": costs[m], "key": None} for m in ml}
-    prompts = [p["prompt"] for p in read_prompts(args.bench_prompts)]
-    budget = args.budget if args.budget is not None else float(np.median([u["cost"] for u in ups.values()]))
-    rows = []
-    threads = torch.get_num_threads()
-    print(f"routing decisions on {args.checkpoint} ({model.model.config.model_type}, {len(ml)} models, "
-          f"{len(ups)} routable), {next(model.parameters()).device.type}, {threads} torch threads; budget {budget:g}; "
-          f"prompts from {args.bench_prompts}; {args.bench_requests} decisions per run, {args.bench_reps} runs per "
-          f"cell alternating the two modes (median decisions/s; p50/p99 over all runs)")
-    for clients in args.bench_clients:
-        runs = {"single": [], "batched": []}
-        for _ in range(args.bench_reps):  # alternate, so that a busy spell on the machine hits both modes
-            for mode, most, wait in (("single", 1, 0.0), ("batched", args.max_batch, args.batch_wait_ms)):
-                a = argparse.Namespace(**{**vars(args), "max_batch": most, "batch_wait_ms": wait})
-                runs[mode].append(asyncio.run(bench_cell(Service(model, tok, a, ups), prompts, budget, clients,
-                                                         args.bench_requests)))
-        cell = {"clients": clients}
-        for mode, rs in runs.items():
-            ms = np.concatenate([r[1] for r in rs])
-            cell[mode] = {"decisions_per_s": round(float(np.median([r[0] for r in rs])), 2),
-                          "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
-                          "mean_batch": round(sum(r[2]["prompts"] for r in rs) / sum(r[2]["batches"] for r in rs), 2),
-                          "prompts_per_forward": round(sum(r[2]["prompts"] for r in rs) / sum(r[2]["forward_passes"] for r in rs), 2),
-                          "runs_decisions_per_s": [round(r[0], 2) for r in rs]}
-        cell["ratio"] = round(cell["batched"]["decisions_per_s"] / cell["single"]["decisions_per_s"], 2)
-        rows.append(cell)
-    print(f"{'clients':>7s} | {'one forward per request':^30s} | "
-          f"{f'batched (<= {args.max_batch}, {args.batch_wait_ms:g} ms wait, padding <= {args.max_padding:.0%})':^51s} | ratio")
-    print(f"{'':7s} | {'dec/s':>8s} {'p50 ms':>10s} {'p99 ms':>10s} | {'dec/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} "
-          f"{'batch':>6s} {'per fwd':>7s} | (dec/s)")
-    for r in rows:
-        s, b = r["single"], r["batched"]
-        print(f"{r['clients']:7d} | {s['decisions_per_s']:8.1f} {s['p50_ms']:10.1f} {s['p99_ms']:10.1f} | "
-              f"{b['decisions_per_s']:8.1f} {b['p50_ms']:9.1f} {b['p99_ms']:9.1f} {b['mean_batch']:6.1f} "
-              f"{b['prompts_per_forward']:7.1f} | {r['ratio']:.2f}x")
-    out = {"checkpoint": args.checkpoint, "models": len(ml), "routable": len(ups), "device": next(model.parameters()).device.type,
-           "torch_threads": threads, "budget": budget, "requests_per_run": args.bench_requests, "runs": args.bench_reps,
-           "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "max_padding": args.max_padding, "cells": rows}
-    write_json(Path(args.out) / "bench.json", out)
-    print(f"-> {Path(args.out) / 'bench.json'}")
-    return out
-
-# -----------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -749,21 +675,13 @@ def parse_args(argv=None):
     p.add_argument("--max-prompts", type=int, default=256, help="most prompts per /v1/leaderboard request")
     p.add_argument("--log-prompts", action="store_true", help="also log each request's user turns (off: no prompt text in logs)")
     p.add_argument("--fake-upstream", action="store_true", help="run the stand-in upstream instead (fake_upstream_app) on --port")
-    p.add_argument("--bench", action="store_true", help="time routing decisions (P2L forward + Algorithm 1, no upstream "
-                   "calls) at --bench-clients concurrent callers, batched vs one forward per request, then exit")
-    p.add_argument("--bench-clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32], metavar="N,N,...")
-    p.add_argument("--bench-requests", type=int, default=128, help="decisions timed per run")
-    p.add_argument("--bench-reps", type=int, default=2, help="runs per mode and client count")
-    p.add_argument("--bench-prompts", default="data/alpaca_eval/val.jsonl.gz", help="real prompts for --bench")
-    p.add_argument("--bench-costs", default="data/costs/alpaca_eval.json", help="--bench without --models: these costs")
-    p.add_argument("--out", default="out/serve", help="--bench writes bench.json here")
     args = p.parse_args(argv)
     if args.fake_upstream:
         return args
     if not args.checkpoint:
         p.error("--checkpoint is required")
-    if not args.bench and (not args.models or args.budget is None):
-        p.error("--models and --budget are required (or --bench, or --fake-upstream)")
+    if not args.models or args.budget is None:
+        p.error("--models and --budget are required (or --fake-upstream)")
     if args.budget is not None and (math.isnan(args.budget) or args.budget < 0):
         p.error("--budget must be a number >= 0")
     if args.max_budget is None:
@@ -786,12 +704,9 @@ def main(argv=None):
             if args.budget < ups[cheap]["cost"]:
                 raise ValueError(f"--budget {args.budget:g} is infeasible: the cheapest model, {cheap}, costs "
                                  f"{ups[cheap]['cost']:g} per query ({args.models})")
-        keys = None if args.bench else client_keys(args)
+        keys = client_keys(args)
         model, tok = load_checkpoint(args.checkpoint, loss=args.loss)
         model = model.to(autodetect_device())
-        if args.bench:
-            bench(args, model, tok)
-            return
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

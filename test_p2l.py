@@ -451,23 +451,6 @@ def test_token_batches_budget_cover_seed_and_padding():
     assert C.padding_fraction([3, 1], [np.array([0, 1])]) == pytest.approx(1 / 3)
 
 
-@pytest.mark.slow
-def test_bench_scale_scaled_down(tmp_path):
-    """bench_scale.py end to end at 20k battles (tokenizing 1,500 prompts, the rest extrapolated):
-    every stage reports, the index sees every battle and model, token budgets cut padding >= 3x."""
-    r = subprocess.run([sys.executable, "bench_scale.py", "--sizes", "20000", "--tokenize-prompts", "1500", "--steps", "1",
-                        "--train-len", "256", "--train-max-tokens", "2048", "--out", tmp_path], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads((tmp_path / "results.json").read_text())["results"]["20000"]
-    assert res["index"]["battles"] == 20000 and res["index"]["models"] == 130 and res["index"]["prompts"] == res["unique_prompts"] == 17000
-    assert res["tokenize"]["prompts"] == 1500 and res["tokenize"]["extrapolated"] and "EXTRAPOLATED" in r.stdout
-    assert res["sampler"]["prompts"] == 17000 and res["sampler"]["lengths_resampled"] == 15500
-    assert res["sampler"]["padding_cut"] >= 3 and res["sampler"]["max_len"] <= 8192
-    assert all(res[s]["peak_rss_mib"] > 0 for s in ("index", "tokenize", "sampler", "train"))
-    assert res["train"]["token_budget"]["padding"] < res["train"]["fixed"]["padding"]
-    assert not list(tmp_path.glob("battles-*"))  # the GiB-sized synthetic files are removed
-
 # -----------------------------------------------------------------------------
 # end to end: train.py on a slice of the bundled data, reload, compare
 
@@ -692,16 +675,6 @@ def test_checkpoint_loading_authors_rk_template_max_len_and_damage(tiny_qwen, tm
     (ck / "model.safetensors").write_bytes(raw[:len(raw) // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors: cannot read the weights, truncated or corrupt"):
         C.load_checkpoint(ck, loss="rk")
-
-
-@pytest.mark.slow
-def test_bench_prints_grouped_vs_per_pair(tiny_qwen, small_data, tmp_path):
-    cmd = [sys.executable, "train.py", "--model", tiny_qwen, "--train", small_data[0], "--val", small_data[1],
-           "--out", str(tmp_path), "--bench", "2", "--batch-size", "2", "--max-len", "64"]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    b = json.loads((tmp_path / "bench.json").read_text())
-    assert b["grouped"] > 0 and b["per_pair"] > 0 and "grouped / per-pair" in r.stdout
 
 
 @pytest.mark.slow
@@ -1474,13 +1447,6 @@ def test_votes_against_official_boards(tmp_path):
     assert "Spearman" in r.stdout
 
 
-def test_bench_prints_the_ratio(tmp_path):
-    r = run_agg("--bench", "--bench-n", "300", "--bench-m", "12", "--out", tmp_path)
-    assert "ratio L-BFGS / ours end to end" in r.stdout
-    b = json.loads((tmp_path / "bench.json").read_text())
-    assert b["ours_s"] > 0 and b["lbfgs_s"] > 0 and b["N"] == 300 and b["lbfgs_gap"] <= 1e-6
-
-
 def test_bootstrap_counts_are_resamples_with_replacement():
     # every replicate draws n items in all; each item's count has the multinomial mean 1 and variance 1 − 1/n
     n, B = 1000, 4000
@@ -2167,13 +2133,6 @@ def test_cli_checkpoint_then_preds_agree(tiny_qwen, preds):
     assert len(set(json.loads(line)["model"] for line in (preds / "r1/routes.jsonl").read_text().splitlines())) > 1
 
 
-@pytest.mark.slow
-def test_cli_bench_prints_ratio(tmp_path, capsys):
-    run_route("--bench", "--bench-n", 400, "--out", tmp_path)
-    b = json.loads((tmp_path / "bench.json").read_text())
-    assert "W + linprog(highs)" in capsys.readouterr().out and b["ratio_one_decision"] > 1
-    assert b["max_abs_objective_gap"] < 1e-9 and b["end_to_end_prompts"] == 400 and b["end_to_end_s"] > 0
-
 # =============================================================================
 # livebench_eval.py: LiveBench aggregation, oracle bounds, date filter, restricted routing, CV
 
@@ -2820,16 +2779,3 @@ def test_serve_command_line_log_has_no_keys_or_prompts(serve_ck, upstream, tmp_p
     assert text.count("chat model=p2l") == 2 and "status=502" in text and "failed=" in text, text
     for leak in (CLIENT_KEY, UPSTREAM_KEY, "sk-other", "sk-wrong-key-xyz", secret):
         assert leak not in text
-
-
-@pytest.mark.slow
-def test_serve_bench_prints_ratio(serve_ck, tmp_path, capsys):
-    d = serve_ck[0]
-    (tmp_path / "m.json").write_text(json.dumps({m: {"base_url": "http://127.0.0.1:9/v1", "cost": COSTS[m]} for m in MODELS}))
-    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"bench prompt {i} " + "more " * i} for i in range(10)])
-    S.main(["--checkpoint", str(d / "ck"), "--models", str(tmp_path / "m.json"), "--budget", "4", "--bench",
-            "--bench-clients", "1,8", "--bench-requests", "24", "--bench-reps", "1", "--bench-prompts", str(tmp_path / "p.jsonl"),
-            "--out", str(tmp_path)])
-    b = json.loads((tmp_path / "bench.json").read_text())
-    assert [c["clients"] for c in b["cells"]] == [1, 8] and "ratio" in capsys.readouterr().out
-    assert b["cells"][0]["single"]["mean_batch"] == 1 and b["cells"][1]["batched"]["mean_batch"] > 1

@@ -6,7 +6,7 @@ One file, three launchers:
     python train.py --model minilm --max-steps 10 --out out/tiny          # CPU, ~1 min
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
     deepspeed train.py --deepspeed ds_config.json --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
-On a CPU, deepspeed needs DS_ACCELERATOR=cpu. --bench prints grouped vs one-forward-per-pair speed.
+On a CPU, deepspeed needs DS_ACCELERATOR=cpu. `python bench.py train` times grouped vs one-forward-per-pair training.
 At Arena scale add --max-tokens 16384: length-grouped batches (make bench-scale: ~20x less padding); token ids
 come from an on-disk cache built once per battle file and tokenizer ($P2L_CACHE, default ~/.cache/p2l).
 """
@@ -68,8 +68,6 @@ p.add_argument("--resume", action="store_true", help="continue from the resumabl
 p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_config.json); its 'auto' values come from these flags")
 p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="override the ZeRO stage in the DeepSpeed config")
 p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
-p.add_argument("--bench", type=int, default=0, metavar="N", help="time N micro-batches grouped by prompt vs one forward "
-               "per vote, print pairs/s and the ratio, then exit")
 args = p.parse_args()
 for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8),
                            ("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 0), ("--save-every", args.save_every, 0),
@@ -89,7 +87,7 @@ try:  # before any work: an --out that cannot be a directory, --resume with noth
     check_out(args.out)
 except ValueError as e:
     p.error(str(e))
-if args.resume and not args.bench and not os.path.exists(os.path.join(args.out, "resume", "state.pt" if not args.deepspeed else "latest")):
+if args.resume and not os.path.exists(os.path.join(args.out, "resume", "state.pt" if not args.deepspeed else "latest")):
     p.error(f"--resume: no resumable state in {args.out}/resume (save some with --save-every N, or drop --resume for a fresh run)")
 
 # -----------------------------------------------------------------------------
@@ -224,15 +222,10 @@ else:
             opt.zero_grad(set_to_none=True)
 
 
-def batch_loss(batch, per_pair=False):
-    """Mean weighted NLL of the votes of these prompts. per_pair: the obvious baseline that
-    runs one forward pass per vote (the prompt repeated), for --bench only."""
+def batch_loss(batch):
+    """Mean weighted NLL of the votes of these prompts (all votes of a prompt share its forward pass)."""
     pairs = pairs_of(train_votes, batch)
-    seqs = [train_ids[i] for i in batch]
-    if per_pair:
-        seqs = [seqs[r] for r in pairs["row"].tolist()]
-        pairs["row"] = torch.arange(len(seqs))
-    x, m = collate(seqs, tok.pad_token_id)
+    x, m = collate([train_ids[i] for i in batch], tok.pad_token_id)
     with autocast():
         beta, eta = engine(x.to(device), m.to(device))
     s, w = batch_nll(beta, eta, {k: v.to(device) for k, v in pairs.items()}, args.loss)
@@ -262,29 +255,6 @@ def val_nll():
     model.train()
     return (t[0] / t[1]).item()
 
-
-# -----------------------------------------------------------------------------
-# --bench: the same training micro-batches, grouped by prompt vs one forward per vote
-if args.bench:
-    model.train()
-    batches = epoch_batches(0)[:args.bench + 1]
-    result = {}
-    for mode in ("grouped", "per_pair"):
-        n_pairs, t0 = 0, None
-        for i, batch in enumerate(batches):
-            if i == 1:  # the first micro-batch warms up allocators and kernels, untimed
-                t0 = time.perf_counter()
-            loss, n = batch_loss(batch, per_pair=mode == "per_pair")
-            backward(loss)
-            optimizer_step(True)
-            n_pairs += n if i >= 1 else 0
-        result[mode] = n_pairs / (time.perf_counter() - t0)
-        log(f"{mode:9s}: {result[mode]:8.2f} training pairs/s over {len(batches) - 1} micro-batches of {args.batch_size} prompts")
-    result["ratio"] = result["grouped"] / result["per_pair"]
-    log(f"grouped / per-pair = {result['ratio']:.1f}x ({args.model}, {device}, {'bf16' if bf16 else 'fp32'})")
-    if master:
-        write_json(os.path.join(args.out, "bench.json"), dict(result, model=args.model, device=device, batch_size=args.batch_size))
-    sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # resume, train, validate. The resume state carries a fingerprint of what produced it (data, model list,
