@@ -34,6 +34,7 @@ prompts, matched by text) adds P2L's own spread and NLL on the same votes.
     python head_eval.py --preds out/cv-default --out out/head-eval            # + P2L's out-of-fold β
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    A, B, OutputSet, cat_pairs, fit_marginal, load_predictions, prompt_key, read_battles, write_json,
+    A, B, OutputSet, check_out, fit_marginal, load_predictions, prompt_key, read_battles, save_predictions, write_json,
 )
 
 
@@ -213,6 +214,9 @@ def parse_args(argv):
                    "split picks one; in-sample gains are reported at each)")
     p.add_argument("--ranks", default="1,2,4,8", help="k of the rank-k fits (scale + shift + k shared model directions "
                    "per prompt): does a prompt's reordering follow a few directions that other prompts share?")
+    p.add_argument("--save", action="append", default=[], metavar="FIT=DIR", help="write a fit's per-prompt β as "
+                   "predictions (route.py --preds DIR): routing on an in-sample fit bounds what routing on the prompt can "
+                   "buy (e.g. full=out/he-full, shift=out/he-shift; FIT: scale, shift, full, 'rank K')")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out halves")
     p.add_argument("--out", default="out/head-eval", help="head_eval.json goes here")
     args = p.parse_args(argv)
@@ -226,6 +230,12 @@ def parse_args(argv):
         p.error(f"--ranks must be integers separated by commas, got {args.ranks!r}")
     if not all(x > 0 for x in args.ranks):
         p.error("--ranks must be > 0")
+    if not all("=" in x for x in args.save):
+        p.error(f"--save takes FIT=DIR, got {args.save}")
+    args.save = [tuple(x.split("=", 1)) for x in args.save]
+    fits_known = {"scale", "shift", "full"} | {f"rank {k}" for k in args.ranks}
+    if any(f not in fits_known for f, _ in args.save):
+        p.error(f"--save: FIT must be one of {', '.join(sorted(fits_known))}")
     if not all(x > 0 for x in args.lams):
         p.error("--lams must be > 0 (λ = 0: a model with one vote per prompt fits its label exactly; that bound is the label entropy, reported)")
     return args
@@ -233,6 +243,8 @@ def parse_args(argv):
 
 def read_inputs(args):
     """Votes (restricted to the prompts --preds covers) and P2L's β for them [N, M] or None."""
+    for _, d in args.save:  # a bad --save dir fails now, not after the fits
+        check_out(d, "--save")
     preds = load_predictions(args.preds) if args.preds else None
     v = read_votes(args.data, preds[2] if preds else None)
     if preds is None:
@@ -290,6 +302,7 @@ def analyse(args, v, p2l):
     shared = int(opp[0]) if (opp == opp[0]).all() and opp[0] >= 0 else None
     keeps = {"all models": list(range(M))} | ({} if shared is None else
                                               {"without the common opponent": [m for m in range(M) if m != shared]})
+    args.mats = mats  # for --save
     return {"prompts": len(v["keys"]), "votes": int(on.sum()), "votes_skipped": v["skipped"], "models": M,
             "common_opponent": v["models"][shared] if shared is not None else None, "data": args.data, "preds": args.preds,
             "fits": rows, "spread": {k: {name: spread(Bm, keep) for name, Bm in mats.items()} for k, keep in keeps.items()},
@@ -338,6 +351,11 @@ def main(argv=None):
     with OutputSet(args.out) as o:
         write_json(o.stage / "head_eval.json", res)
         o.commit(marker="head_eval.json")
+    for fit, d in args.save:
+        with OutputSet(d) as o:
+            save_predictions(o.stage, args.mats[fit].float(), None, v["models"],
+                             [{"prompt": json.loads(key), "fit": fit} for key in v["keys"]], loss="bt")
+            o.commit(marker="predictions.safetensors")
     report(res)
     print(f"-> {Path(args.out) / 'head_eval.json'}")
 

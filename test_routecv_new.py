@@ -128,9 +128,16 @@ def test_head_eval_pure_scale(tmp_path):
     star = np.array([1.0, -0.5, 0.3, -1.2, 0.8])
     beta = np.random.default_rng(0).uniform(0.2, 3.0, (60, 1)) * star
     hub_data(tmp_path / "v.jsonl", beta, list("abcde"))
-    in_process(HE.main, "--data", tmp_path / "v.jsonl", "--lams", "0.01,1", "--ranks", "1", "--out", tmp_path / "o")
+    in_process(HE.main, "--data", tmp_path / "v.jsonl", "--lams", "0.01,1", "--ranks", "1", "--out", tmp_path / "o",
+               "--save", f"scale={tmp_path / 'ps'}")
     res = json.loads((tmp_path / "o/head_eval.json").read_text())
     f = res["fits"]
+    beta, _, models, rows = C.load_predictions(tmp_path / "ps")  # the scale fit's β, readable by route.py --preds
+    assert models == list("abcde") + ["h"] and len(rows) == 60 and rows[0]["prompt"] == ["p0"]
+    b = beta.double().numpy()
+    b -= b.mean(1, keepdims=True)
+    np.testing.assert_allclose(b / np.linalg.norm(b, axis=1, keepdims=True),
+                               np.sign(b[:, :1]) * b[:1] / np.linalg.norm(b[0]), atol=1e-5)  # rows ∝ one vector
     assert res["prompts"] == 60 and res["common_opponent"] == "h" and res["models"] == 6
     ent = f["label_entropy"]["in_sample_nll"]
     assert f["scale"]["in_sample_nll"] == pytest.approx(ent, abs=1e-3)
