@@ -43,8 +43,19 @@ the expected cost per query over all prompts. π's expectation is scored, not on
 The printed baselines, the best single model within the budget and the best fixed mixture of two
 models at the budget's cost, are picked WITH the held-out labels (oracles, so the comparison
 favours them); router − baseline intervals are 95% paired bootstraps over prompts.
+No peeking: the same baselines picked as a user must, without the held-out labels, and scored on
+them. --baseline-votes TRAIN picks them on the training votes; predictions whose rows carry a CV
+"fold" (cv.py's out-of-fold ones; pass --prompts train.jsonl.gz val.jsonl.gz for all 805 prompts)
+pick them, for each fold's prompts, on the other folds' votes among --prompts, and the folds are
+pooled (each prompt scored under its own fold's pick). Variety of the optimal router's decisions
+per budget: the distinct models it routes to, the entropy (bits) of its routed-model histogram
+(π mass over prompts), the share of prompts whose decision (set of models mixed) is not the most
+common one, and the share whose top affordable model by β(z) is not the averaged leaderboard's.
+
+    python route.py --preds out/cv --prompts data/alpaca_eval/train.jsonl.gz data/alpaca_eval/val.jsonl.gz --sweep --out out/route-cv
 """
 import argparse
+import collections
 import csv
 import functools
 import io
@@ -52,6 +63,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -419,24 +431,38 @@ def dense(I, J, Wt, M):
     return pi
 
 # -----------------------------------------------------------------------------
+# inputs of a run: prompts (several files as one set), predictions matched by prompt text
+
+
+def read_prompt_files(paths):
+    """read_prompts over several files as one set: each unique prompt once, first-seen order."""
+    seen = {}
+    for path in paths:
+        for p in read_prompts(path):
+            seen.setdefault(tuple(p["prompt"]), p)
+    return list(seen.values())
+
+
+def match_preds(args, prompts, rows):
+    """The row of --preds for each prompt, matched by text; a prompt it lacks is an error."""
+    where = {}
+    for i, r in enumerate(rows):  # tuples of turns: hashed once, no JSON per row
+        try:
+            where[tuple(r["prompt"]) if isinstance(r["prompt"], list) else (r["prompt"],)] = i
+        except (KeyError, TypeError):
+            raise ValueError(f"{Path(args.preds) / 'predictions.jsonl'}:{i + 1}: 'prompt' must be a string or a list of strings") from None
+    idx = [where.get(tuple(p["prompt"]), -1) for p in prompts]
+    missing = [p for p, i in zip(prompts, idx) if i < 0]
+    if missing:
+        raise ValueError(f"{missing[0]['line']}: prompt not in --preds {args.preds} ({len(missing)} of {len(prompts)} missing)")
+    return idx
 
 
 def load_betas(args, prompts, preds):
     """β [N, M] float64 for the prompts: the rows of --preds matched by prompt text, or the
     --checkpoint run on them (then also (beta, eta) as predicted, to save for reuse)."""
     if preds is not None:
-        beta, _, _, rows = preds
-        where = {}
-        for i, r in enumerate(rows):  # tuples of turns: hashed once, no JSON per row
-            try:
-                where[tuple(r["prompt"]) if isinstance(r["prompt"], list) else (r["prompt"],)] = i
-            except (KeyError, TypeError):
-                raise ValueError(f"{Path(args.preds) / 'predictions.jsonl'}:{i + 1}: 'prompt' must be a string or a list of strings") from None
-        idx = [where.get(tuple(p["prompt"]), -1) for p in prompts]
-        missing = [p for p, i in zip(prompts, idx) if i < 0]
-        if missing:
-            raise ValueError(f"{missing[0]['line']}: prompt not in --preds {args.preds} ({len(missing)} of {len(prompts)} missing)")
-        return beta[idx].double().numpy(), None
+        return preds[0][match_preds(args, prompts, preds[3])].double().numpy(), None
     model, tok = load_checkpoint(args.checkpoint, args.loss, max_len=args.max_len)
     # under torchrun each rank runs every N-th prompt and rank 0 merges (predict_prompts); the others stop here
     res = predict_prompts(model, tok, [p["prompt"] for p in prompts], args.out, 16, autodetect_device())
@@ -452,7 +478,9 @@ def parse_args(argv):
                      "into --out, so a rerun can pass --preds OUT and skip the forward passes)")
     src.add_argument("--preds", metavar="DIR", help="predictions.safetensors/.jsonl from evaluate.py or an earlier route.py "
                      "run; the prompts are matched by text")
-    p.add_argument("--prompts", help="JSONL(.gz) with a `prompt` per line (battle files too); one route per unique prompt")
+    p.add_argument("--prompts", nargs="+", metavar="FILE", help="JSONL(.gz) with a `prompt` per line (battle files too); "
+                   "one route per unique prompt. Several files are read as one set (a CV's out-of-fold predictions "
+                   "cover train + val: all their prompts are held out by some fold)")
     p.add_argument("--costs", default="data/costs/alpaca_eval.json", help="JSON {model: cost per query}; keys starting "
                    "with '_' say where the numbers come from. Default: the bundled proxy for the 57 AlpacaEval models")
     p.add_argument("--budget", type=float, help="expected cost per query, in the units of --costs (inf: unconstrained)")
@@ -466,6 +494,9 @@ def parse_args(argv):
                    "mixtures on the labelled votes of --prompts: sweep.csv, sweep.png, sweep.json")
     p.add_argument("--sweep-budgets", metavar="C,C,...", help="budgets for the printed router vs best-single-model "
                    "comparison (default: 3 between the cheapest model and what unconstrained routing spends, where it binds)")
+    p.add_argument("--baseline-votes", metavar="FILE", help="--sweep: also pick the best single model and best fixed "
+                   "mixture on these votes (the training split) instead of the held-out labels, as a user must; "
+                   "predictions whose rows carry a CV 'fold' do that without it, on the other folds' votes")
     p.add_argument("--out", default="out/route", help="routes.jsonl, metrics.json (and predictions, sweep files) go here")
     add_checkpoint_options(p)
     args = p.parse_args(argv)
@@ -473,6 +504,10 @@ def parse_args(argv):
         p.error("one of --checkpoint or --preds is required")
     if not args.prompts:
         p.error("--prompts is required")
+    if args.baseline_votes and not args.sweep:
+        p.error("--baseline-votes picks the --sweep baselines: pass --sweep too")
+    # the files to read; args.prompts names them in the outputs (one file: its path, as before)
+    args.prompt_files, args.prompts = args.prompts, " ".join(args.prompts)
     if args.budget is None and not args.sweep:
         p.error("--budget is required (or --sweep)")
     if args.budget is not None and math.isnan(args.budget):
@@ -482,9 +517,9 @@ def parse_args(argv):
 
 def read_inputs(args):
     """Everything that can fail on bad input fails here, before any output is written."""
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompt_files(args.prompt_files)
     try:
-        battles = read_battles(args.prompts) if args.sweep else None
+        battles = [bt for f in args.prompt_files for bt in read_battles(f)] if args.sweep else None
     except ValueError as e:
         raise ValueError(f"--sweep needs labelled votes (a battle file): {e}") from None
     check_out(args.out)
@@ -508,11 +543,8 @@ def read_inputs(args):
             raise ValueError(f"budget {b:g} is infeasible: the cheapest model, {model_list[cheap]}, costs "
                              f"{c[cheap]:g} per query ({args.costs})")
     r = skipped = None
-    if args.sweep:
-        r, skipped = realised_scores(battles, {prompt_key(p_["prompt"]): z for z, p_ in enumerate(prompts)},
-                                     {m: i for i, m in enumerate(model_list)})
-        if np.isnan(r).all():
-            raise ValueError(f"{args.prompts}: no vote credits any model on any prompt (what --sweep measures: route.py --help)")
+    if args.sweep:  # r: the sweep's Votes (held-out scores and where the no-peek baselines are picked)
+        r, skipped = sweep_votes(args, prompts, battles, preds, model_list)
     beta, raw = load_betas(args, prompts, preds)  # the checkpoint runs only once the inputs are known good
     return prompts, model_list, c, q, budgets, r, skipped, beta, raw
 
@@ -538,7 +570,7 @@ def main(argv=None):
                 if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
                     free = c[Wq.argmax(1)].mean()
                     budgets = np.maximum(spaced(c.min(), free, 5)[1:4].round(2), c.min()).tolist()
-                sweep(args, o.stage, r, skipped, beta, Wq, c, model_list, budgets, q_name)
+                sweep(args, o.stage, SweepRun(r, skipped, beta, Wq, bbar, c, model_list, budgets, q_name))
             o.commit(marker="metrics.json" if args.budget is not None else "sweep.json")
     except ValueError as e:  # --out held by another run
         sys.exit(f"error: {e}")
@@ -667,71 +699,282 @@ def write_routes(path, prompts, names, *cols, block=65536):
         raise
 
 
-def sweep(args, stage, r, skipped, beta, Wq, c, model_list, budgets, q_name):
-    """Realised cost-quality curves from r = realised_scores(...) (definitions: module docstring)."""
-    out, (N, M) = Path(args.out), beta.shape
-    table = []
+class Votes(NamedTuple):
+    """The labelled votes --sweep scores on. r [N, M] = realised_scores of the --prompts' votes: the
+    held-out labels (the oracle baselines are picked on them). The no-peek baselines are picked, for the
+    prompts of each CV fold (fold [N], from the --preds rows), on the other folds' rows of r, or for all
+    prompts on pick = realised_scores of --baseline-votes; source says which (None: neither)."""
+    r: np.ndarray
+    fold: np.ndarray | None
+    pick: np.ndarray | None
+    source: str | None
+
+
+class SweepRun(NamedTuple):
+    """What sweep() measures: the votes (and how many were skipped), the predictions, the run's settings."""
+    votes: Votes
+    skipped: int
+    beta: np.ndarray  # [N, M] per-prompt coefficients
+    Wq: np.ndarray    # [N, M] predicted win rates vs q
+    bbar: np.ndarray  # [M] the averaged leaderboard: what a prompt-blind router would read
+    c: np.ndarray     # [M] costs per query
+    model_list: list
+    budgets: list     # the summary's budgets (printed, sweep.json)
+    q_name: str
+
+
+def sweep_votes(args, prompts, battles, preds, model_list):
+    """(Votes, votes skipped) for --sweep; every bad input fails here, before any output."""
+    index = {m: i for i, m in enumerate(model_list)}
+    r, skipped = realised_scores(battles, {prompt_key(p_["prompt"]): z for z, p_ in enumerate(prompts)}, index)
+    if np.isnan(r).all():
+        raise ValueError(f"{args.prompts}: no vote credits any model on any prompt (what --sweep measures: route.py --help)")
+    if args.baseline_votes:  # a plain train/val split (or one CV fold with its training votes)
+        return Votes(r, None, baseline_scores(args.baseline_votes, prompts, index), args.baseline_votes), skipped
+    fold = prompt_folds(args, prompts, preds) if preds is not None else None
+    source = None if fold is None else f"the other CV folds' votes ({len(np.unique(fold))} folds in --preds {args.preds})"
+    return Votes(r, fold, None, source), skipped
+
+
+def baseline_scores(path, prompts, index):
+    """realised_scores of the --baseline-votes file. It must not share a prompt with the held-out ones:
+    a baseline picked on those votes would see the labels it is scored on."""
+    train = read_prompts(path)
+    held = {tuple(p["prompt"]) for p in prompts}
+    shared = [p for p in train if tuple(p["prompt"]) in held]
+    if shared:
+        raise ValueError(f"{shared[0]['line']}: --baseline-votes shares {len(shared)} prompts with --prompts "
+                         f"(baselines picked on them would see the held-out labels)")
+    try:
+        battles = read_battles(path)
+    except ValueError as e:
+        raise ValueError(f"--baseline-votes needs labelled votes (a battle file): {e}") from None
+    r, _ = realised_scores(battles, {prompt_key(p["prompt"]): z for z, p in enumerate(train)}, index)
+    if np.isnan(r).all():
+        raise ValueError(f"{path}: no vote credits any model on any prompt (--baseline-votes)")
+    return r
+
+
+def prompt_folds(args, prompts, preds):
+    """Each prompt's CV fold [N] from its --preds row (cv.py writes "fold"), or None when no row has one."""
+    rows = preds[3]
+    idx = match_preds(args, prompts, rows)
+    if not any("fold" in rows[i] for i in idx):
+        return None
+    for i in idx:
+        if type(rows[i].get("fold")) is not int:  # a mix of CV and other rows has no honest "other folds"
+            raise ValueError(f"{Path(args.preds) / 'predictions.jsonl'}:{i + 1}: 'fold' must be an integer "
+                             f"(other rows carry one), got {rows[i].get('fold')!r}")
+    fold = np.array([rows[i]["fold"] for i in idx])
+    if len(np.unique(fold)) < 2:
+        raise ValueError(f"--preds {args.preds}: every prompt of --prompts is in fold {fold[0]}, so no other fold's votes "
+                         f"can pick the baselines: pass --baseline-votes (that fold's training votes: cv.py's "
+                         f"fold{fold[0]}/train.jsonl.gz)")
+    return fold
+
+
+def model_scores(r):
+    """Each model's realised win rate (NaN where r never credits it) and coverage: score_policy of the model alone."""
+    M = r.shape[1]
+    sc, cov = zip(*(score_policy(r, np.eye(M)[m]) for m in range(M)))
+    return np.array(sc), np.array(cov)
+
+
+def pick_baselines(sc, cov, c, budget):
+    """The best single model within the budget, m, and the best fixed two-model mixture at the budget's
+    cost, (i, j, w) with π_i = w (the upper hull of the models), picked on the realised win rates sc among
+    the models with coverage > 0. (None, None) when none of those is affordable."""
+    ok = np.flatnonzero(cov > 0)
+    if not len(ok) or budget < c[ok].min():
+        return None, None
+    aff = ok[c[ok] <= budget]
+    i, j, w = hull_route(sc[ok], c[ok], budget, np.argsort(c[ok], kind="stable").tolist())
+    return int(aff[np.argmax(sc[aff])]), (int(ok[i]), int(ok[j]), w)
+
+
+def mix(i, j, w, M):
+    return w * np.eye(M)[i] + (1 - w) * np.eye(M)[j]
+
+
+def mix_name(model_list, i, j, w):
+    return f"{model_list[i]} {w:.2f} + {model_list[j]}"
+
+
+def single_rows(run):
+    """The sweep table's row of every single model."""
+    r, M = run.votes.r, len(run.c)
+    rows = []
     for m in range(M):
         rw, cov = score_policy(r, np.eye(M)[m])
-        table.append({"kind": "model", "name": model_list[m], "budget": "", "expected_cost": c[m],
-                      "predicted_win_rate": Wq[:, m].mean(), "realised_win_rate": rw, "coverage": cov})
-    singles = [dict(t, pi=np.eye(M)[m]) for m, t in enumerate(table) if t["coverage"] > 0]
-    sc, cc = np.array([t["realised_win_rate"] for t in singles]), np.array([t["expected_cost"] for t in singles])
-    rng = np.random.default_rng(args.seed)
-    for _ in range(200):
+        rows.append({"kind": "model", "name": run.model_list[m], "budget": "", "expected_cost": run.c[m],
+                     "predicted_win_rate": run.Wq[:, m].mean(), "realised_win_rate": rw, "coverage": cov})
+    return rows
+
+
+def mixture_rows(run, rng, n=200):
+    """n random fixed mixtures of two models: the cloud the best fixed mixture is the upper edge of."""
+    r, M = run.votes.r, len(run.c)
+    rows = []
+    for _ in range(n):
         a, b = rng.choice(M, 2, replace=False)
         w = rng.random()
         pi = w * np.eye(M)[a] + (1 - w) * np.eye(M)[b]
         rw, cov = score_policy(r, pi)
-        table.append({"kind": "mixture", "name": f"{model_list[a]} {w:.2f} + {model_list[b]}", "budget": "",
-                      "expected_cost": pi @ c, "predicted_win_rate": (Wq @ pi).mean(), "realised_win_rate": rw, "coverage": cov})
-    at = {}
-    for bgt in sorted(set(spaced(c.min(), c.max(), 40).tolist()) | set(budgets)):
+        rows.append({"kind": "mixture", "name": f"{run.model_list[a]} {w:.2f} + {run.model_list[b]}", "budget": "",
+                     "expected_cost": pi @ run.c, "predicted_win_rate": (run.Wq @ pi).mean(), "realised_win_rate": rw,
+                     "coverage": cov})
+    return rows
+
+
+def curve_rows(run, sc, cov):
+    """Every router at 40 budgets from the cheapest to the dearest model (and the summary's budgets), and
+    the best fixed mixture at each cost picked WITH the labels (sc, cov: the held-out model_scores).
+    Returns (rows, at): at[name, budget] is a row (+ π for the oracle mixture), at["pi", budget] the
+    optimal router's π [N, M]."""
+    r, c, M = run.votes.r, run.c, len(run.c)
+    rows, at = [], {}
+    for bgt in sorted(set(spaced(c.min(), c.max(), 40).tolist()) | set(run.budgets)):
         for router in ROUTERS:
-            I, J, Wt = route_all(router, beta, Wq, c, bgt)
-            pi = dense(I, J, Wt, M)
-            rw, cov = score_policy(r, pi)
+            pi = dense(*route_all(router, run.beta, run.Wq, c, bgt), M)
+            rw, cv = score_policy(r, pi)
             at[router, bgt] = {"kind": "router", "name": router, "budget": bgt, "expected_cost": (pi @ c).mean(),
-                               "predicted_win_rate": (pi * Wq).sum(1).mean(), "realised_win_rate": rw, "coverage": cov}
-            table.append(at[router, bgt])
-        # the best prompt-independent mixture at this cost, picked WITH the labels: the upper hull of the single models
-        if bgt >= cc.min():
-            i, j, w = hull_route(sc, cc, bgt, np.argsort(cc, kind="stable").tolist())
-            at["fixed", bgt] = {"kind": "best_fixed_mixture", "name": f"{singles[i]['name']} {w:.2f} + {singles[j]['name']}",
-                                "budget": bgt, "expected_cost": w * cc[i] + (1 - w) * cc[j], "predicted_win_rate": "",
-                                "realised_win_rate": w * sc[i] + (1 - w) * sc[j], "coverage": ""}
-            table.append(at["fixed", bgt])
-            at["fixed", bgt] = dict(at["fixed", bgt], pi=w * singles[i]["pi"] + (1 - w) * singles[j]["pi"])
-    summary = []
-    for bgt in budgets:
-        # (a budget below every credited model has no single-model or fixed-mixture baseline)
-        bs = max((t for t in singles if t["expected_cost"] <= bgt), key=lambda t: t["realised_win_rate"], default={})
-        fx = at.get(("fixed", bgt), {})
-        router = per_prompt(r, dense(*route_all("optimal", beta, Wq, c, bgt), M))
-        ci = {}
-        for name, pi in (("single", bs.get("pi")), ("fixed", fx.get("pi"))):
-            ci[name] = paired_ci(router, per_prompt(r, pi), np.random.default_rng(args.seed)) if pi is not None else None
-        summary.append({"budget": bgt, "router_expected_cost": at["optimal", bgt]["expected_cost"],
-                        "router_realised": at["optimal", bgt]["realised_win_rate"],
-                        "router_predicted": at["optimal", bgt]["predicted_win_rate"], "router_coverage": at["optimal", bgt]["coverage"],
-                        "simple_realised": at["simple", bgt]["realised_win_rate"], "strict_realised": at["strict", bgt]["realised_win_rate"],
-                        "best_single_model": bs.get("name", "-"), "best_single_cost": bs.get("expected_cost", math.nan),
-                        "best_single_realised": bs.get("realised_win_rate", math.nan), "best_single_coverage": bs.get("coverage"),
-                        "best_fixed_mixture": fx.get("name", "-"), "best_fixed_mixture_realised": fx.get("realised_win_rate", math.nan),
-                        "router_minus_single_ci95": ci["single"], "router_minus_fixed_ci95": ci["fixed"]})
+                               "predicted_win_rate": (pi * run.Wq).sum(1).mean(), "realised_win_rate": rw, "coverage": cv}
+            rows.append(at[router, bgt])
+            if router == "optimal":
+                at["pi", bgt] = pi
+        _, fixed = pick_baselines(sc, cov, c, bgt)
+        if fixed is not None:
+            i, j, w = fixed
+            rows.append({"kind": "best_fixed_mixture", "name": mix_name(run.model_list, i, j, w), "budget": bgt,
+                         "expected_cost": w * c[i] + (1 - w) * c[j], "predicted_win_rate": "",
+                         "realised_win_rate": w * sc[i] + (1 - w) * sc[j], "coverage": ""})
+            at["fixed", bgt] = dict(rows[-1], pi=mix(i, j, w, M))
+    return rows, at
+
+
+def nopeek_baselines(run, budget):
+    """Per-prompt π [N, M] of the best single model and of the best fixed mixture picked WITHOUT the
+    held-out labels: for each CV fold's prompts on the other folds' votes, or for all on --baseline-votes.
+    Returns (π single, π fixed, picks), or None when some fold's votes credit no affordable model."""
+    v, (N, M) = run.votes, run.beta.shape
+    if v.pick is not None:
+        groups = [(None, np.ones(N, bool), v.pick)]
+    else:
+        groups = [(int(k), v.fold == k, v.r[v.fold != k]) for k in np.unique(v.fold)]
+    pi_single, pi_fixed, picks = np.zeros((N, M)), np.zeros((N, M)), []
+    for k, rows, r_pick in groups:
+        single, fixed = pick_baselines(*model_scores(r_pick), run.c, budget)
+        if single is None:
+            return None
+        pi_single[rows], pi_fixed[rows] = np.eye(M)[single], mix(*fixed, M)
+        picks.append({"fold": k, "best_single_model": run.model_list[single],
+                      "best_fixed_mixture": mix_name(run.model_list, *fixed)})
+    return pi_single, pi_fixed, picks
+
+
+def nopeek_summary(args, run, budget, router):
+    """The no-peek baselines at one budget, scored on the held-out votes: names, cost, realised win rate,
+    coverage, and the 95% paired bootstrap interval of router − baseline (router = per_prompt(...))."""
+    keys = ("model", "cost", "realised", "coverage", "ci95")
+    got = nopeek_baselines(run, budget) if run.votes.source else None
+    if got is None:
+        return {f"nopeek_{b}_{k}": None for b in ("single", "fixed") for k in keys} | {"nopeek_picks": None}
+    out, r = {}, run.votes.r
+    for b, pi, key in (("single", got[0], "best_single_model"), ("fixed", got[1], "best_fixed_mixture")):
+        names = sorted({p[key] for p in got[2]})
+        rw, cov = score_policy(r, pi)
+        out |= {f"nopeek_{b}_model": names[0] if len(names) == 1 else f"{len(names)} picks over {len(got[2])} folds",
+                f"nopeek_{b}_cost": (pi @ run.c).mean(), f"nopeek_{b}_realised": rw, f"nopeek_{b}_coverage": cov,
+                f"nopeek_{b}_ci95": paired_ci(router, per_prompt(r, pi), np.random.default_rng(args.seed))}
+    return out | {"nopeek_picks": got[2]}
+
+
+def variety(pi, beta, bbar, c, budget):
+    """How varied the router's decisions are at one budget (π [N, M]): the distinct models it routes to
+    (π mass > 0 on some prompt); the entropy in bits of its routed-model histogram (π mass over prompts;
+    0 = one model for all); the share of prompts whose decision (the set of models mixed) is not the
+    most common one; the share whose top affordable model by β(z) is not the averaged leaderboard's."""
+    h = pi.mean(0)
+    h = h[h > 0]
+    decisions = collections.Counter(map(tuple, (pi > 0)))
+    aff = np.flatnonzero(c <= budget)
+    top = aff[beta[:, aff].argmax(1)]
+    return {"routed_models": int((pi > 0).any(0).sum()), "routed_entropy_bits": float(-(h * np.log2(h)).sum()) + 0.0,
+            "off_modal_share": 1 - max(decisions.values()) / len(pi),
+            "top_differs_share": float((top != aff[bbar[aff].argmax()]).mean())}
+
+
+def budget_summary(args, run, at, sc, cov, bgt):
+    """One budget's line: the optimal router vs the best single model and the best fixed mixture, picked
+    WITH the held-out labels (oracles) and without them (no peeking), and the decisions' variety."""
+    r, M = run.votes.r, len(run.c)
+    single, _ = pick_baselines(sc, cov, run.c, bgt)  # (a budget below every credited model has no baseline)
+    bs = {} if single is None else {"name": run.model_list[single], "expected_cost": run.c[single],
+                                    "realised_win_rate": sc[single], "coverage": cov[single], "pi": np.eye(M)[single]}
+    fx = at.get(("fixed", bgt), {})
+    router = per_prompt(r, at["pi", bgt])
+    ci = {}
+    for name, pi in (("single", bs.get("pi")), ("fixed", fx.get("pi"))):
+        ci[name] = paired_ci(router, per_prompt(r, pi), np.random.default_rng(args.seed)) if pi is not None else None
+    opt = at["optimal", bgt]
+    return {"budget": bgt, "router_expected_cost": opt["expected_cost"], "router_realised": opt["realised_win_rate"],
+            "router_predicted": opt["predicted_win_rate"], "router_coverage": opt["coverage"],
+            "simple_realised": at["simple", bgt]["realised_win_rate"], "strict_realised": at["strict", bgt]["realised_win_rate"],
+            "best_single_model": bs.get("name", "-"), "best_single_cost": bs.get("expected_cost", math.nan),
+            "best_single_realised": bs.get("realised_win_rate", math.nan), "best_single_coverage": bs.get("coverage"),
+            "best_fixed_mixture": fx.get("name", "-"), "best_fixed_mixture_realised": fx.get("realised_win_rate", math.nan),
+            "router_minus_single_ci95": ci["single"], "router_minus_fixed_ci95": ci["fixed"],
+            **nopeek_summary(args, run, bgt, router), **variety(at["pi", bgt], run.beta, run.bbar, run.c, bgt)}
+
+
+def sweep(args, stage, run):
+    """Realised cost-quality curves on run = SweepRun(...) (definitions: module docstring):
+    sweep.csv, sweep.json, sweep.png into stage, and the printed tables."""
+    sc, cov = model_scores(run.votes.r)
+    table = single_rows(run) + mixture_rows(run, np.random.default_rng(args.seed))
+    rows, at = curve_rows(run, sc, cov)
+    table += rows
+    summary = [budget_summary(args, run, at, sc, cov, bgt) for bgt in run.budgets]
+    table += nopeek_rows(summary)
+    write_sweep(args, stage, run, table, summary)
+    plot_sweep(table, stage / "sweep.png", f"{args.prompts}: {len(run.beta)} prompts, costs {Path(args.costs).name}, "
+                                           f"opponents {run.q_name}")
+    print_sweep(args, run, summary)
+
+
+def nopeek_rows(summary):
+    """sweep.csv rows of the no-peek baselines at the summary's budgets (after every earlier row)."""
+    return [{"kind": f"nopeek_best_{kind}", "name": s_[f"nopeek_{b}_model"], "budget": s_["budget"],
+             "expected_cost": s_[f"nopeek_{b}_cost"], "predicted_win_rate": "", "realised_win_rate": s_[f"nopeek_{b}_realised"],
+             "coverage": s_[f"nopeek_{b}_coverage"]}
+            for s_ in summary if s_["nopeek_single_model"] is not None
+            for b, kind in (("single", "single"), ("fixed", "fixed_mixture"))]
+
+
+def write_sweep(args, stage, run, table, summary):
     buf = io.StringIO()
     wr = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
     wr.writeheader()
     wr.writerows({k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in t.items()} for t in table)
     atomic_write(stage / "sweep.csv", buf.getvalue())
-    write_json(stage / "sweep.json", finite_or_none({"prompts": N, "votes_skipped": skipped, "opponents": q_name, "costs": args.costs,
-                                      "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
-                                      "note": "realised win rates on the labelled votes (route.py docstring); the best single "
-                                              "model and best fixed mixture are chosen WITH these labels (an oracle baseline)",
-                                      "budgets": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s_.items()}
-                                                  for s_ in summary]}))
-    plot_sweep(table, stage / "sweep.png", f"{args.prompts}: {N} prompts, costs {Path(args.costs).name}, opponents {q_name}")
-    print(f"\nrealised win rate on the votes of {args.prompts} ({N} prompts, {skipped} votes skipped); the best single "
+    top = float((run.beta.argmax(1) != run.bbar.argmax()).mean())  # top_differs_share over all models
+    write_json(stage / "sweep.json", finite_or_none({
+        "prompts": len(run.beta), "votes_skipped": run.skipped, "opponents": run.q_name, "costs": args.costs,
+        "source": args.checkpoint or args.preds, "prompts_file": args.prompts,
+        "note": "realised win rates on the labelled votes (route.py docstring); the best single "
+                "model and best fixed mixture are chosen WITH these labels (an oracle baseline)",
+        "budgets": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s_.items()} for s_ in summary],
+        "nopeek_picked_on": run.votes.source,
+        "nopeek_note": "nopeek_*: the same baselines picked WITHOUT the held-out labels (on nopeek_picked_on; per CV "
+                       "fold on the other folds' votes, nopeek_picks), scored on the held-out votes; ci95: router − "
+                       "baseline, 95% paired bootstrap over prompts. Variety of the optimal router's decisions: "
+                       "routed_models, routed_entropy_bits, off_modal_share, top_differs_share (route.py docstring)",
+        "top_differs_share_all_models": top}))
+
+
+def print_sweep(args, run, summary):
+    """The printed tables: the oracle baselines (as before), then the no-peek baselines and the variety."""
+    print(f"\nrealised win rate on the votes of {args.prompts} ({len(run.beta)} prompts, {run.skipped} votes skipped); the best single "
           f"model and best fixed mixture are picked WITH these labels")
     print(f"{'budget':>7s} {'spent':>6s} {'optimal':>7s} {'simple':>7s} {'strict':>7s} {'best single model':>30s} {'cost':>6s} "
           f"{'win':>6s} {'opt-single [95% CI]':>26s} {'fixed mix':>9s} {'opt-fixed [95% CI]':>26s} {'cover':>5s}")
@@ -743,7 +986,20 @@ def sweep(args, stage, r, skipped, beta, Wq, c, model_list, budgets, q_name):
               f"{s_['best_fixed_mixture_realised']:9.4f} "
               f"{fmt(s_['router_realised'] - s_['best_fixed_mixture_realised'], s_['router_minus_fixed_ci95']):>26s} "
               f"{s_['router_coverage']:5.3f}")
-    print(f"-> {out / 'sweep.csv'}, {out / 'sweep.png'}, {out / 'sweep.json'}")
+    src = run.votes.source or "none: pass --baseline-votes TRAIN, or CV predictions whose rows carry 'fold'"
+    print(f"\nno-peek baselines (picked on {src}), scored on the same held-out votes; variety of the optimal "
+          f"router's decisions (top≠avg: top affordable model by β(z) is not the averaged leaderboard's)")
+    print(f"{'budget':>7s} {'optimal':>7s} {'best single (no peek)':>30s} {'win':>6s} {'opt-single [95% CI]':>26s} "
+          f"{'fixed mix':>9s} {'opt-fixed [95% CI]':>26s} {'models':>6s} {'H bits':>6s} {'off-mode':>8s} {'top≠avg':>7s}")
+    for s_ in summary:
+        got = s_["nopeek_single_model"] is not None
+        d = {b: fmt(s_["router_realised"] - s_[f"nopeek_{b}_realised"], s_[f"nopeek_{b}_ci95"]) if got else "-"
+             for b in ("single", "fixed")}
+        win = {b: f"{s_[f'nopeek_{b}_realised']:.4f}" if got else "-" for b in ("single", "fixed")}
+        print(f"{s_['budget']:7.2f} {s_['router_realised']:7.4f} {(s_['nopeek_single_model'] or '-')[:30]:>30s} "
+              f"{win['single']:>6s} {d['single']:>26s} {win['fixed']:>9s} {d['fixed']:>26s} {s_['routed_models']:6d} "
+              f"{s_['routed_entropy_bits']:6.3f} {s_['off_modal_share']:8.3f} {s_['top_differs_share']:7.3f}")
+    print(f"-> {Path(args.out) / 'sweep.csv'}, {Path(args.out) / 'sweep.png'}, {Path(args.out) / 'sweep.json'}")
 
 
 def plot_sweep(table, path, title):
