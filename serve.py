@@ -1043,7 +1043,7 @@ def parse_args(argv=None):
     p.add_argument("--max-prompts", type=int, default=256, help="most prompts per /v1/leaderboard request")
     p.add_argument("--max-request-tokens", type=int, default=65536, help="most tokens (after truncation to the "
                    "model's max_len) per /v1/leaderboard request: a bigger job is refused (413), not left to stall the queue")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="most tokens in one gathered batch: a large "
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="most tokens in one gathered batch: a large "
                    "leaderboard job runs as many small forwards, and chat decisions, which go first, wait for one at most")
     p.add_argument("--breaker-failures", type=int, default=3, help="an upstream that fails this many times in a row "
                    "is skipped (routing goes over the others, under the same budget) ...")

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -14,7 +13,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 
 import serve as S
 import test_p2l as T
@@ -393,5 +391,3 @@ def test_explorer_in_headless_chromium(serve_ck, upstream, tmp_path):
             b.quit()
     png = (tmp_path / "explorer.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    if os.environ.get("P2L_EXPLORER_PNG"):  # how docs/img/explorer.png was made
-        shutil.copy(tmp_path / "explorer.png", os.environ["P2L_EXPLORER_PNG"])
