@@ -27,8 +27,16 @@ run: venv
 	$(PY) livebench_eval.py --train-cv 2 --out out/livebench/cv
 	$(PY) livebench_eval.py --preds out/livebench/cv --costs data/livebench/costs_params.json --budget 8,16,32,64 --out out/livebench/cv-budget
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q test_p2l.py
+
+# headless Chromium and its WebDriver (Debian packages) for the explorer page's browser test; where they cannot be
+# installed (no root, no apt) the test skips with one line saying so
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } || \
+	  echo "browser: could not install chromium + chromium-driver with apt-get; the explorer's browser test will skip"
 
 # the known-answer tests only, no training and no separate processes (~35 s on the shared 2-core CPU)
 test-fast: venv
@@ -71,4 +79,4 @@ routellm: venv
 		$(R) --loss grk-soft --eval-every 100000
 	$(PY) routellm_eval.py --preds out/cv-pooled --covered-only --out out/routellm
 
-.PHONY: venv run test test-fast bench bench-scale scaling routellm
+.PHONY: venv browser run test test-fast bench bench-scale scaling routellm

@@ -2473,15 +2473,16 @@ def test_serve_routes_known_beta_and_restricts_to_listed_models(serve_ck, tmp_pa
     args = S.parse_args(["--checkpoint", str(d / "ck"), "--models", str(mf), "--budget", "10"])
     svc = S.Service(model, tok, args, S.read_models(mf, MODELS))
     r = svc.decide(beta, 10.0)
-    assert r["pi"] == {"pricey": 1.0} and r["chosen"] == "pricey" and r["fallback"] == "zbase"
+    assert r["pi"] == {"pricey": 1.0} and r["chosen"] == "pricey" and svc.decide(beta, 10.0, down={"pricey"})["chosen"] == "zbase"
     assert r["theta"] == 3.0 and r["expected_cost"] == 10.0
-    r = svc.decide(beta, 4.0, seed=0)  # a mixture on the hull: the fallback is π's other model
-    assert len(r["pi"]) == 2 and r["expected_cost"] == pytest.approx(4.0) and r["fallback"] in r["pi"]
-    assert r["fallback"] != r["chosen"] and abs(sum(r["pi"].values()) - 1) < 1e-9
+    r = svc.decide(beta, 4.0, seed=0)  # a mixture on the hull; if its model fails, a re-route under the same budget
+    assert len(r["pi"]) == 2 and r["expected_cost"] == pytest.approx(4.0) and abs(sum(r["pi"].values()) - 1) < 1e-9
+    r2 = svc.decide(beta, 4.0, down={r["chosen"]}, u=r["u"])
+    assert r2["chosen"] != r["chosen"] and r["chosen"] not in r2["pi"] and r2["expected_cost"] <= 4.0 + 1e-9
     mf3 = models_file(tmp_path / "m3.json", "http://127.0.0.1:9", "ok", models=["cheap", "mid", "zbase"])
     svc3 = S.Service(model, tok, args, S.read_models(mf3, MODELS))
     r = svc3.decide(beta, 10.0)
-    assert r["pi"] == {"zbase": 1.0} and r["fallback"] == "mid"  # pricey has no upstream: never routed to
+    assert r["pi"] == {"zbase": 1.0} and svc3.decide(beta, 10.0, down={"zbase"})["pi"] == {"mid": 1.0}  # pricey has no upstream
     b3 = beta[[0, 1, 3]]  # win rate against q uniform over the 3 routable models
     assert r["win_rate"] == pytest.approx(np.mean(expit(b3[2] - b3)), abs=1e-12)
 
@@ -2679,8 +2680,8 @@ def test_serve_faults_fallback_and_status_codes(serve_ck, upstream):
         assert r.status_code == 400 and "limit of 10" in r.json()["error"]["message"]
         assert post({"model": "p2l", "messages": ask("x" * (1100 * 1024))}).status_code == 413
         assert post({"model": "p2l", "messages": prompt}, headers={}).status_code == 401
-        assert post({"model": "p2l", "messages": prompt}, headers={"Authorization": "Bearer sk-wrong"}).status_code == 403
-        with pytest.raises(openai.PermissionDeniedError):
+        assert post({"model": "p2l", "messages": prompt}, headers={"Authorization": "Bearer sk-wrong"}).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
             oai(url, key="sk-wrong").chat.completions.create(model="p2l", messages=prompt)
     drop, stop = drop_server()
     try:
@@ -2770,7 +2771,7 @@ def test_serve_command_line_log_has_no_keys_or_prompts(serve_ck, upstream, tmp_p
                            json={"model": "p2l", "messages": ask(secret), "budget": budget})
             assert r.status_code == (502 if budget == 1 else 200), r.text
         assert httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-wrong-key-xyz"}, timeout=30,
-                          json={"model": "p2l", "messages": ask(secret)}).status_code == 403
+                          json={"model": "p2l", "messages": ask(secret)}).status_code == 401
     finally:
         proc.terminate()
         rest, _ = proc.communicate(timeout=30)
