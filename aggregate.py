@@ -80,6 +80,8 @@ def pair_prob_sums(beta, eta, head, w):
     fT = phi_t(beta)
     wT = w.T.contiguous()
 
+    # both directions summed from φ: two more passes over r than 1 − P would take (measured: the bt mean matrix
+    # takes ~1.7x the CPU time), and exact wherever the lower model's chance is tiny
     def visit(i, r):  # σ(β_i − β_j) = φ_i·r_ij, σ(β_j − β_i) = φ_j·r_ij
         rb = r * fT[i + 1:]
         if w.shape[0] == 1:
@@ -568,11 +570,9 @@ def plot_leaderboard(rows, path, title):
     y = list(range(M))[::-1]  # best on top
     x = [r["rating"] for r in rows]
     has_ci = "rating_lo" in rows[0]
-    if has_ci:
-        err = [[r["rating"] - r["rating_lo"] for r in rows], [r["rating_hi"] - r["rating"] for r in rows]]
-        bars = ax.errorbar(x, y, xerr=err, fmt="o", ms=4, color="#1f4e8c", ecolor="#7a9cc6", elinewidth=1.6, capsize=2.5)
-    else:
-        bars = ax.errorbar(x, y, fmt="o", ms=4, color="#1f4e8c")
+    if has_ci:  # whiskers as segments lo..hi (a percentile CI need not contain the point estimate)
+        wh = ax.hlines(y, [r["rating_lo"] for r in rows], [r["rating_hi"] for r in rows], color="#7a9cc6", lw=1.6)
+    (dots,) = ax.plot(x, y, "o", ms=4, color="#1f4e8c", zorder=3)
     ax.set_yticks(y, [f"{r['rank']}. {r['model']}" for r in rows], fontsize=8)
     ax.set_ylim(-0.7, M - 0.3)
     ax.set_xlabel("rating (Arena scale: 1000 + 400·β / ln 10)" + ("; whisker: 95% bootstrap CI" if has_ci else ""))
@@ -580,10 +580,10 @@ def plot_leaderboard(rows, path, title):
     ax.grid(axis="x", alpha=0.3)
     labels = [t.get_text() for _, t in sorted(zip(ax.get_yticks(), ax.get_yticklabels()), key=lambda p: -p[0])]
     drawn = {"models": [t.split(". ", 1)[1] for t in labels],  # top to bottom
-             "rating": [float(v) for _, v in sorted(zip(*(bars.lines[0].get_data()[::-1])), key=lambda p: -p[0])],
+             "rating": [float(v) for _, v in sorted(zip(*(dots.get_data()[::-1])), key=lambda p: -p[0])],
              "lo": None, "hi": None}
     if has_ci:  # the whiskers as drawn: one horizontal segment per model, top to bottom
-        seg = sorted(bars.lines[2][0].get_segments(), key=lambda s_: -s_[0][1])
+        seg = sorted(wh.get_segments(), key=lambda s_: -s_[0][1])
         drawn["lo"] = [float(min(s_[0][0], s_[1][0])) for s_ in seg]
         drawn["hi"] = [float(max(s_[0][0], s_[1][0])) for s_ in seg]
     save_png(fig, path)
@@ -608,7 +608,7 @@ def plot_rank_heatmap(boards, order, path, title):
         for j in range(len(order)):
             if not np.isnan(R[i, j]):
                 ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if R[i, j] < 0.5 * np.nanmax(R) else "black")
+                        color="black" if R[i, j] < 0.55 * np.nanmax(R) else "white")  # viridis_r: light at low ranks
     ax.set_xticks(range(len(order)), order, rotation=90, fontsize=7)
     ax.set_yticks(range(len(groups)), groups, fontsize=8)
     ax.set_title(title, fontsize=10)

@@ -11,6 +11,8 @@ Arena; --unique of the battles have a prompt of their own, the rest repeat an ea
 by a Zipf-like popularity; outcomes (a, b, tie, both bad) from a random grounded-RK leaderboard.
 Stages:
   index     C.index_votes: one streaming pass, votes as flat arrays (no prompt text held)
+  parquet   the same battles as an Arena-schema parquet file (conversation_a, winner, id, language;
+            row groups of 50k), read by C.index_votes through C.read_parquet's record batches
   tokenize  C.token_cache with one worker per CPU on the first --tokenize-prompts unique prompts;
             at sizes above that the time for all prompts is EXTRAPOLATED from the measured tokens/s
   sampler   one epoch of C.token_batches (--max-tokens, length-grouped) and of the fixed-count
@@ -48,6 +50,8 @@ p.add_argument("--steps", type=int, default=4, help="optimizer steps timed per s
 p.add_argument("--train-len", type=int, default=1024, help="train stage only: prompts keep their last N tokens (on this CPU "
                "one 8k-token prompt takes ~100 s forward + backward even in a 2-layer model: attention is quadratic)")
 p.add_argument("--train-max-tokens", type=int, default=4096, help="train stage: token budget of the length-grouped batches")
+p.add_argument("--stages", default="index,parquet,tokenize,sampler,train",
+               help="stages to run, comma-separated (e.g. index,parquet: the readers' time and peak memory alone)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--out", default="out/bench-scale", help="synthetic battle files, the token caches, results.json")
 p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this (fresh) process
@@ -57,7 +61,10 @@ out = Path(args.out)
 
 
 def peak_rss_mib(children=False):
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # this process's own high-water mark (VmHWM): ru_maxrss survives exec on Linux, so a stage child would
+    # report at least the driver's RSS at fork time (the same number for every stage)
+    with open("/proc/self/status") as f:
+        r = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     if children:
         r = max(r, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return r / 1024  # Linux reports KiB
@@ -111,6 +118,26 @@ def generate(n, path, head_path):
                 h.write(line)
     return n_unique
 
+def to_parquet(path, pq_path, rows_per_group=50_000):
+    """The JSONL battles as a parquet file in LMArena's schema (conversation_a as role/content turns,
+    winner, id, language), written row group by row group: never the whole file in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("model_a", pa.string()), ("model_b", pa.string()), ("winner", pa.string()),
+                        ("conversation_a", pa.list_(turn)), ("language", pa.string())])
+    with open(path) as f, pq.ParquetWriter(pq_path, schema) as w:
+        buf = []
+        for i, line in enumerate(f):
+            r = json.loads(line)
+            buf.append({"id": f"b{i}", "model_a": r["model_a"], "model_b": r["model_b"], "winner": r["winner"],
+                        "conversation_a": [{"role": "user", "content": r["prompt"]}], "language": "English"})
+            if len(buf) == rows_per_group:
+                w.write_table(pa.Table.from_pylist(buf, schema))
+                buf = []
+        if buf:
+            w.write_table(pa.Table.from_pylist(buf, schema))
+
 # -----------------------------------------------------------------------------
 # stages, each in its own process
 
@@ -127,6 +154,14 @@ def stage_index(n):
     v = C.index_votes(out / f"battles-{n}.jsonl", "grk")
     return {"seconds": time.perf_counter() - t0, "battles": v["n_battles"], "prompts": v["n_prompts"],
             "models": len(v["models"])}
+
+
+def stage_parquet(n):
+    import common as C
+    t0 = time.perf_counter()
+    v = C.index_votes(out / f"battles-{n}.parquet", "grk")
+    return {"seconds": time.perf_counter() - t0, "battles": v["n_battles"], "prompts": v["n_prompts"],
+            "models": len(v["models"]), "batch_rows": C.PARQUET_BATCH}
 
 
 def stage_tokenize(n):
@@ -214,7 +249,8 @@ def stage_train(n):
 if args.stage:  # child process: one stage, its result and peak RSS as one JSON line
     sys.path.insert(0, str(HERE))
     n_unique = max(1, int(args.unique * args.size))
-    r = {"index": lambda: stage_index(args.size), "tokenize": lambda: stage_tokenize(args.size),
+    r = {"index": lambda: stage_index(args.size), "parquet": lambda: stage_parquet(args.size),
+         "tokenize": lambda: stage_tokenize(args.size),
          "sampler": lambda: stage_sampler(args.size, n_unique), "train": lambda: stage_train(args.size)}[args.stage]()
     r["peak_rss_mib"] = peak_rss_mib(children=args.stage == "tokenize")
     print("RESULT " + json.dumps(r))
@@ -235,6 +271,9 @@ def run_stage(stage, n):
 sys.path.insert(0, str(HERE))
 out.mkdir(parents=True, exist_ok=True)
 sizes = [int(s) for s in args.sizes.split(",")]
+stages = args.stages.split(",")
+if not set(stages) <= {"index", "parquet", "tokenize", "sampler", "train"}:
+    sys.exit(f"error: --stages {args.stages}: choose from index, parquet, tokenize, sampler, train")
 results = {}
 for n in sizes:
     path, head = out / f"battles-{n}.jsonl", out / f"battles-{n}-head.jsonl"
@@ -242,21 +281,30 @@ for n in sizes:
     n_unique = generate(n, path, head)
     print(f"{n} battles, {n_unique} unique prompts, {args.models} models: generated in {time.perf_counter() - t0:.0f} s "
           f"({path.stat().st_size / 2 ** 20:.0f} MiB)", flush=True)
+    if "parquet" in stages:
+        t0 = time.perf_counter()
+        to_parquet(path, out / f"battles-{n}.parquet")
+        size = (out / f"battles-{n}.parquet").stat().st_size / 2 ** 20
+        print(f"  as parquet (Arena schema): {time.perf_counter() - t0:.0f} s ({size:.0f} MiB)", flush=True)
     res = {"battles": n, "unique_prompts": n_unique}
-    for stage in ("index", "tokenize", "sampler", "train"):
+    for stage in stages:
         res[stage] = run_stage(stage, n)
         print(f"  {stage:8s} {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res[stage].items()})}", flush=True)
-    tk = res["tokenize"]
-    tk["extrapolated"] = n_unique > tk["prompts"]
-    tk["seconds_all"] = tk["seconds"] * n_unique / tk["prompts"]  # tokens/s measured, applied to all prompts
+    if "tokenize" in res:
+        tk = res["tokenize"]
+        tk["extrapolated"] = n_unique > tk["prompts"]
+        tk["seconds_all"] = tk["seconds"] * n_unique / tk["prompts"]  # tokens/s measured, applied to all prompts
     results[n] = res
     path.unlink()  # GiBs at full size; regenerated from the seed
     head.unlink()
+    (out / f"battles-{n}.parquet").unlink(missing_ok=True)
 
-rows = [("index: battle file -> flat arrays", "index", "seconds"), ("tokenize (all prompts)", "tokenize", "seconds_all"),
+rows = [("index: battle file -> flat arrays", "index", "seconds"), ("index: the same as Arena parquet", "parquet", "seconds"),
+        ("tokenize (all prompts)", "tokenize", "seconds_all"),
         ("sampler: one epoch, token budget", "sampler", "seconds"), ("train step, token budget", "train", None)]
 print(f"\n{'stage':36s}" + "".join(f"{f'{n} s':>12s}{f'{n} MiB':>12s}" for n in sizes)
       + ("  time ratio / size ratio" if len(sizes) > 1 else ""))
+rows = [r for r in rows if r[1] in stages]
 for label, st, key in rows:
     secs = [results[n][st][key] if key else results[n][st]["token_budget"]["seconds_per_step"] for n in sizes]
     rss = [results[n][st]["peak_rss_mib"] for n in sizes]
@@ -264,7 +312,7 @@ for label, st, key in rows:
     if len(sizes) > 1:
         line += f"  {(secs[-1] / secs[0]) / (sizes[-1] / sizes[0]):.2f}" if key else "  (per step: size-independent)"
     print(line)
-for n in sizes:
+for n in (sizes if {"tokenize", "sampler", "train"} <= set(stages) else []):
     tk, sa, tr = results[n]["tokenize"], results[n]["sampler"], results[n]["train"]
     print(f"{n}: tokenized {tk['prompts']} prompts, {tk['tokens']} tokens at {tk['tokens_per_s']:.0f} tokens/s "
           f"({tk['workers']} workers){'; all ' + str(results[n]['unique_prompts']) + ' prompts EXTRAPOLATED' if tk['extrapolated'] else ''}; "
