@@ -14,13 +14,15 @@ export TOKENIZERS_PARALLELISM := false
 venv: .venv/.installed
 
 # the main job on the bundled AlpacaEval 2 split: train P2L (644 prompts), evaluate it on the 161 held-out
-# prompts against the averaged leaderboard, aggregate leaderboards (overall, per sub-source), route under budgets;
-# then LiveBench
+# prompts against the averaged leaderboard, aggregate leaderboards (overall, per sub-source; with PNGs), one prompt's
+# leaderboard, route under budgets; then LiveBench
 run: venv
 	# the head: a per-prompt scale on the marginal leaderboard + a rank-8 correction (beat the plain linear head in 5-fold CV)
 	$(PY) train.py --epochs 2 --batch-size 16 --head-scale --head-rank 8 --out out/train
 	$(PY) evaluate.py --checkpoint out/train --data data/alpaca_eval/val.jsonl.gz --out out/eval
 	$(PY) aggregate.py --preds out/eval --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
+	# one prompt's leaderboard beside the marginal one (leaderboard.json + leaderboard.png)
+	$(PY) aggregate.py --checkpoint out/train --prompt "Write a Python function that merges two sorted lists" --out out/prompt
 	$(PY) route.py --preds out/eval --prompts data/alpaca_eval/val.jsonl.gz --budget 10 --sweep --out out/route
 	# LiveBench (out of distribution): the AlpacaEval P2L as a router, then a grk P2L trained on LiveBench outcomes (2-fold CV)
 	$(PY) livebench_eval.py --checkpoint out/train --name-map data/livebench/name_map_alpaca_eval.json --out out/livebench/alpaca

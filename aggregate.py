@@ -1,10 +1,12 @@
 """Leaderboards from P2L: for any set of prompts (docs/design.md §2), per group with bootstrap CIs, each
 model's strengths and weaknesses, the aggregation-scale curve, and maximum-likelihood
-leaderboards from raw votes. Everything is the same exact Newton solve (common.fit_pairs): the
-coefficients whose pairwise outcome probabilities best match a target, to a gradient norm <= 1e-8.
+leaderboards from raw votes; as JSON/CSV and as pictures (leaderboard.png: ratings with CI whiskers;
+leaderboard_by_<key>.png: each group's ranks; one prompt's ratings beside the marginal leaderboard's).
+Everything is the same exact Newton solve (common.fit_pairs): the coefficients whose pairwise outcome
+probabilities best match a target, to a gradient norm <= 1e-8 and a Newton step <= 1e-6.
 
-    # one prompt's leaderboard (a set of size 1) from a trained checkpoint, in seconds on a CPU
-    python aggregate.py --checkpoint out/train --prompt "Write a limerick about a cat"
+    # one prompt's leaderboard (a set of size 1) from a trained checkpoint, in seconds on a CPU (+ a PNG with --out)
+    python aggregate.py --checkpoint out/train --prompt "Write a limerick about a cat" --out out/prompt
     # the validation prompts: overall + per AlpacaEval sub-source, CIs, strengths, the scale curve
     python aggregate.py --preds out/eval --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
     # leaderboards from human votes, checked against the official Arena category leaderboards
@@ -52,8 +54,9 @@ def _weight_rows(weights, n):
 
 def pair_prob_sums(beta, eta, head, w):
     """Σ_z w[k, z]·P_z(outcome o of pair p) for a block of prompts beta [n, M] (eta [n]) and weights
-    w [K, n]: [K, P, n_out], n_out = 1 for bt (P(b) = 1 − P(a)), else N_OUTCOMES[head]. Summing these
-    over blocks of prompts gives mean_pair_probs without ever holding N x P."""
+    w [K, n]: [K, P, n_out], n_out = N_OUTCOMES[head]. Summing these over blocks of prompts gives
+    mean_pair_probs without ever holding N x P. For bt both directions are accumulated, φ_i·r_ij and
+    φ_j·r_ij: 1 − P(a) would round the lower model's chance to 0 from a logit gap of ~37 on."""
     beta, w = beta.double(), torch.as_tensor(w).double()
     M = beta.shape[1]
     a, b = all_pairs(M)
@@ -63,22 +66,29 @@ def pair_prob_sums(beta, eta, head, w):
         e = eta.double()[:, None].expand(-1, len(a))
         probs = outcome_logprobs(beta[:, a], beta[:, b], e, head).exp()[..., :N_OUTCOMES[head]]
         return (w @ probs.reshape(len(beta), -1)).view(w.shape[0], len(a), -1)
-    out = torch.zeros(w.shape[0], len(a), dtype=torch.float64)
+    out = torch.zeros(w.shape[0], len(a), 2, dtype=torch.float64)
     wide = wide_rows(beta)
-    if wide.any():  # φ would lose precision: these prompts take σ of the differences
-        out += w[:, wide] @ torch.sigmoid(beta[wide][:, a] - beta[wide][:, b])
+    if wide.any():  # φ would lose precision: these prompts take σ of the differences, each direction itself
+        d = beta[wide][:, a] - beta[wide][:, b]
+        out[..., 0] += w[:, wide] @ torch.sigmoid(d)
+        out[..., 1] += w[:, wide] @ torch.sigmoid(-d)
         beta, w = beta[~wide], w[:, ~wide]
     off = [0] + torch.arange(M - 1, 0, -1).cumsum(0).tolist()  # pairs (i, j > i) are out[:, off[i]:off[i+1]]
     fT = phi_t(beta)
     wT = w.T.contiguous()
 
-    def visit(i, r):  # σ(β_i − β_j) = φ_i·r_ij
+    # both directions summed from φ: two more passes over r than 1 − P would take (measured: the bt mean matrix
+    # takes ~1.7x the CPU time), and exact wherever the lower model's chance is tiny
+    def visit(i, r):  # σ(β_i − β_j) = φ_i·r_ij, σ(β_j − β_i) = φ_j·r_ij
+        rb = r * fT[i + 1:]
         if w.shape[0] == 1:
-            out[0, off[i]:off[i + 1]] += r @ (fT[i] * w[0])
+            out[0, off[i]:off[i + 1], 0] += r @ (fT[i] * w[0])
+            out[0, off[i]:off[i + 1], 1] += rb @ w[0]
         else:
-            out[:, off[i]:off[i + 1]] += (r.mul_(fT[i]) @ wT).T
+            out[:, off[i]:off[i + 1], 0] += (r.mul_(fT[i]) @ wT).T
+            out[:, off[i]:off[i + 1], 1] += (rb @ wT).T
     pair_sweep(fT, visit)
-    return out[..., None]
+    return out
 
 
 def mean_pair_probs(beta, eta, head, weights=None):
@@ -96,8 +106,6 @@ def mean_pair_probs(beta, eta, head, weights=None):
     sums = lambda se: pair_prob_sums(beta[se[0]:se[1]], eta[se[0]:se[1]] if eta is not None else None, head, w[:, se[0]:se[1]])
     for part in map_blocks(sums, row_blocks(N, M, elems)):  # summed in block order: deterministic
         out = out + part
-    if head == "bt":
-        return torch.cat([out, 1 - out], -1)
     return out
 
 
@@ -207,8 +215,6 @@ def solve_bootstrap(blocks, n, M, head, n_boot, seed):
         for p in map_blocks(part, rows):  # summed in block order: deterministic
             sums = sums + p
     target = sums / n  # every replicate has n draws
-    if head == "bt":
-        target = torch.cat([target, 1 - target], -1)
     return fit_targets(target, init / n, M, head)
 
 
@@ -364,6 +370,9 @@ def fit_truth(votes_path, models, loss, prompt_group, l2):
     for g, bs in sets.items():
         _, pairs, _ = group_by_prompt(bs, index, loss)
         allp = cat_pairs(pairs)
+        if not (allp["w"] > 0).any():
+            raise ValueError(f"--truth {votes_path}: group '{g}' has no vote to fit under --loss {loss}"
+                             f"{': all its votes are ties, which plain bt drops' if loss == 'bt' else ''}")
         beta, _, info = fit_votes(allp, len(models), loss, l2=l2 or 0.0, names=models)
         if info["separated"][0] and l2 is None:  # as --votes: a weak N(0, 10²) prior where the MLE does not exist
             print(f"note: --truth '{g}': {info['separated'][0]}; fitted with ridge l2 = {1 / (200 * len(allp['a'])):.3g}")
@@ -426,6 +435,7 @@ def run_preds(args):
         if curve:
             write_json(o.stage / "scale_curve.json", curve)
             plot_curve(curve, o.stage / "scale_curve.png")
+        write_pictures(o.stage, boards, args.by, f"P2L leaderboard: {N} prompts of {args.preds} ({loss})")
         o.commit(marker="leaderboard.json")
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
 
@@ -540,6 +550,103 @@ def plot_curve(curve, path):
     save_png(fig, path)
 
 
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_leaderboard(rows, path, title):
+    """The Arena's picture of a leaderboard: each model's rating (dot) with its 95% CI as a whisker,
+    best on top, from leaderboard rows (leaderboard_rows: best first). Returns what was drawn, read
+    back from the plot itself: {"models", "rating", "lo", "hi"} top to bottom (lo/hi None without CIs)."""
+    plt = _plt()
+    M = len(rows)
+    fig, ax = plt.subplots(figsize=(7.0, 0.9 + 0.24 * M))
+    y = list(range(M))[::-1]  # best on top
+    x = [r["rating"] for r in rows]
+    has_ci = "rating_lo" in rows[0]
+    if has_ci:  # whiskers as segments lo..hi (a percentile CI need not contain the point estimate)
+        wh = ax.hlines(y, [r["rating_lo"] for r in rows], [r["rating_hi"] for r in rows], color="#7a9cc6", lw=1.6)
+    (dots,) = ax.plot(x, y, "o", ms=4, color="#1f4e8c", zorder=3)
+    ax.set_yticks(y, [f"{r['rank']}. {r['model']}" for r in rows], fontsize=8)
+    ax.set_ylim(-0.7, M - 0.3)
+    ax.set_xlabel("rating (Arena scale: 1000 + 400·β / ln 10)" + ("; whisker: 95% bootstrap CI" if has_ci else ""))
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    labels = [t.get_text() for _, t in sorted(zip(ax.get_yticks(), ax.get_yticklabels()), key=lambda p: -p[0])]
+    drawn = {"models": [t.split(". ", 1)[1] for t in labels],  # top to bottom
+             "rating": [float(v) for _, v in sorted(zip(*(dots.get_data()[::-1])), key=lambda p: -p[0])],
+             "lo": None, "hi": None}
+    if has_ci:  # the whiskers as drawn: one horizontal segment per model, top to bottom
+        seg = sorted(wh.get_segments(), key=lambda s_: -s_[0][1])
+        drawn["lo"] = [float(min(s_[0][0], s_[1][0])) for s_ in seg]
+        drawn["hi"] = [float(max(s_[0][0], s_[1][0])) for s_ in seg]
+    save_png(fig, path)
+    return drawn
+
+
+def plot_rank_heatmap(boards, order, path, title):
+    """Each group's rank of each model (groups x models; blank where the group has no votes for a
+    model), the columns in the overall order, the rank written in each cell. boards: {group: rows}.
+    Returns what was drawn: {"groups", "models", "ranks"} with ranks as nested lists (None: blank)."""
+    import numpy as np
+    plt = _plt()
+    groups = sorted(boards)
+    R = np.full((len(groups), len(order)), np.nan)
+    col = {m: j for j, m in enumerate(order)}
+    for i, g in enumerate(groups):
+        for r in boards[g]:
+            R[i, col[r["model"]]] = r["rank"]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.3 * len(order), 1.4 + 0.32 * len(groups)))
+    im = ax.imshow(np.ma.masked_invalid(R), cmap="viridis_r", aspect="auto", vmin=1, vmax=max(2, np.nanmax(R)))
+    for i in range(len(groups)):
+        for j in range(len(order)):
+            if not np.isnan(R[i, j]):
+                ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="black" if R[i, j] < 0.55 * np.nanmax(R) else "white")  # viridis_r: light at low ranks
+    ax.set_xticks(range(len(order)), order, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(groups)), groups, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="rank")
+    data = im.get_array()
+    drawn = {"groups": [t.get_text() for t in ax.get_yticklabels()], "models": [t.get_text() for t in ax.get_xticklabels()],
+             "ranks": [[None if data.mask[i, j] else int(data[i, j]) for j in range(len(order))]
+                       for i in range(len(groups))]}
+    save_png(fig, path)
+    return drawn
+
+
+def plot_prompt_vs_marginal(rows, marginal, path, title):
+    """One prompt's leaderboard beside the marginal (averaged) one: a row per model in the prompt's
+    order (best on top), a filled dot at its rating for this prompt and an open one at its marginal
+    rating, joined, the ranks in the label ("#prompt (#marginal)"): the reordering at a glance.
+    rows: this prompt's leaderboard rows; marginal: the marginal's rows (same models). Returns what
+    was drawn: {"models", "rating", "marginal_rating"} top to bottom."""
+    plt = _plt()
+    mrow = {r["model"]: r for r in marginal}
+    M = len(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 1.1 + 0.24 * M))
+    y = list(range(M))[::-1]
+    x, xm = [r["rating"] for r in rows], [mrow[r["model"]]["rating"] for r in rows]
+    ax.hlines(y, [min(p, q) for p, q in zip(x, xm)], [max(p, q) for p, q in zip(x, xm)], color="#bbbbbb", lw=1.2)
+    pm = ax.scatter(xm, y, s=22, facecolors="white", edgecolors="#888888", label="marginal leaderboard", zorder=3)
+    pp = ax.scatter(x, y, s=24, color="#c0392b", label="this prompt", zorder=4)
+    ax.set_yticks(y, [f"{r['model']}  #{r['rank']} (#{mrow[r['model']]['rank']})" for r in rows], fontsize=8)
+    ax.set_ylim(-0.7, M - 0.3)
+    ax.set_xlabel("rating (Arena scale); label: rank for this prompt (marginal rank)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    top = sorted(range(M), key=lambda k: -pp.get_offsets()[k, 1])  # top to bottom, as drawn
+    labels = [t.get_text() for _, t in sorted(zip(ax.get_yticks(), ax.get_yticklabels()), key=lambda p: -p[0])]
+    drawn = {"models": [t.split("  #", 1)[0] for t in labels], "rating": [float(pp.get_offsets()[k, 0]) for k in top],
+             "marginal_rating": [float(pm.get_offsets()[k, 0]) for k in top]}
+    save_png(fig, path)
+    return drawn
+
+
 def run_prompt(args):
     model, tok = load_checkpoint(args.checkpoint, loss=args.loss, max_len=args.max_len)
     loss = model.p2l["loss"]
@@ -552,9 +659,49 @@ def run_prompt(args):
     rows = leaderboard_rows(model.p2l["model_list"], bb, ee if head != "bt" else None, head)
     what = f'"{short(prompts[0], 100)}"' if len(prompts) == 1 else f"{len(prompts)} prompts"
     print_table(rows, f"P2L leaderboard for {what} ({args.checkpoint}, {loss} head)", args.show)
-    if args.out:
-        write_leaderboard(Path(args.out) / "leaderboard", rows, {"checkpoint": str(args.checkpoint), "loss": loss,
-                                                                   "prompts": args.prompt})
+    if not args.out:
+        return
+    marginal = marginal_rows(args.checkpoint, model.p2l["model_list"], head)
+    if marginal is None:
+        print(f"note: {args.checkpoint} has no marginal.json (not trained by train.py): leaderboard.png shows this prompt alone")
+    else:
+        mrow = {r["model"]: r for r in marginal}
+        rows = [{**r, "marginal_rank": mrow[r["model"]]["rank"], "marginal_rating": mrow[r["model"]]["rating"]} for r in rows]
+    out = Path(args.out)
+    with OutputSet(out) as o:  # one set: staged, then renamed in, leaderboard.json last
+        write_leaderboard(o.stage / "leaderboard", rows, {"checkpoint": str(args.checkpoint), "loss": loss,
+                                                          "prompts": args.prompt})
+        title = f"P2L leaderboard for {what}"
+        if marginal is None:
+            plot_leaderboard(rows, o.stage / "leaderboard.png", title)
+        else:
+            plot_prompt_vs_marginal(rows, marginal, o.stage / "leaderboard.png", title + " vs the marginal leaderboard")
+        o.commit(marker="leaderboard.json")
+    print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
+
+
+def marginal_rows(checkpoint, models, head):
+    """The leaderboard rows of a checkpoint's marginal.json (the averaged leaderboard its head started
+    from), for these models; None when it has none or it covers other models."""
+    f = Path(checkpoint) / "marginal.json"
+    if not f.exists():
+        return None
+    mj = read_json_object(f, "marginal leaderboard")
+    if sorted(mj.get("model_list") or []) != sorted(models) or len(mj.get("beta") or []) != len(mj["model_list"]):
+        return None
+    beta = dict(zip(mj["model_list"], mj["beta"]))
+    eta = mj.get("eta") if head != "bt" else None
+    return leaderboard_rows(models, [beta[m] for m in models], eta, head)
+
+
+def write_pictures(stage, boards, by, title):
+    """leaderboard.png (ratings with CI whiskers) and, with --by, leaderboard_by_<by>.png (each group's
+    rank of each model), from the same rows the JSON holds."""
+    plot_leaderboard(boards["all"], stage / "leaderboard.png", title)
+    if by:
+        groups = {g: rows for g, rows in boards.items() if g != "all"}
+        plot_rank_heatmap(groups, [r["model"] for r in boards["all"]], stage / f"leaderboard_by_{by}.png",
+                          f"rank per {by} (columns: the overall order)")
 
 
 def run_votes(args):
@@ -568,27 +715,42 @@ def run_votes(args):
                 raise ValueError(f"{b.get('where', b['id'])}: no '{args.by}' field to group by (--by {args.by})")
             sets.setdefault(str(b[args.by]), []).append(b)
     boards, l2, notes = {}, {}, []
+    src = ", ".join(map(str, args.votes))
     for g in ["all"] + sorted(s for s in sets if s != "all"):
+        name = f"'{g}'" + (f" (--by {args.by})" if g != "all" else "")
         models = sorted({m for b in sets[g] for m in (b["model_a"], b["model_b"])})  # only models with votes here
         _, pairs, _ = group_by_prompt(sets[g], {m: i for i, m in enumerate(models)}, loss)
         allp = cat_pairs(pairs)
         V = len(allp["a"])
+        if not (allp["w"] > 0).any():
+            raise ValueError(f"--votes {src}: {name} has no vote to fit under --loss {loss}: "
+                             + ("all its votes are ties, which plain bt drops; --loss bt-tie counts a tie as half a win"
+                                if loss == "bt" else "every vote has weight 0"))
         W = bootstrap_weights(V, args.bootstrap, gen)  # votes resampled, as Arena's own CIs do
-        bb, ee, info = fit_votes(allp, len(models), loss, l2=args.l2 or 0.0, weights=W, names=models)
+
+        def fit(ridge, names=None):
+            try:
+                return fit_votes(allp, len(models), loss, l2=ridge, weights=W, names=names)
+            except ValueError as e:  # e.g. a resample that drew only ties under plain bt
+                raise ValueError(f"--votes {src}: {name}: {e}") from None
+        bb, ee, info = fit(args.l2 or 0.0, models)
         why = [w for w in info["separated"] if w]
         if why and args.l2 == 0:
-            raise ValueError(f"--votes: the {loss} maximum-likelihood fit for '{g}' does not exist"
+            raise ValueError(f"--votes: the {loss} maximum-likelihood fit for {name} does not exist"
                              f"{' (in ' + str(len(why)) + ' of ' + str(1 + args.bootstrap) + ' vote resamples)' if info['separated'][0] is None else ''}: "
                              f"{why[0]}. Drop --l2 0 for a small ridge, or pass --l2 > 0")
-        if why:  # the default: a weak Gaussian prior, sd 10 on every coefficient (l2 per vote = 1 / (2·10²·V))
+        if why:  # the default: a weak Gaussian prior, sd 10 on every coefficient and on eta (l2 per vote = 1 / (2·10²·V))
             l2[g] = 1.0 / (200.0 * V)
             notes.append(f"'{g}': no maximum-likelihood fit ({why[0]}{'' if info['separated'][0] else ', in a resample'}); "
-                         f"fitted with ridge l2 = {l2[g]:.3g} (a N(0, 10²) prior on each coefficient)")
-            bb, ee, info = fit_votes(allp, len(models), loss, l2=l2[g], weights=W)
-        if not info["converged"]:
-            bad = (info["grad_norm"] > 1e-8).sum().item()
-            raise ValueError(f"--votes: the {loss} fit for '{g}' has no finite maximum in {bad} of {1 + args.bootstrap} "
-                             f"resamples (a model that never lost or never won); pass a small ridge, e.g. --l2 1e-4")
+                         f"fitted with ridge l2 = {l2[g]:.3g} (a N(0, 10²) prior on each coefficient"
+                         f"{' and on eta' if HEAD_OF_LOSS[loss] != 'bt' else ''})")
+            bb, ee, info = fit(l2[g])
+        if not info["converged"]:  # with a ridge every fit exists: what is left is float64 running out
+            bad = int((~info["converged_rows"]).sum())
+            raise ValueError(f"--votes: the {loss} fit for {name} did not converge in {bad} of {1 + args.bootstrap} "
+                             f"vote resamples (gradient norm up to {info['grad_norm'].max().item():.1e}): the Newton "
+                             f"solve cannot pin its coefficients down in float64 (models hundreds of logits apart); "
+                             f"a larger --l2 holds them closer")
         lo, hi = ci(bb[1:])
         boards[g] = leaderboard_rows(models, bb[0], ee[0].item() if ee is not None else None, HEAD_OF_LOSS[loss],
                                        lo, hi, n=V)
@@ -607,6 +769,7 @@ def run_votes(args):
                                                                           for r in boards[g]], {**meta, "by": args.by})
         if check:
             write_json(o.stage / "official_check.json", check)
+        write_pictures(o.stage, boards, args.by, f"{loss} leaderboard from {len(battles)} votes")
         o.commit(marker="leaderboard.json")
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
 
@@ -650,9 +813,12 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preds", help="a predictions dir (evaluate.py's predictions.safetensors + .jsonl): leaderboards for its prompts")
     src.add_argument("--checkpoint", help="a P2L checkpoint: with --prompt, the leaderboard of that prompt (or set of prompts)")
-    src.add_argument("--votes", nargs="+", help="battle files: maximum-likelihood leaderboards from the votes themselves, no P2L")
+    src.add_argument("--votes", nargs="+", help="battle files (JSONL(.gz), or LMArena's parquet): maximum-likelihood leaderboards "
+                     "from the votes themselves, no P2L")
     p.add_argument("--prompt", action="append", help="with --checkpoint; repeat it to aggregate several prompts into one board")
-    p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes)")
+    p.add_argument("--out", help="output dir for the JSON/CSV/markdown/PNG files (required with --preds and --votes): "
+                   "leaderboard.png (ratings, CI whiskers), with --by leaderboard_by_<key>.png (rank per group); with "
+                   "--prompt, leaderboard.png shows the prompt's ratings beside the marginal leaderboard's")
     add_checkpoint_options(p, "; --preds: needed only for rk/grk predictions without evaluate.py's metrics.json; "
                              "--votes: default bt-tie, Arena's own convention (a tie is half a win)")
     p.add_argument("--by", help="also a leaderboard per value of this field (e.g. category); with --preds, the strengths report")

@@ -27,6 +27,8 @@ theirs, plus a 3% tail of 1k-8k-token prompts as in Arena; --unique of the battl
 their own; models by a Zipf-like popularity; outcomes from a random grounded-RK leaderboard), each
 stage in a fresh process:
   index     C.index_votes: one streaming pass, votes as flat arrays (no prompt text held)
+  parquet   the same battles as an Arena-schema parquet file (conversation_a, winner, id, language;
+            row groups of 50k), read by C.index_votes through C.read_parquet's record batches
   tokenize  C.token_cache with one worker per CPU on the first --tokenize-prompts unique prompts;
             at sizes above that the time for all prompts is EXTRAPOLATED from the measured tokens/s
   sampler   one epoch of C.token_batches (--max-tokens, length-grouped) and of the fixed-count
@@ -643,6 +645,27 @@ def generate(a, n, path, head_path):
     return n_unique
 
 
+def to_parquet(path, pq_path, rows_per_group=50_000):
+    """The JSONL battles as a parquet file in LMArena's schema (conversation_a as role/content turns,
+    winner, id, language), written row group by row group: never the whole file in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("model_a", pa.string()), ("model_b", pa.string()), ("winner", pa.string()),
+                        ("conversation_a", pa.list_(turn)), ("language", pa.string())])
+    with open(path) as f, pq.ParquetWriter(pq_path, schema) as w:
+        buf = []
+        for i, line in enumerate(f):
+            r = json.loads(line)
+            buf.append({"id": f"b{i}", "model_a": r["model_a"], "model_b": r["model_b"], "winner": r["winner"],
+                        "conversation_a": [{"role": "user", "content": r["prompt"]}], "language": "English"})
+            if len(buf) == rows_per_group:
+                w.write_table(pa.Table.from_pylist(buf, schema))
+                buf = []
+        if buf:
+            w.write_table(pa.Table.from_pylist(buf, schema))
+
+
 def tokenizer():
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(C.offline_backbone("minilm")[0])
@@ -653,6 +676,14 @@ def stage_index(a, n):
     v = C.index_votes(Path(a.out) / f"battles-{n}.jsonl", "grk")
     return {"seconds": time.perf_counter() - t0, "battles": v["n_battles"], "prompts": v["n_prompts"],
             "models": len(v["models"])}
+
+
+def stage_parquet(a, n):
+    """index_votes on the same battles as Arena-schema parquet (C.read_parquet streams record batches)."""
+    t0 = time.perf_counter()
+    v = C.index_votes(Path(a.out) / f"battles-{n}.parquet", "grk")
+    return {"seconds": time.perf_counter() - t0, "battles": v["n_battles"], "prompts": v["n_prompts"],
+            "models": len(v["models"]), "batch_rows": C.PARQUET_BATCH}
 
 
 def stage_tokenize(a, n):
@@ -732,7 +763,8 @@ def stage_train(a, n):
 def scale_child(a):
     """One stage in this fresh process: its result as a RESULT line (fresh() reads the peak memory)."""
     n_unique = max(1, int(a.unique * a.size))
-    r = {"index": lambda: stage_index(a, a.size), "tokenize": lambda: stage_tokenize(a, a.size),
+    r = {"index": lambda: stage_index(a, a.size), "parquet": lambda: stage_parquet(a, a.size),
+         "tokenize": lambda: stage_tokenize(a, a.size),
          "sampler": lambda: stage_sampler(a, a.size, n_unique), "train": lambda: stage_train(a, a.size)}[a.stage]()
     print("RESULT " + json.dumps(r))
 
@@ -746,17 +778,24 @@ def bench_scale(a):
         n_unique = generate(a, n, path, head)
         print(f"{n} battles, {n_unique} unique prompts, {a.models} models: generated in {time.perf_counter() - t0:.0f} s "
               f"({path.stat().st_size / 2 ** 20:.0f} MiB)", flush=True)
+        if "parquet" in a.stages:
+            t0 = time.perf_counter()
+            to_parquet(path, Path(a.out) / f"battles-{n}.parquet")
+            mib = (Path(a.out) / f"battles-{n}.parquet").stat().st_size / 2 ** 20
+            print(f"  as parquet (Arena schema): {time.perf_counter() - t0:.0f} s ({mib:.0f} MiB)", flush=True)
         res = {"battles": n, "unique_prompts": n_unique}
-        for stage in ("index", "tokenize", "sampler", "train"):
+        for stage in a.stages:
             _, rss, res[stage] = fresh(__file__, *a.argv, "--stage", stage, "--size", n)
             res[stage]["peak_rss_mib"] = rss
             print(f"  {stage:8s} {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res[stage].items()})}", flush=True)
-        tk = res["tokenize"]
-        tk["extrapolated"] = n_unique > tk["prompts"]
-        tk["seconds_all"] = tk["seconds"] * n_unique / tk["prompts"]  # tokens/s measured, applied to all prompts
+        if "tokenize" in res:
+            tk = res["tokenize"]
+            tk["extrapolated"] = n_unique > tk["prompts"]
+            tk["seconds_all"] = tk["seconds"] * n_unique / tk["prompts"]  # tokens/s measured, applied to all prompts
         results[n] = res
         path.unlink()  # GiBs at full size; regenerated from the seed
         head.unlink()
+        (Path(a.out) / f"battles-{n}.parquet").unlink(missing_ok=True)
     print_scale(a, results)
     save(a, "scale", {"args": {k: v for k, v in vars(a).items() if k not in ("argv", "func")}, "cpus": os.cpu_count(),
                       "results": results})
@@ -765,8 +804,10 @@ def bench_scale(a):
 
 def print_scale(a, results):
     sizes = a.sizes
-    rows = [("index: battle file -> flat arrays", "index", "seconds"), ("tokenize (all prompts)", "tokenize", "seconds_all"),
-            ("sampler: one epoch, token budget", "sampler", "seconds"), ("train step, token budget", "train", None)]
+    rows = [("index: battle file -> flat arrays", "index", "seconds"), ("index: the same as Arena parquet", "parquet", "seconds"),
+            ("tokenize (all prompts)", "tokenize", "seconds_all"), ("sampler: one epoch, token budget", "sampler", "seconds"),
+            ("train step, token budget", "train", None)]
+    rows = [r for r in rows if r[1] in a.stages]
     print(f"\n{'stage':36s}" + "".join(f"{f'{n} s':>12s}{f'{n} MiB':>12s}" for n in sizes)
           + ("  time ratio / size ratio" if len(sizes) > 1 else ""))
     for label, st, key in rows:
@@ -776,7 +817,7 @@ def print_scale(a, results):
         if len(sizes) > 1:
             line += f"  {(secs[-1] / secs[0]) / (sizes[-1] / sizes[0]):.2f}" if key else "  (per step: size-independent)"
         print(line)
-    for n in sizes:
+    for n in (sizes if {"tokenize", "sampler", "train"} <= set(a.stages) else []):
         tk, sa, tr = results[n]["tokenize"], results[n]["sampler"], results[n]["train"]
         print(f"{n}: tokenized {tk['prompts']} prompts, {tk['tokens']} tokens at {tk['tokens_per_s']:.0f} tokens/s "
               f"({tk['workers']} workers){'; all ' + str(results[n]['unique_prompts']) + ' prompts EXTRAPOLATED' if tk['extrapolated'] else ''}; "
@@ -788,6 +829,16 @@ def print_scale(a, results):
 # -----------------------------------------------------------------------------
 # command line: sizes are whole numbers >= 1 (a size of 0 measures nothing and divides by zero);
 # counts of repeats may be 0 where the help says what 0 skips
+
+
+SCALE_STAGES = ("index", "parquet", "tokenize", "sampler", "train")
+
+
+def stage_list(s):
+    stages = s.split(",")
+    if not stages or not set(stages) <= set(SCALE_STAGES):
+        raise argparse.ArgumentTypeError(f"choose from {','.join(SCALE_STAGES)}, got {s!r}")
+    return stages
 
 
 def whole(least):
@@ -894,6 +945,8 @@ def add_scales(sub):
     p.add_argument("--train-len", type=whole(8), default=1024, help="train stage only: prompts keep their last N tokens (on "
                    "a CPU one 8k-token prompt takes ~100 s forward + backward even in a 2-layer model)")
     p.add_argument("--train-max-tokens", type=whole(1), default=4096, help="train stage: token budget of the length-grouped batches")
+    p.add_argument("--stages", type=stage_list, default=list(SCALE_STAGES), help="stages to run, comma-separated "
+                   "(e.g. index,parquet: the two battle readers' time and peak memory alone)")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: one stage in this fresh process
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=lambda a: scale_child(a) if a.stage else bench_scale(a), out_default="out/bench-scale")

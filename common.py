@@ -37,6 +37,16 @@ def rating(beta):
 # -----------------------------------------------------------------------------
 # battles: one vote per JSONL line (docs/design.md §3), also the public Arena column forms
 
+def _text_of(content):
+    """A turn's text: a string, or (LMArena's newer releases) a list of parts {type, text}, whose
+    text parts are joined; anything else is returned as it is for parse_turns to refuse."""
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        texts = [p.get("text") for p in content if p.get("type", "text") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "\n".join(texts)
+    return content
+
+
 def parse_turns(row, where):
     """The user turns of a row: `prompt` (a string or a list of strings) or, in the Arena form,
     the user turns of `conversation_a`. An empty turn inside a list is kept as it is (the user did
@@ -47,7 +57,7 @@ def parse_turns(row, where):
         conv = row["conversation_a"]
         if not isinstance(conv, list):
             raise ValueError(f"{where}: conversation_a must be a list of {{role, content}}")
-        prompt = [t.get("content") for t in conv if isinstance(t, dict) and t.get("role") == "user"]
+        prompt = [_text_of(t.get("content")) for t in conv if isinstance(t, dict) and t.get("role") == "user"]
     if prompt is None:
         raise ValueError(f"{where}: missing 'prompt' (a string or a list of strings)")
     turns = [prompt] if isinstance(prompt, str) else prompt
@@ -129,7 +139,11 @@ def read_jsonl(path, keep_blank=False):
     corrupt .gz, bytes that are not UTF-8, or a path that is not a readable file raise ValueError
     naming the file (and line). keep_blank: blank lines yield row None. Lines are read as bytes and
     decoded one by one, so a bad byte is reported at its own line (a text-mode reader decodes ahead
-    in 8 KB blocks, and its error came lines early); a UTF-8 byte-order mark is skipped."""
+    in 8 KB blocks, and its error came lines early); a UTF-8 byte-order mark is skipped. A .parquet
+    file is read by read_parquet instead (the same (where, row) pairs)."""
+    if str(path).endswith(".parquet"):
+        yield from read_parquet(path)
+        return
     import zlib
     if Path(path).is_dir():
         raise ValueError(f"{path}: is a directory, expected a file")
@@ -166,8 +180,47 @@ def read_jsonl(path, keep_blank=False):
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+PARQUET_BATCH = 1024  # rows per record batch: memory holds one batch as Python dicts, whatever the file's size
+
+
+def read_parquet(path, batch_size=PARQUET_BATCH):
+    """Yield (where, row) for each row of a battle parquet file, where = "path:row N" (N from 1), as
+    read_jsonl does for JSONL: the schemas LMArena publishes its human-preference battles in
+    (conversation_a as a list of {role, content}, winner in model_a / model_b / tie / tie (bothbad), or
+    the winner_model_a/b/tie 0/1 columns; model_a, model_b; id or question_id; language, category and
+    other scalar columns travel along, e.g. for --by). Streamed record batch by record batch
+    (ParquetFile.iter_batches), so a 140k-row file never sits in memory as Python dicts. Not read at
+    all: conversation_b (model_b's answers; the prompt is conversation_a's user turns) and nested,
+    binary or time columns other than conversation_a (moderation tags, metadata structs, timestamps),
+    which no stage uses and which would not survive a JSON round trip. A file that is not parquet, or
+    a corrupt batch, is a ValueError naming the file (and the row where reading stopped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory, expected a file")
+    try:
+        pf = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    skip = (pa.types.is_nested, pa.types.is_temporal, pa.types.is_binary, pa.types.is_decimal)
+    cols = [f.name for f in pf.schema_arrow
+            if f.name == "conversation_a" or (f.name != "conversation_b" and not any(t(f.type) for t in skip))]
+    n = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
+            for row in batch.to_pylist():
+                n += 1
+                if "id" not in row and row.get("question_id") is not None:
+                    row["id"] = row["question_id"]
+                yield f"{path}:row {n}", row
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}:row {n + 1}: corrupt parquet data ({e})") from None
+
+
 def read_battles(path):
-    """Read a battle JSONL(.gz) file; any bad row raises ValueError naming file:line."""
+    """Read a battle JSONL(.gz) or parquet file; any bad row raises ValueError naming file:line (file:row N)."""
     battles = [_parse_battle(row, where) for where, row in read_jsonl(path)]
     if not battles:
         raise ValueError(f"{path}: no battles")
@@ -391,23 +444,37 @@ def batch_nll(beta, eta, pairs, loss):
     return (nll * w).sum(), w.sum()
 
 
-def fit_marginal(pairs, n_models, loss, l2=1e-4):
+def fit_marginal(pairs, n_models, loss, l2=1e-4, note=print):
     """The averaged leaderboard: one coefficient vector (and one eta) for all prompts, by maximum
     likelihood (float64 Newton to |grad| <= 1e-8 on the counts of each distinct pair: fit_votes in
-    the aggregation section; the problem is convex for bt). A small ridge keeps a model that
-    never won (or never lost) finite and fixes the bt/rk shift gauge near sum(beta) = 0."""
-    beta, eta, _ = fit_votes(cat_pairs(pairs), n_models, loss, l2=l2)
+    the aggregation section; the problem is convex for bt). A small ridge on β and eta keeps a model
+    that never won (or never lost), and a tie parameter without ties (or without wins), finite; where
+    the votes alone have no maximum that is said (note), and with l2 = 0 it is a ValueError. A fit
+    that does not converge is a ValueError, never a silent number."""
+    allp = cat_pairs(pairs)
+    head = HEAD_OF_LOSS[loss]
+    a, b, target, total = vote_targets(allp, n_models, loss, return_total=True)
+    why = separation(a, b, target, n_models, head, total=total)[0]
+    if why and l2 == 0:
+        raise ValueError(f"the {loss} marginal leaderboard has no maximum-likelihood fit ({why}); fit it with a ridge")
+    beta, eta, info = fit_votes(allp, n_models, loss, l2=l2)
+    if not info["converged"]:
+        raise ValueError(f"the {loss} marginal leaderboard fit did not converge "
+                         f"(gradient norm {info['grad_norm'].max().item():.1e}, l2 = {l2:g})")
     beta, eta = beta[0], (eta[0] if eta is not None else torch.zeros((), dtype=torch.float64))
-    if loss in SOFT_LOSSES:
-        beta, eta = _fit_soft_marginal(pairs, beta, eta, loss, l2)
+    if loss in SOFT_LOSSES:  # the soft labels inform eta themselves: the hard outcomes' separation is no verdict
+        return _fit_soft_marginal(pairs, beta, eta, loss, l2)
+    if why:
+        note(f"note: the votes alone give the {loss} marginal leaderboard no maximum-likelihood fit ({why}); "
+             f"the ridge l2 = {l2:g} holds it finite{f' (eta = {eta.item():.3g})' if head != 'bt' else ''}")
     return beta.float(), eta.float()
 
 
 def _fit_soft_marginal(pairs, beta, eta, loss, l2):
     """The marginal under rk-soft / grk-soft. Their expected NLL is not a sum of target·(−log P_o)
     over outcomes, so the Newton solver cannot fit it; L-BFGS in float64 from the hard-winner fit
-    (a near start) can, on the same objective (mean NLL per unit weight + l2·|β|², gauge Σβ = 0
-    for rk)."""
+    (a near start) can, on the same objective (mean NLL per unit weight + l2·(|β|² + eta²), gauge
+    Σβ = 0 for rk). A final gradient above 1e-6 is a ValueError, not an answer."""
     allp = cat_pairs(pairs)
     allp["row"] = torch.zeros_like(allp["row"])
     M = len(beta)
@@ -418,12 +485,16 @@ def _fit_soft_marginal(pairs, beta, eta, loss, l2):
     def closure():
         opt.zero_grad()
         s, w = batch_nll(x[None, :M], x[M:], allp, loss)
-        f = s / w + l2 * (x[:M] ** 2).sum() + (0.5 * x[:M].sum() ** 2 if HEAD_OF_LOSS[loss] == "rk" else 0.0)
+        f = s / w + l2 * (x ** 2).sum() + (0.5 * x[:M].sum() ** 2 if HEAD_OF_LOSS[loss] == "rk" else 0.0)
         f.backward()
         return f
 
     opt.step(closure)
-    return x[:M].detach(), x[M].detach()
+    closure()
+    g = x.grad.abs().max().item()
+    if not g <= 1e-6:
+        raise ValueError(f"the {loss} marginal leaderboard fit (L-BFGS) did not converge (gradient {g:.1e}, l2 = {l2:g})")
+    return x[:M].detach().float(), x[M].detach().float()
 
 # -----------------------------------------------------------------------------
 # backbones and prompt tokenization
@@ -1452,37 +1523,38 @@ def wide_rows(bs):
 
 def _pair_objective(x, a, b, target, head, l2, derivs):
     """target [K, O, P] (outcome-major: each outcome's slice contiguous, 10x faster elementwise).
-    Σ_p Σ_o target·(−log P_o) + l2·|β|² (+ ½(Σβ)² for the shift-invariant bt/rk: at the optimum
-    the data gradient sums to 0, so this term only pins the gauge Σβ = 0, never moves the fit).
-    With derivs, also the gradient [K, D] and Hessian [K, D, D]: each pair touches only β_a, β_b
-    and η, so autograd's per-pair derivatives (summed over pairs, which are independent) give the
-    exact 3 x 3 blocks, scattered into the full Hessian."""
+    Σ_p Σ_o target·(−log P_o) + l2·(|β|² + η²). No gauge term: bt/rk are shift-invariant, and fit_pairs
+    keeps Σβ = 0 itself. With derivs, also the gradient [K, D] and Hessian [K, D, D]: each pair touches
+    only β_a, β_b and η, so per-pair derivatives (summed over pairs, which are independent) give the
+    3 x 3 blocks, scattered into the full Hessian: closed forms for bt, _pair_grads for rk / grk. Every
+    target is used as it is, never as 1 − the other: a far-off pair's small probability carries its
+    curvature."""
     K, D = x.shape
     O, P = target.shape[1], target.shape[2]
     M = D - (head != "bt")
     beta = x[:, :M]
     local = [beta[:, a], beta[:, b]] + ([x[:, M:].expand(K, P)] if head != "bt" else [])
-    if head == "bt" and derivs:  # closed form, 5x faster than autograd: d/dΔ of −t_a log σ(Δ) − t_b log σ(−Δ)
-        s, r = torch.sigmoid(local[0] - local[1]), torch.sigmoid(local[1] - local[0])  # σ(−Δ) itself, not 1 − σ(Δ):
-        n = target[:, 0] + target[:, 1]  # it keeps a far-off pair's gradient and curvature from rounding to 0
-        g1, h11 = target[:, 1] * s - target[:, 0] * r, n * s * r
-        g, h = [g1, -g1], [[h11, -h11], [-h11, h11]]
-    with torch.enable_grad():
-        local = [v.detach().requires_grad_(derivs and head != "bt") for v in local]
-        if head == "bt":  # n pairs with soft label p: n times pair_nll (cheaper than all four log-probabilities)
-            n = target[:, 0] + target[:, 1]
-            f_pair = n * pair_nll(local[0], local[1], None, None, target[:, 0] / n.clamp_min(1e-300), "bt")
-        else:
-            lp = outcome_logprobs(local[0], local[1], local[2], head)
-            f_pair = -sum(target[:, o] * lp[..., o] for o in range(O))
+    if head == "bt":  # closed form, 5x faster than autograd: d/dΔ of −t_a log σ(Δ) − t_b log σ(−Δ)
+        d = local[0] - local[1]
+        f_pair = -(target[:, 0] * F.logsigmoid(d) + target[:, 1] * F.logsigmoid(-d))
+        if derivs:
+            s, r = torch.sigmoid(d), torch.sigmoid(-d)  # σ(−Δ) itself, not 1 − σ(Δ): it keeps a far-off pair's
+            n = target[:, 0] + target[:, 1]             # gradient and curvature from rounding to 0
+            g1, h11 = target[:, 1] * s - target[:, 0] * r, n * s * r
+            g, h = [g1, -g1], [[h11, -h11], [-h11, h11]]
         f = f_pair.sum(1)
-        if derivs and head != "bt":
-            g = torch.autograd.grad(f_pair.sum(), local, create_graph=True)
-            h = [torch.autograd.grad(gi.sum(), local, retain_graph=True, allow_unused=True, materialize_grads=True)
-                 for gi in g]
-        f = f.detach()
-    gauge = head in ("bt", "rk")  # a common shift of beta changes none of their probabilities
-    f = f + l2 * (beta ** 2).sum(1) + (0.5 * beta.sum(1) ** 2 if gauge else 0.0)
+    else:
+        f_pair, g = _pair_grads(local, target, head, O, derivs)
+        f = f_pair.sum(1)
+        if derivs:  # ∂g_i/∂x_j by forward differences of the exact gradient, symmetrised (see _pair_grads)
+            dj = []
+            for j in range(3):
+                moved = list(local)
+                moved[j] = local[j] + _FD_STEP
+                step = moved[j] - local[j]  # the step as represented
+                dj.append([(gm - gi) / step for gm, gi in zip(_pair_grads(moved, target, head, O)[1], g)])
+            h = [[(dj[j][i] + dj[i][j]) / 2 for j in range(3)] for i in range(3)]
+    f = f + l2 * (x ** 2).sum(1)
     if not derivs:
         return f
     idx = [a, b] + ([torch.full_like(a, M)] if head != "bt" else [])
@@ -1493,51 +1565,127 @@ def _pair_objective(x, a, b, target, head, l2, derivs):
         for j, hij in enumerate(h[i]):
             H.index_add_(1, idx[i] * D + idx[j], hij.detach())
     H = H.view(K, D, D)
-    G[:, :M] += 2 * l2 * beta
-    H[:, range(M), range(M)] += 2 * l2
-    if gauge:
-        G[:, :M] += beta.sum(1, keepdim=True)
-        H[:, :M, :M] += 1.0
+    G += 2 * l2 * x
+    H[:, range(D), range(D)] += 2 * l2
     return f, G, H
 
 
+_FD_STEP = 2.0 ** -20  # ~1e-6: the Hessian's relative error is ~1e-6 (truncation), rounding ~1e-10
+
+
+def _pair_grads(local, target, head, O, grads=True):
+    """Per-pair objective Σ_o target·(−log P_o) and its exact first derivatives in (β_a, β_b, η) by
+    autograd, for rk / grk. Their second derivatives are taken by differencing these, not by double
+    backward: torch's double backward of logsigmoid / logsumexp forms 1 − σ, which rounds the curvature
+    of a pair more than ~37 logits apart to 0 (or to noise) while the first derivative stays exact. A
+    Hessian accurate to ~1e-6 only slows Newton's last steps a little; the fixed point is the
+    gradient's, which is exact."""
+    if head == "grk":
+        lp = outcome_logprobs(local[0], local[1], local[2], head)
+        f_pair = -sum(target[:, o] * lp[..., o] for o in range(O))
+        if not grads:
+            return f_pair, None
+        dlp = _grk_dlogp(*local)
+        return f_pair, [-sum(target[:, o] * dlp[o][i] for o in range(O)) for i in range(3)]
+    with torch.enable_grad():
+        v = [t.detach().requires_grad_(grads) for t in local]
+        lp = outcome_logprobs(v[0], v[1], v[2], head)
+        f_pair = -sum(target[:, o] * lp[..., o] for o in range(O))
+        g = torch.autograd.grad(f_pair.sum(), v) if grads else None
+    return f_pair.detach(), g
+
+
+def _grk_dlogp(ba, bb, eta):
+    """∂ log P_o / ∂(β_a, β_b, eta) for the grk outcomes (a, b, tie, both bad), [o][variable]. Each
+    fraction is exp(log numerator − log denominator) and each complement has its own numerator,
+    (θφ_b + 1)/D_a rather than 1 − φ_a/D_a: autograd forms the latter and loses the derivative of a
+    model far above (or below) the rest, whose size is that complement."""
+    zero = torch.zeros_like(ba)
+    lth = torch.logaddexp(zero, eta)  # log θ
+    s_eta = torch.sigmoid(eta)        # dlogθ/deta
+    lda = torch.logsumexp(torch.stack([ba, lth + bb, zero]), 0)
+    ldb = torch.logsumexp(torch.stack([bb, lth + ba, zero]), 0)
+    ld0 = torch.logsumexp(torch.stack([zero, ba, bb]), 0)
+    l2t = torch.logaddexp(zero + math.log(2.0), eta)  # log(2 + t)
+    lnum = torch.logsumexp(torch.stack([zero + math.log(2.0), l2t + ba, l2t + bb]), 0)
+    fa_da, fb_db = torch.exp(ba - lda), torch.exp(bb - ldb)
+    rest_a, rest_b = torch.exp(torch.logaddexp(lth + bb, zero) - lda), torch.exp(torch.logaddexp(lth + ba, zero) - ldb)
+    tb_da, ta_db = torch.exp(lth + bb - lda), torch.exp(lth + ba - ldb)  # θφ_b/D_a, θφ_a/D_b
+    fa_d0, fb_d0 = torch.exp(ba - ld0), torch.exp(bb - ld0)
+    na, nb = torch.exp(l2t + ba - lnum), torch.exp(l2t + bb - lnum)  # (2+t)φ/num
+    tn = torch.exp(eta + torch.logaddexp(ba, bb) - lnum)  # t(φ_a + φ_b)/num
+    return [[rest_a, -tb_da, -tb_da * s_eta],
+            [-ta_db, rest_b, -ta_db * s_eta],
+            [1 + na - fa_d0 - fa_da - ta_db, 1 + nb - fb_d0 - fb_db - tb_da, 1 + tn - (tb_da + ta_db) * s_eta],
+            [-fa_d0, -fb_d0, zero]]
+
+
+def _newton_step(G, H, gauge_M):
+    """The Newton step −H⁻¹G of each problem, in Jacobi-scaled coordinates (each coordinate in units of
+    its own curvature): a model whose every pair is far apart has curvature ~e^−gap, which next to
+    another's 1/4 would round away in H itself, but is exact relative to its own diagonal. bt/rk
+    (gauge_M = M): H is singular along the common shift of β, so the scaled shift direction u is added as
+    u·uᵀ; with the gradient orthogonal to that shift this gives exactly H's step with no shift in it.
+    Where the scaled Hessian is not positive definite, a Levenberg shift (Marquardt's, in these scaled
+    units). Returns (step [K, D], shift [K], smallest eigenvalue of the scaled system [K])."""
+    K, D = G.shape
+    dg = H.diagonal(dim1=1, dim2=2).abs()
+    dg = torch.where(dg > 0, dg, torch.ones_like(dg))  # a coordinate without curvature stays singular below
+    sc = dg.rsqrt()
+    S = H * sc[:, :, None] * sc[:, None, :]
+    if gauge_M:
+        u = torch.zeros(K, D, dtype=G.dtype)
+        u[:, :gauge_M] = dg[:, :gauge_M].sqrt()
+        u /= u.norm(dim=1, keepdim=True)
+        S = S + u[:, :, None] * u[:, None, :]
+    eye = torch.eye(D, dtype=G.dtype)
+    shift = torch.zeros(K, dtype=G.dtype)
+    for _ in range(60):  # Levenberg: the smallest shift that makes the scaled Hessian positive definite
+        L, info = torch.linalg.cholesky_ex(S + shift[:, None, None] * eye)
+        bad = info != 0
+        if not bad.any():
+            break
+        shift = torch.where(bad, torch.where(shift == 0, torch.full_like(shift, 1e-10), 10 * shift), shift)
+    d = -torch.cholesky_solve((sc * G).unsqueeze(-1), L).squeeze(-1) * sc
+    return d, shift, S
+
+
 def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init=None, step_tol=1e-6):
-    """Minimise Σ_p Σ_o target[k, p, o]·(−log P_o(β_a[p] vs β_b[p]; η)) + l2·|β|² over (β, η) for
-    K problems at once (target [K, P, O], float64), by Newton's method with exact Hessians, a
-    Levenberg shift where the Hessian is not positive definite, and a backtracking line search,
-    until every gradient's 2-norm is <= tol and every Newton step's largest entry <= step_tol. Gauge: Σβ = 0 for bt and rk; grk needs none (the
-    grounding competitor fixes the scale). init: a start [D] or [K, D] (β then η), e.g. a nearby
-    solution; the default is all zeros. Returns (beta [K, M], eta [K] or None, info)."""
+    """Minimise Σ_p Σ_o target[k, p, o]·(−log P_o(β_a[p] vs β_b[p]; η)) + l2·(|β|² + η²) over (β, η) for
+    K problems at once (target [K, P, O], float64), by Newton's method with exact Hessians (Jacobi-scaled:
+    _newton_step), a Levenberg shift where the Hessian is not positive definite, and a backtracking
+    line search. Converged means: every gradient's 2-norm <= tol, every Newton step's largest entry
+    <= step_tol, and that step a plain Newton step on a Hessian well enough conditioned to determine it
+    (no Levenberg shift; the scaled system's smallest eigenvalue >= 1e-10): where the curvature has
+    fallen below machine precision (a model that never lost; pairs so far apart that float64 cannot
+    see them) a tiny step means nothing, and the row is reported not converged. Gauge: Σβ = 0 for bt
+    and rk (kept exactly: a common shift changes no probability); grk needs none (the grounding
+    competitor fixes the scale). init: a start [D] or [K, D] (β then η), e.g. a nearby solution; the
+    default is all zeros. Returns (beta [K, M], eta [K] or None, info)."""
     target = target.double().permute(0, 2, 1).contiguous()  # [K, O, P]: see _pair_objective
     K = target.shape[0]
     D = n_models + (head != "bt")
+    gauge_M = n_models if head in ("bt", "rk") else 0
     x = torch.zeros(K, D, dtype=torch.float64)
     if init is not None:
         x += torch.as_tensor(init, dtype=torch.float64)
-        if head in ("bt", "rk"):  # start in the gauge Σβ = 0 (a shift changes no probability)
-            x[:, :n_models] -= x[:, :n_models].mean(1, keepdim=True)
-    eye = torch.eye(D, dtype=torch.float64)
+    if gauge_M:  # start in the gauge Σβ = 0 (a shift changes no probability)
+        x[:, :n_models] -= x[:, :n_models].mean(1, keepdim=True)
     gnorm = torch.full((K,), math.inf, dtype=torch.float64)
     fval = torch.zeros(K, dtype=torch.float64)
     act = torch.arange(K)  # problems still iterating: a converged one costs nothing more
     step = torch.full((K,), math.inf, dtype=torch.float64)
+    plain = torch.zeros(K, dtype=torch.bool)  # the last step was a plain Newton step (no Levenberg shift)
+    S_last = torch.zeros(K, D, D, dtype=torch.float64)
     for it in range(max_iter + 1):
         f, G, H = _pair_objective(x[act], a, b, target[act], head, l2, derivs=True)
         gnorm[act], fval[act] = G.norm(dim=1), f
-        shift = torch.zeros(len(act), dtype=torch.float64)
-        scale = H.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)
-        for _ in range(60):  # Levenberg: the smallest shift that makes the Hessian positive definite
-            L, info = torch.linalg.cholesky_ex(H + shift[:, None, None] * eye)
-            bad = info != 0
-            if not bad.any():
-                break
-            shift = torch.where(bad, torch.where(shift == 0, 1e-10 * scale, 10 * shift), shift)
-        d = -torch.cholesky_solve(G.unsqueeze(-1), L).squeeze(-1)
-        step[act] = d.abs().amax(1)
+        d, shift, S = _newton_step(G, H, gauge_M)
+        step[act], plain[act], S_last[act] = d.abs().amax(1), shift == 0, S
         # done when the gradient is small AND the Newton step is: where the maximum does not exist (a
         # model that never lost) the gradient fades like e^-β while each step stays ~1, and a test on
         # the gradient alone would call an arbitrary finite β converged
-        keep = (gnorm[act] > tol) | (step[act] > step_tol)
+        keep = (gnorm[act] > tol) | (step[act] > step_tol) | ~plain[act]
         if not keep.any() or it == max_iter:
             break
         act, f, G, d = act[keep], f[keep], G[keep], d[keep]
@@ -1555,7 +1703,13 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
                 break
             t[todo] /= 2
         x[act] += t[:, None] * d
-    conv = (gnorm <= tol) & (step <= step_tol)
+        if gauge_M:
+            x[act, :n_models] -= x[act, :n_models].mean(1, keepdim=True)
+    conv = (gnorm <= tol) & (step <= step_tol) & plain
+    if conv.any():  # a plain step can still be meaningless where the scaled curvature is below rounding
+        lam = torch.full((K,), math.nan, dtype=torch.float64)
+        lam[conv] = torch.linalg.eigvalsh(S_last[conv])[:, 0]
+        conv &= lam >= 1e-10
     info = {"iterations": it, "grad_norm": gnorm, "step": step, "converged": bool(conv.all()), "converged_rows": conv,
             "objective": fval}
     return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
@@ -1579,7 +1733,9 @@ def vote_targets(pairs, n_models, loss, weights=None, return_total=False):
     target = torch.zeros(k.shape[0], len(uniq), O, dtype=torch.float64).index_add_(1, inv, k[:, :, None] * per_vote[None])
     total = target.sum((1, 2), keepdim=True)
     if not (total > 0).all():
-        raise ValueError("no votes with positive weight to fit")
+        bad = int((total <= 0).sum())
+        raise ValueError(f"no votes with positive weight to fit{f' in {bad} of {len(total)} resamples' if len(total) > 1 else ''}"
+                         f"{' (plain bt gives ties weight 0)' if loss == 'bt' else ''}")
     if return_total:
         return uniq // n_models, uniq % n_models, target / total, total
     return uniq // n_models, uniq % n_models, target / total
@@ -1592,7 +1748,8 @@ def separation(a, b, target, n_models, head, names=None, total=None):
     grounding competitor G: a win or a tie puts the model above G, a both-bad vote puts G above
     both). The maximum exists iff every model with votes reaches every other along such edges
     (the graph is strongly connected: Zermelo 1929, Ford 1957); otherwise some group never lost to
-    the rest and its coefficients run to infinity. rk also needs a tie, or η runs to 0 (−∞ raw)."""
+    the rest and its coefficients run to infinity. rk and grk also need a tie and a win for their tie
+    parameter (_eta_separation)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     names = names or [f"model {i}" for i in range(n_models)]
@@ -1643,29 +1800,47 @@ def separation(a, b, target, n_models, head, names=None, total=None):
             else:
                 first = [label(i) for i in idx[comp == comp[0]]][:5]
                 why = f"the models split into {n_comp} groups that never all beat each other (one: {', '.join(first)})"
-        elif head == "rk" and (target.shape[2] <= TIE or not t[:, TIE].any()):
-            why = "no ties: the Rao-Kupper tie parameter runs to 0"
+        else:
+            why = _eta_separation(t, head)
         out.append(why)
     return out
+
+
+def _eta_separation(t, head):
+    """Why the tie parameter of a tie-aware head has no finite maximum (t: [U, O] outcomes seen), or
+    None. P(tie) rises with η and P(a wins), P(b wins) fall with it (both-bad does not depend on it),
+    so η needs at least one tie (else it runs to −∞: rk's η to 0, grk's θ to 1) and at least one win
+    (else it runs to +∞)."""
+    if head == "bt":
+        return None
+    name = "the Rao-Kupper tie parameter" if head == "rk" else "the grk tie parameter (θ = 1 + e^eta)"
+    if t.shape[1] <= TIE or not t[:, TIE].any():
+        return f"no ties: {name} runs to {'0' if head == 'rk' else 'θ = 1'} (eta to −∞)"
+    if not t[:, [A, B]].any():
+        return f"no wins, only ties{' and both-bad' if head == 'grk' else ''}: {name} runs to +∞"
+    return None
 
 
 def fit_votes(pairs, n_models, loss, l2=0.0, weights=None, names=None):
     """Maximum-likelihood leaderboard(s) from battles: (beta [K, M], eta [K] or None, info). Without
     a ridge (l2 = 0) a problem whose maximum does not exist (separation()) is not solved: its row is
-    NaN, and info["separated"][k] says why (None where the fit exists); with l2 > 0 every fit exists."""
+    NaN, and info["separated"][k] says why (None where the fit exists); with l2 > 0 every fit exists
+    (the ridge l2·(|β|² + eta²) holds the coefficients and the tie parameter alike)."""
     head = HEAD_OF_LOSS[loss]
     a, b, target, total = vote_targets(pairs, n_models, loss, weights, return_total=True)
     why = separation(a, b, target, n_models, head, names, total) if l2 == 0 else [None] * target.shape[0]
     ok = torch.tensor([w is None for w in why])
     K, D = target.shape[0], n_models + (head != "bt")
     x = torch.full((K, D), math.nan, dtype=torch.float64)
-    info = {"separated": why, "converged": False, "grad_norm": torch.full((K,), math.inf, dtype=torch.float64)}
+    info = {"separated": why, "converged": False, "grad_norm": torch.full((K,), math.inf, dtype=torch.float64),
+            "converged_rows": torch.zeros(K, dtype=torch.bool)}
     if ok.any():
         bb, ee, info_ok = fit_pairs(a, b, target[ok], n_models, head, l2=l2)
         x[ok, :n_models] = bb
         if ee is not None:
             x[ok, n_models] = ee
         info["grad_norm"][ok] = info_ok["grad_norm"]
-        info.update({k: v for k, v in info_ok.items() if k not in ("grad_norm", "converged")})
+        info["converged_rows"][ok] = info_ok["converged_rows"]
+        info.update({k: v for k, v in info_ok.items() if k not in ("grad_norm", "converged", "converged_rows")})
         info["converged"] = info_ok["converged"] and bool(ok.all())
     return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info

@@ -376,7 +376,10 @@ def baselines(inp, votes):
         tp = train_pairs()
         if tp is None:
             sys.exit(f"error: {inp.train_path}: no training votes between models the checkpoint knows")
-        mbeta, meta = (t.double() for t in fit_marginal(tp, M, loss))
+        try:
+            mbeta, meta = (t.double() for t in fit_marginal(tp, M, loss))
+        except ValueError as e:  # a fit that does not converge is refused, never a silent number
+            sys.exit(f"error: {inp.train_path}: {e}")
     categories = sorted({c for c in votes.vote_cat if c is not None}, key=str)
     cat_beta, cat_eta, fallback = [mbeta], [meta], []  # row 0: the marginal, for votes without a category
     for c in categories:
@@ -385,7 +388,11 @@ def baselines(inp, votes):
             fallback.append(c)
             b_, e_ = mbeta, meta
         else:
-            b_, e_ = (t.double() for t in fit_marginal(tp, M, loss))
+            try:
+                b_, e_ = (t.double() for t in fit_marginal(tp, M, loss, note=lambda m, c=c: print(f"category {c!r}: {m}")))
+            except ValueError as e:  # no fit for this category's votes: the marginal stands in, and says so
+                notes.append(f"category {c!r}: {e}; the marginal used there")
+                b_, e_ = mbeta, meta
         cat_beta.append(b_)
         cat_eta.append(e_)
     if fallback:

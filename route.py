@@ -105,7 +105,8 @@ def win_rates(beta, q, mean_pairs=False):
     """(Wq)[z, a] = Σ_b q_b σ(β_a(z) − β_b(z)), float64 numpy [N, M]: each model's predicted win rate
     against an opponent drawn from q. Exact (φ form above): (Wq)_a = q_a/2 + φ_a Σ_{b≠a} q_b r_ab.
     mean_pairs: also mean_pair_probs(beta, None, "bt") [1, P, 2] (the averaged leaderboard's target)
-    from the same r, for one more pass instead of a second sweep."""
+    from the same r, for one more pass instead of a second sweep: both directions, φ_i·r_ij and φ_j·r_ij
+    (1 − P would round the lower model's chance to 0 from a logit gap of ~37 on)."""
     beta, q = np.asarray(beta, dtype=np.float64), np.asarray(q, dtype=np.float64)
     N, M = beta.shape
     if N * M < 2 ** 12 and not mean_pairs:  # a few prompts (one decision): whole-array numpy calls
@@ -124,13 +125,14 @@ def win_rates(beta, q, mean_pairs=False):
         wide = wide_rows(bs)
         fT = phi_t(bs[~wide] if wide.any() else bs)  # wide rows: σ of the differences, below
         acc = torch.zeros_like(fT)
-        pairs = torch.zeros(off[-1], dtype=torch.float64) if mean_pairs else None
+        pairs = torch.zeros(off[-1], 2, dtype=torch.float64) if mean_pairs else None
 
         def visit(i, r):
             acc[i] += qt[i + 1:] @ r                 # (a = i, b > i)
             acc[i + 1:].add_(r, alpha=float(qt[i]))  # (a > i, b = i)
             if mean_pairs:
-                pairs[off[i]:off[i + 1]] += r @ fT[i]
+                pairs[off[i]:off[i + 1], 0] += r @ fT[i]
+                pairs[off[i]:off[i + 1], 1] += (r * fT[i + 1:]).sum(1)
         pair_sweep(fT, visit)
         if wide.any():
             out[se[0]:se[1]][~wide] = (fT * acc + 0.5 * qt[:, None]).T
@@ -141,15 +143,15 @@ def win_rates(beta, q, mean_pairs=False):
             out[se[0]:se[1]][wide] = torch.sigmoid(bw[:, :, None] - bw[:, None, :]) @ qt
             if mean_pairs:
                 a, b = all_pairs(M)
-                pairs += torch.sigmoid(bw[:, a] - bw[:, b]).sum(0)
+                d = bw[:, a] - bw[:, b]
+                pairs += torch.stack([torch.sigmoid(d).sum(0), torch.sigmoid(-d).sum(0)], -1)
         return pairs
     total = 0
     for part in map_blocks(block, row_blocks(N, M)):  # summed in block order: deterministic
         total = total + (part if mean_pairs else 0)
     if not mean_pairs:
         return out.numpy()
-    total = (total / N)[None, :, None]
-    return out.numpy(), torch.cat([total, 1 - total], -1)
+    return out.numpy(), (total / N)[None]
 
 
 def hull_route(s, c, budget, order):

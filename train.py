@@ -126,7 +126,10 @@ if not len(val_prompts):
 for path, v in ((args.train, train_votes), (args.val, val_votes)):  # else the NLL is 0/0
     if v["pairs"]["w"].sum().item() == 0:
         sys.exit(f"error: {path}: no vote carries weight ({'plain bt drops hard-label ties: try --loss bt-tie' if args.loss == 'bt' else 'every weight is 0'})")
-beta0, eta0 = fit_marginal(train_votes["pairs"], len(model_list), args.loss)
+try:  # a fit that does not exist or does not converge is refused, never a silent number
+    beta0, eta0 = fit_marginal(train_votes["pairs"], len(model_list), args.loss)
+except ValueError as e:
+    sys.exit(f"error: {args.train}: {e}")
 n_val = val_votes["n_prompts"]
 s, w = batch_nll(beta0.expand(n_val, -1), eta0.expand(n_val), val_votes["pairs"], args.loss)
 marginal_nll = (s / w).item()
