@@ -227,7 +227,8 @@ def time_cli(args, ctx, h, ks):
             g.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         ck2 = Path(args.out) / "cache" / f"cli-ck2-{k}"
         load0, t0 = os.getloadavg()[0], time.time()
-        r = subprocess.run([sys.executable, "train.py", "--extend", args.checkpoint, "--train", str(f), "--out", str(ck2)],
+        r = subprocess.run([sys.executable, "train.py", "--extend", os.path.abspath(args.checkpoint), "--train", os.path.abspath(f),
+                            "--out", os.path.abspath(ck2)],
                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
         wall = time.time() - t0
         if r.returncode:
@@ -235,7 +236,7 @@ def time_cli(args, ctx, h, ks):
         m = json.loads((ck2 / "metrics.json").read_text())
         ck, _ = load_checkpoint(ck2)
         col = ck.p2l["model_list"].index(h)
-        row = torch.cat([ck.head.head.bias[col:col + 1], ck.head.head.weight[col]]).double()
+        row = torch.cat([ck.head.head.bias[col:col + 1], ck.head.head.weight[col]]).detach().double()
         mine_row = torch.tensor(one_extension(ctx, h, sub, sub)[1]["row"])
         out.append({"model": h, "k": k, "battles": len(rows), "wall_seconds": round(wall, 1), "phases": m["extend"]["seconds"],
                     "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],

@@ -194,7 +194,7 @@ def test_extend_warns_on_few_battles_with_the_count(base_ck, tmp_path):
 
 
 @pytest.mark.slow
-def test_round_trip_extend_evaluate_aggregate_route_serve(base_ck, tmp_path):
+def test_round_trip_extend_evaluate_aggregate_route_serve(base_ck, tmp_path, monkeypatch):
     """CK2 is a checkpoint like any other: the old models' coefficients are CK's exactly, and every
     stage reads it unchanged (evaluate with its category baselines from CK2's vote file, aggregate,
     route from the checkpoint and from the predictions, serve through the OpenAI client)."""
@@ -234,6 +234,7 @@ def test_round_trip_extend_evaluate_aggregate_route_serve(base_ck, tmp_path):
     T.run_route("--preds", tmp_path / "eval", *common_args, "--out", tmp_path / "r2")
     assert (tmp_path / "r1/routes.jsonl").read_text() == (tmp_path / "r2/routes.jsonl").read_text()
     # serve: the new model is listed and routable
+    monkeypatch.setenv("P2L_TEST_UPSTREAM_KEY", T.UPSTREAM_KEY)
     mf = T.models_file(tmp_path / "m.json", "http://127.0.0.1:9", "ok")
     app_args = S.parse_args(["--checkpoint", str(ck2), "--models", str(mf), "--budget", "10"])
     svc = S.Service(m2, tok, app_args, S.read_models(mf, models))
