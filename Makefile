@@ -81,4 +81,22 @@ routellm: venv
 		$(R) --loss grk-soft --eval-every 100000
 	$(PY) routellm_eval.py --preds out/cv-pooled --covered-only --out out/routellm
 
+<<<<<<< HEAD
 .PHONY: venv browser run test test-fast bench bench-scale scaling routellm
+=======
+# adding a model without retraining (train.py --extend, README "Add a new model"): leave-8-models-out on the
+# AlpacaEval split. ONE P2L trained without all 8 (a harder test than 8 trainings: its backbone saw fewer models), each
+# model added back alone from k = 10, 40, 160 and all of its 644 training battles (seeded subsets), scored on its 161
+# held-out prompts vs a constant placement and vs the full retrain that saw it. Both trainings use the default head
+# (scale + rank 8, batches of 16) at 1 epoch and 128 tokens: the CPU budget of the shared box (README numbers).
+# ~1 h on the busy shared 2-core CPU (the two trainings in parallel; the evaluation ~15 min, mostly one forward per prompt)
+HELDOUT := FuseChat-Qwen-2.5-7B-Instruct,FuseChat-Llama-3.2-1B-Instruct,claude-2.1,gpt-3.5-turbo-1106,vicuna-13b-v1.5,ultralm-13b,alpaca-farm-ppo-sim-gpt4-20k,oasst-sft-pythia-12b
+XR := --epochs 1 --batch-size 16 --head-scale --head-rank 8 --max-len 128
+extend-eval: venv
+	$(PY) extend_eval.py --heldout $(HELDOUT) --write-train-without out/extend/train-minus8.jsonl.gz
+	$(PY) train.py --train out/extend/train-minus8.jsonl.gz $(XR) --out out/extend/minus8
+	$(PY) train.py $(XR) --out out/extend/full
+	$(PY) extend_eval.py --checkpoint out/extend/minus8 --full out/extend/full --heldout $(HELDOUT) --time-cli 10,160 --out out/extend/eval
+
+.PHONY: venv run test test-fast bench bench-scale scaling routellm extend-eval
+>>>>>>> extend

@@ -7,6 +7,7 @@ One file, three launchers:
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
     deepspeed train.py --deepspeed ds_config.json --model Qwen/Qwen2.5-7B-Instruct --train votes.jsonl --out out/p2l
 On a CPU, deepspeed needs DS_ACCELERATOR=cpu. `python bench.py train` times grouped vs one-forward-per-pair training.
+New models for a trained P2L, without a training run: --extend CK --train NEW.jsonl --out CK2 (extend.py).
 At Arena scale add --max-tokens 16384: length-grouped batches (make bench-scale: ~20x less padding); token ids
 come from an on-disk cache built once per battle file and tokenizer ($P2L_CACHE, default ~/.cache/p2l).
 """
@@ -68,7 +69,14 @@ p.add_argument("--resume", action="store_true", help="continue from the resumabl
 p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_config.json); its 'auto' values come from these flags")
 p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="override the ZeRO stage in the DeepSpeed config")
 p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+# --extend: add models to a trained checkpoint (extend.py), no training run
+p.add_argument("--extend", metavar="CK", help="add every model of --train that checkpoint CK does not know: the backbone and "
+               "CK's head rows stay frozen, each new model gets a fitted head row and marginal rating, written to --out as a "
+               "complete checkpoint (seconds to minutes on CPU instead of a training run; README 'Add a new model')")
 args = p.parse_args()
+if args.extend:  # its own code path, then exit: nothing below runs
+    import extend
+    sys.exit(extend.main(args, sys.argv[1:], p))
 for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8),
                            ("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 0), ("--save-every", args.save_every, 0),
                            ("--eval-every", args.eval_every, 0), ("--warmup", args.warmup, 0), ("--lr", args.lr, 0), ("--head-lr", args.head_lr, 0),
