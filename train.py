@@ -533,8 +533,8 @@ if master:
                "val_prompts": len(val_prompts), "train_votes": train_votes["n_battles"], "train_prompts": len(train_prompts),
                "models": len(model_list), "steps": step, "train_seconds": round(train_seconds, 1),
                "prompts_per_s": round(n_prompts / max(train_seconds, 1e-9), 2),
-               "tokens_per_s": round(n_tokens / max(train_seconds - t_eval, 1e-9), 1),  # real tokens, steps only "eval_seconds": round(t_eval, 1),
-               "train_layers": args.train_layers,
+               "tokens_per_s": round(n_tokens / max(train_seconds - t_eval, 1e-9), 1),  # real tokens, optimizer steps only
+               "eval_seconds": round(t_eval, 1), "train_layers": args.train_layers,
                "backbone": args.model, "loss": args.loss,
                "device": device, "world_size": world, "dtype": "bf16" if bf16 else "fp32"}
     if args.inner_val:
