@@ -61,7 +61,17 @@ p.add_argument("--pooling", choices=["last", "first", "mean"], help="default: 'l
                "decoders, 'mean' for encoders (it beat 'first', the [CLS] token, on held-out NLL: README)")
 p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPUs that have it, else fp32")
 p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
-p.add_argument("--eval-every", type=int, default=0, help="validate every N optimizer steps (0: ~4 times per run)")
+p.add_argument("--eval-every", type=int, default=0, help="validate every N optimizer steps (0: ~4 times per run; "
+               "with --inner-val ~10 times, plus step 0, so early stopping has candidates to choose from)")
+p.add_argument("--train-layers", type=int, help="train only the top N transformer blocks (+ the final norm) and the head; "
+               "the embeddings and the lower blocks are frozen (no gradient, no optimizer state): fewer backward FLOPs, "
+               "and fewer ways to overfit a few hundred prompts (default: every block and the embeddings; 0: the head alone)")
+p.add_argument("--inner-val", type=float, default=0.0, help="early stopping: hold out this seeded fraction of the TRAINING "
+               "prompts (never --val, which stays a report), validate on them every --eval-every steps and at step 0, keep "
+               "the best weights and restore them at the end; the head's starting leaderboard is fitted on the other "
+               "training prompts, so the held-out ones are unseen by everything (0: off, the weights of the last step)")
+p.add_argument("--patience", type=int, default=0, help="with --inner-val: stop training after this many evaluations "
+               "without a new best inner NLL (saves time once it overfits; 0: train to the end, still keep the best)")
 p.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0: only at the end)")
 p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run all epochs)")
 p.add_argument("--seed", type=int, default=0)
@@ -80,7 +90,9 @@ if args.extend:  # its own code path, then exit: nothing below runs
 for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1), ("--max-len", args.max_len, 8),
                            ("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 0), ("--save-every", args.save_every, 0),
                            ("--eval-every", args.eval_every, 0), ("--warmup", args.warmup, 0), ("--lr", args.lr, 0), ("--head-lr", args.head_lr, 0),
-                           ("--head-rank", args.head_rank or 0, 0), ("--reg-marginal", args.reg_marginal, 0.0)):
+                           ("--head-rank", args.head_rank or 0, 0), ("--reg-marginal", args.reg_marginal, 0.0),
+                           ("--train-layers", 0 if args.train_layers is None else args.train_layers, 0),
+                           ("--inner-val", args.inner_val, 0.0), ("--patience", args.patience, 0)):
     if not value >= least:  # also catches NaN
         p.error(f"{flag} must be >= {least}, got {value}")
     if not math.isfinite(value):  # inf would train nothing useful and write Infinity into training_args.json
@@ -89,6 +101,10 @@ if not (0 < args.clip < math.inf):  # clip_grad_norm_ scales by clip/‖g‖: -1
     p.error(f"--clip must be a finite number > 0, got {args.clip}")
 if args.warmup > 1:  # a fraction of the optimizer steps: more than all of them never reaches the full lr
     p.error(f"--warmup is a fraction of the optimizer steps, in [0, 1]; got {args.warmup}")
+if not args.inner_val < 0.5:
+    p.error(f"--inner-val is the fraction of the training prompts held out for early stopping: must be < 0.5, got {args.inner_val}")
+if args.patience and not args.inner_val:
+    p.error("--patience needs --inner-val (the held-out training prompts it watches)")
 if args.max_tokens and args.max_tokens < args.max_len:
     p.error(f"--max-tokens must be >= --max-len ({args.max_len}) so the longest prompt fits, got {args.max_tokens}")
 try:  # before any work: an --out that cannot be a directory, --resume with nothing to resume
@@ -134,16 +150,40 @@ if not len(val_prompts):
 for path, v in ((args.train, train_votes), (args.val, val_votes)):  # else the NLL is 0/0
     if v["pairs"]["w"].sum().item() == 0:
         sys.exit(f"error: {path}: no vote carries weight ({'plain bt drops hard-label ties: try --loss bt-tie' if args.loss == 'bt' else 'every weight is 0'})")
+# --inner-val: a seeded set of training prompts held out for early stopping; the head's start (the marginal) is fitted
+# on the rest, so the step-0 candidate is as unseen as the later ones. marginal.json's baseline (beta_all) uses all
+# training prompts, as a user's averaged leaderboard would: the comparison stays conservative for P2L.
+inner_prompts = np.array([], dtype=np.int64)
+if args.inner_val:
+    n_inner = round(args.inner_val * len(train_prompts))
+    if not 1 <= n_inner < len(train_prompts):
+        sys.exit(f"error: --inner-val {args.inner_val} of {len(train_prompts)} training prompts leaves {n_inner} held out; "
+                 "it needs at least 1 held out and 1 to train on")
+    perm = np.random.default_rng(args.seed).permutation(len(train_prompts))
+    inner_prompts, train_prompts = np.sort(train_prompts[perm[:n_inner]]), np.sort(train_prompts[perm[n_inner:]])
 try:  # a fit that does not exist or does not converge is refused, never a silent number
-    beta0, eta0 = fit_marginal(train_votes["pairs"], len(model_list), args.loss)
+    beta_all, eta_all = fit_marginal(train_votes["pairs"], len(model_list), args.loss)
+    if args.inner_val:
+        fit_pairs = pairs_of(train_votes, train_prompts)
+        if fit_pairs["w"].sum().item() == 0:
+            sys.exit(f"error: {args.train}: no vote with weight is left outside the --inner-val prompts")
+        beta0, eta0 = fit_marginal(fit_pairs, len(model_list), args.loss)
+    else:
+        beta0, eta0 = beta_all, eta_all
 except ValueError as e:
     sys.exit(f"error: {args.train}: {e}")
 n_val = val_votes["n_prompts"]
-s, w = batch_nll(beta0.expand(n_val, -1), eta0.expand(n_val), val_votes["pairs"], args.loss)
-marginal_nll = (s / w).item()
+s, w = batch_nll(beta_all.expand(n_val, -1), eta_all.expand(n_val), val_votes["pairs"], args.loss)
+marginal_nll = (s / w).item()  # the baseline a user has: the averaged leaderboard of all training votes
 val_skipped = val_votes["skipped"]
 log(f"{train_votes['n_battles']} train votes on {len(train_prompts)} prompts, {val_votes['n_battles']} val votes on "
     f"{len(val_prompts)} prompts ({val_skipped} skipped: unknown model), {len(model_list)} models; marginal val NLL {marginal_nll:.4f}")
+if args.inner_val:
+    s, w = batch_nll(beta0.expand(len(inner_prompts), -1), eta0.expand(len(inner_prompts)),
+                     pairs_of(train_votes, inner_prompts), args.loss)
+    inner_marginal_nll = (s / w).item()
+    log(f"--inner-val: {len(inner_prompts)} training prompts held out for early stopping, {len(train_prompts)} trained on; "
+        f"their marginal NLL {inner_marginal_nll:.4f}")
 
 # -----------------------------------------------------------------------------
 # model: backbone + head initialised at the marginal leaderboard
@@ -160,6 +200,36 @@ p2l = {"model_list": model_list, "loss": args.loss, "pooling": pooling, "max_len
        "head_scale": args.head_scale, "head_rank": args.head_rank}
 model = P2LModel(backbone, p2l)
 model.init_head(beta0, eta0)
+
+
+def transformer_blocks(net):
+    """The stack of transformer blocks (bottom to top) and the final norm after it (None if none):
+    Llama/SmolLM2/Qwen2 (.layers, .norm), BERT/MiniLM (.encoder.layer; its LayerNorms sit inside the
+    blocks), GPT-2 style (.h, .ln_f). (None, None) for an unknown layout."""
+    for blocks, norm in (("layers", "norm"), ("encoder.layer", None), ("h", "ln_f")):
+        obj = net
+        for part in blocks.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj, getattr(net, norm, None) if norm else None
+    return None, None
+
+
+if args.train_layers is not None:
+    blocks, final_norm = transformer_blocks(backbone)
+    if blocks is None:
+        p.error(f"--train-layers: no stack of transformer blocks found in {type(backbone).__name__} (--model {args.model})")
+    if args.train_layers > len(blocks):
+        p.error(f"--train-layers must be <= {len(blocks)} (the blocks of --model {args.model}), got {args.train_layers}")
+    if args.train_layers < len(blocks):  # N == all blocks: everything trains, as without the flag
+        backbone.requires_grad_(False)
+        for block in blocks[len(blocks) - args.train_layers:]:
+            block.requires_grad_(True)
+        if final_norm is not None and args.train_layers:
+            final_norm.requires_grad_(True)
+    n_bb = sum(q.numel() for q in backbone.parameters())
+    log(f"--train-layers {args.train_layers}: the top {args.train_layers} of {len(blocks)} blocks train, "
+        f"{sum(q.numel() for q in backbone.parameters() if q.requires_grad) / 1e6:.1f}M of {n_bb / 1e6:.1f}M backbone parameters")
 if args.grad_checkpointing:
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 # token ids from the on-disk cache (token_cache): local rank 0 of each node builds it, the others wait
@@ -193,7 +263,7 @@ if args.max_steps:
 warmup = max(1, int(args.warmup * total_steps))
 head_params = list(model.head.parameters())
 head_ids = {id(q) for q in head_params}
-groups = [{"params": [q for q in model.parameters() if id(q) not in head_ids], "lr": args.lr},
+groups = [{"params": [q for q in model.parameters() if id(q) not in head_ids and q.requires_grad], "lr": args.lr},
           {"params": head_params, "lr": args.head_lr}]
 opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))))
@@ -245,19 +315,20 @@ def batch_loss(batch):
 
 
 @torch.no_grad()
-def val_nll():
-    """Validation NLL over all val votes; prompts are sharded over ranks, shards padded to one
-    length (padding votes weigh 0) so ZeRO-3 ranks run the same number of forwards."""
+def val_nll(votes=val_votes, prompts=val_prompts, ids=val_ids):
+    """Validation NLL over all votes of these prompts (default: --val; --inner-val passes its held-out
+    training prompts); prompts are sharded over ranks, shards padded to one length (padding votes
+    weigh 0) so ZeRO-3 ranks run the same number of forwards."""
     model.eval()
-    per = math.ceil(len(val_prompts) / world)
+    per = math.ceil(len(prompts) / world)
     shard = np.arange(per) * world + rank
-    real = shard < len(val_prompts)
-    shard = val_prompts[np.where(real, shard, 0)]
+    real = shard < len(prompts)
+    shard = prompts[np.where(real, shard, 0)]
     # token-budget batches give ranks different forward counts: fine, except under ZeRO-3 (its gathers are collective)
-    beta, eta = predict(model, [val_ids[i] for i in shard], tok.pad_token_id, 2 * args.batch_size, device,
+    beta, eta = predict(model, [ids[i] for i in shard], tok.pad_token_id, 2 * args.batch_size, device,
                           torch.bfloat16 if bf16 and not args.deepspeed else None,
                           max_tokens=args.max_tokens if zero_stage != 3 else 0)
-    pairs = pairs_of(val_votes, shard)
+    pairs = pairs_of(votes, shard)
     pairs["w"] = pairs["w"] * torch.from_numpy(real)[pairs["row"]]
     s, w = batch_nll(beta.double(), eta.double() if eta is not None else None, pairs, args.loss)
     t = torch.stack([s, w]).to(device)
@@ -277,7 +348,8 @@ except ValueError as e:  # another run holds --out
     sys.exit(f"error: {e}")
 # the arguments that change what a step computes; --max-steps may grow on resume (the schedule follows it)
 SAME = ("loss", "epochs", "batch_size", "max_tokens", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "clip",
-        "max_len", "pooling", "dtype", "seed", "zero", "grad_checkpointing", "head_scale", "head_rank", "reg_marginal")
+        "max_len", "pooling", "dtype", "seed", "zero", "grad_checkpointing", "head_scale", "head_rank", "reg_marginal",
+        "train_layers", "inner_val", "patience") + (("eval_every",) if args.inner_val else ())  # it picks early stopping's candidates
 fingerprint = {"data": [sha256_file(args.train), sha256_file(args.val)], "model_list": model_list, "backbone": args.model,
                "args": {k: getattr(args, k) for k in SAME}, "world_size": world}
 
@@ -294,7 +366,9 @@ def set_rng_state(st):
     random.setstate(st["python"])
 
 
-step, t_done, n_prompts = 0, 0.0, 0  # t_done, n_prompts: training time and prompts before this process (resume)
+step, t_done, n_prompts, n_tokens = 0, 0.0, 0, 0  # training time, prompts and tokens before this process (resume)
+# --inner-val: the best evaluation so far (step, inner NLL, a CPU copy of the weights that train, evaluations since it, stopped)
+best = {"step": None, "nll": math.inf, "state": None, "since": 0, "stopped": None}
 resume_dir = os.path.join(args.out, "resume")
 if args.resume:
     if args.deepspeed:
@@ -316,7 +390,8 @@ if args.resume:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-    step, t_done, n_prompts = st["step"], st.get("train_seconds", 0.0), st.get("n_prompts", 0)
+    step, t_done, n_prompts, n_tokens = st["step"], st.get("train_seconds", 0.0), st.get("n_prompts", 0), st.get("n_tokens", 0)
+    best = st.get("best", best)
     set_rng_state(st["rng"])
     log(f"resumed at step {step}")
 elif master:  # a fresh run: a finished run's files in --out must not look like this run's outputs if it dies
@@ -328,8 +403,8 @@ elif master:  # a fresh run: a finished run's files in --out must not look like 
 
 
 def save_resume():
-    state = {"step": step, "fingerprint": fingerprint, "rng": rng_state(), "n_prompts": n_prompts,
-             "train_seconds": t_done + time.time() - t_start}
+    state = {"step": step, "fingerprint": fingerprint, "rng": rng_state(), "n_prompts": n_prompts, "n_tokens": n_tokens,
+             "train_seconds": t_done + time.time() - t_start, "best": best}
     if args.deepspeed:
         engine.save_checkpoint(resume_dir, tag="last", client_state=state)
     elif master:
@@ -339,7 +414,25 @@ def save_resume():
         os.replace(tmp, os.path.join(resume_dir, "state.pt"))
 
 
-eval_every = args.eval_every or max(1, total_steps // 4)
+eval_every = args.eval_every or max(1, total_steps // (10 if args.inner_val else 4))
+if args.inner_val and zero_stage == 3:
+    sys.exit("error: --inner-val keeps a copy of the best weights, which ZeRO-3 shards over ranks: use --zero 2 or drop --inner-val")
+trainable = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+
+
+def inner_eval():
+    """--inner-val: the NLL of the held-out training prompts; a new best keeps a CPU copy of the weights that train
+    (with --train-layers, only the top blocks and the head: the frozen rest cannot change)."""
+    global t_eval
+    t0 = time.time()
+    nll = val_nll(train_votes, inner_prompts, train_ids)
+    t_eval += time.time() - t0
+    if nll < best["nll"]:
+        best.update(step=step, nll=nll, state={n: q.detach().to("cpu", copy=True) for n, q in trainable}, since=0)
+    else:
+        best["since"] += 1
+    return nll
+
 log_path = os.path.join(args.out, "train_log.jsonl")
 log_file = None
 if master:
@@ -350,10 +443,15 @@ if master:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
     atomic_write(log_path, "".join(kept))
     log_file = open(log_path, "a")
+t_start, last_val, t_eval = time.time(), None, 0.0  # t_eval: this process's seconds in validation
+if args.inner_val and best["step"] is None:  # step 0, the marginal leaderboard itself, is a candidate too
+    nll = inner_eval()
+    log(f"step 0: inner NLL {nll:.4f} (the head's starting leaderboard)")
+    if master:
+        log_file.write(json.dumps({"step": 0, "epoch": 0.0, "inner_nll": nll}) + "\n")
 model.train()
-t_start, last_val = time.time(), None
 bar = tqdm(total=total_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-while step < total_steps:
+while step < total_steps and best["stopped"] is None:
     epoch, done_in_epoch = divmod(step, steps_per_epoch)
     batches = epoch_batches(epoch)[done_in_epoch * args.grad_accum:steps_per_epoch * args.grad_accum]
     for i, batch in enumerate(batches):
@@ -362,6 +460,7 @@ while step < total_steps:
         boundary = (i + 1) % args.grad_accum == 0
         optimizer_step(boundary)
         n_prompts += len(batch) * world
+        n_tokens += int(train_ids.lengths[batch].sum()) * world
         if not boundary:
             continue
         step += 1
@@ -369,8 +468,17 @@ while step < total_steps:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                "prompts_per_s": n_prompts / (t_done + time.time() - t_start)}
-        if step % eval_every == 0 or step == total_steps:
+        if (step % eval_every == 0 or step == total_steps) and args.inner_val:  # --val is scored once, at the end
+            nll = row["inner_nll"] = inner_eval()
+            bar.write(f"step {step}/{total_steps}: inner NLL {nll:.4f}  marginal {inner_marginal_nll:.4f}  "
+                      f"({100 * (nll / inner_marginal_nll - 1):+.2f}%); best: step {best['step']}")
+            if args.patience and best["since"] >= args.patience:
+                best["stopped"] = step
+                bar.write(f"step {step}: no better inner NLL in {args.patience} evaluations: stopping early")
+        elif step % eval_every == 0 or step == total_steps:
+            t0 = time.time()
             last_val = row["val_nll"] = val_nll()
+            t_eval += time.time() - t0
             bar.write(f"step {step}/{total_steps}: val NLL {last_val:.4f}  marginal {marginal_nll:.4f}  "
                       f"({100 * (last_val / marginal_nll - 1):+.2f}%)")
         if master:
@@ -378,11 +486,20 @@ while step < total_steps:
             log_file.flush()
         if args.save_every and step % args.save_every == 0:
             save_resume()
-        if step >= total_steps:
+        if step >= total_steps or best["stopped"] is not None:
             break
 bar.close()
 train_seconds = t_done + time.time() - t_start
-if last_val is None:  # resumed a finished run
+if args.inner_val:  # the weights of the best inner evaluation, then --val once, for the report
+    if best["step"] != step:
+        with torch.no_grad():
+            for n, q in trainable:
+                q.copy_(best["state"][n])
+    log(f"early stopping: the weights of step {best['step']} (inner NLL {best['nll']:.4f} vs marginal "
+        f"{inner_marginal_nll:.4f}, {100 * (best['nll'] / inner_marginal_nll - 1):+.2f}%)"
+        + (f"; stopped at step {best['stopped']} of {total_steps}" if best["stopped"] is not None else ""))
+    last_val = val_nll()
+elif last_val is None:  # resumed a finished run
     last_val = val_nll()
 save_resume()
 
@@ -396,8 +513,11 @@ else:
 diverged = not math.isfinite(last_val)
 if master:
     # the averaged leaderboard the head started from, and where the training votes are: evaluate.py's baselines
-    marginal = {"model_list": model_list, "beta": beta0.tolist(), "eta": eta0.item(), "loss": args.loss,
+    marginal = {"model_list": model_list, "beta": beta_all.tolist(), "eta": eta_all.item(), "loss": args.loss,
                 "train": file_ref(args.train, args.out), "val_nll": marginal_nll}
+    if args.inner_val:  # the head started from the leaderboard of the prompts it trained on; the baseline uses all
+        marginal["head_start"] = {"beta": beta0.tolist(), "eta": eta0.item(), "prompts": len(train_prompts),
+                                  "note": "--inner-val: fitted without the prompts held out for early stopping"}
     extra = {"training_args.json": json.dumps({"argv": sys.argv, "args": vars(args), "world_size": world}, indent=2) + "\n",
              "marginal.json": json.dumps(marginal, indent=1) + "\n"}
     save_checkpoint(args.out, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, tok, extra)
@@ -405,8 +525,14 @@ if master:
                "val_votes": val_votes["n_battles"] - val_skipped,
                "val_prompts": len(val_prompts), "train_votes": train_votes["n_battles"], "train_prompts": len(train_prompts),
                "models": len(model_list), "steps": step, "train_seconds": round(train_seconds, 1),
-               "prompts_per_s": round(n_prompts / max(train_seconds, 1e-9), 2), "backbone": args.model, "loss": args.loss,
+               "prompts_per_s": round(n_prompts / max(train_seconds, 1e-9), 2),
+               "tokens_per_s": round(n_tokens / max(train_seconds - t_eval, 1e-9), 1),  # real tokens, optimizer steps only
+               "eval_seconds": round(t_eval, 1), "train_layers": args.train_layers,
+               "backbone": args.model, "loss": args.loss,
                "device": device, "world_size": world, "dtype": "bf16" if bf16 else "fp32"}
+    if args.inner_val:
+        metrics["inner_val"] = {"prompts": len(inner_prompts), "best_step": best["step"], "nll": best["nll"],
+                                "marginal_nll": inner_marginal_nll, "stopped_at": best["stopped"], "eval_every": eval_every}
     if diverged:
         metrics["note"] = f"training diverged: val NLL {last_val}"
     write_json(os.path.join(args.out, "metrics.json"), metrics)
