@@ -10,6 +10,9 @@ On a CPU, deepspeed needs DS_ACCELERATOR=cpu. `python bench.py train` times grou
 New models for a trained P2L, without a training run: --extend CK --train NEW.jsonl --out CK2 (extend.py).
 At Arena scale add --max-tokens 16384: length-grouped batches (make bench-scale: ~20x less padding); token ids
 come from an on-disk cache built once per battle file and tokenizer ($P2L_CACHE, default ~/.cache/p2l).
+A decoder on a few hundred prompts overfits within an epoch: --train-layers 4 trains only the top 4 blocks, and
+--inner-val 0.1 --patience 3 stops on held-out TRAINING prompts and keeps the best weights, e.g.
+    python train.py --model smollm2 --train-layers 4 --inner-val 0.1 --patience 3 --max-tokens 1024 --max-len 128 --head-scale --head-rank 8
 """
 import argparse
 import json
