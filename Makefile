@@ -23,7 +23,8 @@ run: venv
 	$(PY) aggregate.py --preds out/eval --by category --truth data/alpaca_eval/val.jsonl.gz --out out/aggregate
 	# one prompt's leaderboard beside the marginal one (leaderboard.json + leaderboard.png)
 	$(PY) aggregate.py --checkpoint out/train --prompt "Write a Python function that merges two sorted lists" --out out/prompt
-	$(PY) route.py --preds out/eval --prompts data/alpaca_eval/val.jsonl.gz --budget 10 --sweep --out out/route
+	# the sweep compares the router with the best single model and fixed mixture picked on the TRAINING votes (no peeking)
+	$(PY) route.py --preds out/eval --prompts data/alpaca_eval/val.jsonl.gz --budget 10 --sweep --baseline-votes data/alpaca_eval/train.jsonl.gz --out out/route
 	# LiveBench (out of distribution): the AlpacaEval P2L as a router, then a grk P2L trained on LiveBench outcomes (2-fold CV)
 	$(PY) livebench_eval.py --checkpoint out/train --name-map data/livebench/name_map_alpaca_eval.json --out out/livebench/alpaca
 	$(PY) livebench_eval.py --train-cv 2 --out out/livebench/cv
@@ -81,9 +82,6 @@ routellm: venv
 		$(R) --loss grk-soft --eval-every 100000
 	$(PY) routellm_eval.py --preds out/cv-pooled --covered-only --out out/routellm
 
-<<<<<<< HEAD
-.PHONY: venv browser run test test-fast bench bench-scale scaling routellm
-=======
 # adding a model without retraining (train.py --extend, README "Add a new model"): leave-8-models-out on the
 # AlpacaEval split. ONE P2L trained without all 8 (a harder test than 8 trainings: its backbone saw fewer models), each
 # model added back alone from k = 10, 40, 160 and all of its 644 training battles (seeded subsets), scored on its 161
@@ -98,5 +96,4 @@ extend-eval: venv
 	$(PY) train.py $(XR) --out out/extend/full
 	$(PY) extend_eval.py --checkpoint out/extend/minus8 --full out/extend/full --heldout $(HELDOUT) --time-cli 10,160 --out out/extend/eval
 
-.PHONY: venv run test test-fast bench bench-scale scaling routellm extend-eval
->>>>>>> extend
+.PHONY: venv browser run test test-fast bench bench-scale scaling routellm extend-eval
