@@ -136,9 +136,9 @@ def parse_args(argv):
     p.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
                    "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated; "
                    "predictions made by another checkpoint than --checkpoint (model list, fingerprint) are refused")
-    add_checkpoint_options(p, "; also the outcome model the predictions are scored with")
     p.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
                    "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
+    add_checkpoint_options(p, "; also the outcome model the predictions are scored with")
     p.add_argument("--strict", action="store_true", help="a vote naming a model the checkpoint does not know is an error "
                    "(file:line) instead of being skipped and counted")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts for the P2L − marginal NLL CI")
