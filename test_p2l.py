@@ -1202,7 +1202,7 @@ def synthetic_head(loss, hidden=6, rank=3, n_old=10, seed=0):
 
 @pytest.mark.parametrize("loss", ["bt", "grk"])
 def test_known_answer_new_row_is_recovered_from_battles_and_frozen_features(loss):
-    """The new model's true row θ* = (b*, u*) gives β*(x) = g(x)·b* + u*·V·x. bt: every battle_extend carries
+    """The new model's true row θ* = (b*, u*) gives β*(x) = g(x)·b* + u*·V·x. bt: every battle carries
     its exact probability as the soft label, so the likelihood's maximum is θ* (up to the prior's pull);
     grk: outcomes are sampled from the true probabilities (η from the frozen η head), 20 per prompt."""
     model = synthetic_head(loss)
@@ -1271,7 +1271,7 @@ def battle_extend(prompt, a, b, p_a, category=None):
 
 @pytest.mark.parametrize("case,msg", [
     ("known_only", "every model in it is already one of the 3 models of --extend"),
-    ("no_known_opponent", "new model 'zz' has no battle_extend (with weight) against a model of --extend"),
+    ("no_known_opponent", "new model 'zz' has no battle (with weight) against a model of --extend"),
     ("other_loss", "--loss grk: the checkpoint --extend"),
     ("bad_weights", "cannot load the checkpoint"),
     ("training_flag", "--epochs has no effect with --extend"),
@@ -1784,7 +1784,6 @@ def test_evaluate_refuses_predictions_of_another_checkpoint(tmp_path):
 # =============================================================================
 # aggregate.py and the aggregation math: textbook BT fit, aggregation identities, CI coverage, CLI
 
-D64 = torch.float64
 
 
 def run_agg(*args, check=True):
@@ -2153,7 +2152,7 @@ def test_votes_without_the_group_field_name_file_and_line(tmp_path):
 # numerics: issue 20 (numerics at the extremes, a tie-only group under --loss bt --by), issue 22 items 1
 # (leaderboard pictures) and 3 (Arena parquet battle files).
 
-D64_numerics = torch.float64
+D64 = torch.float64
 
 
 # -----------------------------------------------------------------------------
@@ -2163,11 +2162,11 @@ D64_numerics = torch.float64
 def test_bt_mean_pairs_carry_the_lower_models_chance(gap):
     # one prompt, two models gap logits apart: P(b beats a) = σ(−gap) = e^−gap / (1 + e^−gap), a closed form
     # exact to the last bit in float64 (1 − σ(gap) is 0 from 37 on). 700 takes the wide-spread (expit) path.
-    beta = torch.tensor([[gap, 0.0]], dtype=D64_numerics)
+    beta = torch.tensor([[gap, 0.0]], dtype=D64)
     want = math.exp(-gap) / (1 + math.exp(-gap))
     for got in (AG.mean_pair_probs(beta, None, "bt")[0, 0],
                 route.win_rates(beta.numpy(), [0.5, 0.5], mean_pairs=True)[1][0, 0],
-                AG.pair_prob_sums(beta, None, "bt", torch.ones(2, 1, dtype=D64_numerics))[1, 0]):  # K > 1: the bootstrap's
+                AG.pair_prob_sums(beta, None, "bt", torch.ones(2, 1, dtype=D64))[1, 0]):  # K > 1: the bootstrap's
         assert got[0].item() == pytest.approx(1 / (1 + math.exp(-gap)), rel=1e-15)
         assert got[1].item() == pytest.approx(want, rel=1e-13), (gap, got)
 
@@ -2175,8 +2174,8 @@ def test_bt_mean_pairs_carry_the_lower_models_chance(gap):
 def test_bt_mean_pairs_weighted_many_problems_both_directions():
     # K weightings at once (the bootstrap's path): each direction summed from its own φ, and they still sum to 1
     g = torch.Generator().manual_seed(0)
-    beta = torch.randn(40, 5, generator=g, dtype=D64_numerics) * 20
-    W = torch.rand(3, 40, generator=g, dtype=D64_numerics)
+    beta = torch.randn(40, 5, generator=g, dtype=D64) * 20
+    W = torch.rand(3, 40, generator=g, dtype=D64)
     got = AG.mean_pair_probs(beta, None, "bt", W)
     a, b = C.all_pairs(5)
     lp = C.outcome_logprobs(beta[:, a], beta[:, b], None, "bt").exp()[..., :2]  # logsigmoid: exact both ways
@@ -2245,12 +2244,12 @@ def mp_aggregate(beta, eta, head, start):
 def test_aggregate_far_apart_models_match_high_precision(head, d):
     # issue 20: β = [[d, 0, 0], [d, 0.5, 0]] gave 3.8e-4 (bt, d = 30), 0.58 (bt, 37), 1.2e-2 (rk, 40), 1.3e-2 (grk, 40)
     # while saying "converged". Now: the 60-digit answer to 1e-6, or a refusal (none is needed here)
-    beta = torch.tensor([[d, 0.0, 0.0], [d, 0.5, 0.0]], dtype=D64_numerics)
-    eta = torch.tensor([0.3, 0.3], dtype=D64_numerics) if head != "bt" else None
+    beta = torch.tensor([[d, 0.0, 0.0], [d, 0.5, 0.0]], dtype=D64)
+    eta = torch.tensor([0.3, 0.3], dtype=D64) if head != "bt" else None
     bb, ee = AG.aggregate(beta, eta, head)
     start = {"bt": [2 * d / 3, -d / 3], "rk": [2 * d / 3, -d / 3, 0.3], "grk": [d, 0.25, 0.0, 0.3]}[head]
     rb, re_ = mp_aggregate(beta.tolist(), eta.tolist() if eta is not None else None, head, start)
-    assert torch.allclose(bb, torch.tensor(rb, dtype=D64_numerics), atol=1e-6, rtol=0), (bb, rb)
+    assert torch.allclose(bb, torch.tensor(rb, dtype=D64), atol=1e-6, rtol=0), (bb, rb)
     if head != "bt":
         assert ee == pytest.approx(re_, abs=1e-6)
 
@@ -2259,16 +2258,16 @@ def test_fit_pairs_separated_problem_is_not_converged():
     # model 0 beat both others every time: no finite maximum. The old stopping rule called the
     # Levenberg-shifted step "tiny" once the curvature fell below machine precision: converged, β0 = 24.87
     a, b = C.all_pairs(3)
-    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]]], dtype=D64_numerics)
-    for head, t in (("bt", target), ("rk", torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.4, 0.4, 0.2]]], dtype=D64_numerics))):
+    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]]], dtype=D64)
+    for head, t in (("bt", target), ("rk", torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.4, 0.4, 0.2]]], dtype=D64))):
         bb, _, info = C.fit_pairs(a, b, t, 3, head)
         assert not info["converged"] and not info["converged_rows"].any(), (head, bb, info)
 
 
 def test_fit_pairs_still_converges_on_ordinary_problems_with_and_without_ridge():
     g = torch.Generator().manual_seed(1)
-    beta = torch.randn(50, 6, generator=g, dtype=D64_numerics) * 2
-    eta = 0.3 * torch.randn(50, generator=g, dtype=D64_numerics)
+    beta = torch.randn(50, 6, generator=g, dtype=D64) * 2
+    eta = 0.3 * torch.randn(50, generator=g, dtype=D64)
     for head in ("bt", "rk", "grk"):
         target = AG.mean_pair_probs(beta, eta if head != "bt" else None, head)
         a, b = C.all_pairs(6)
