@@ -355,7 +355,10 @@ if args.bench:
 # resume, train, validate. The resume state carries a fingerprint of what produced it (data, model list,
 # backbone, training arguments) and every RNG state, so a resumed run is the uninterrupted one, step for
 # step, or refuses; --out is locked against a second run for the whole run.
-lock = lock_dir(args.out) if master else None
+try:
+    lock = lock_dir(args.out) if master else None
+except ValueError as e:  # another run holds --out: one line, not a traceback (docs/design.md §6)
+    sys.exit(f"error: {e}")
 # the arguments that change what a step computes; --max-steps may grow on resume (the schedule follows it)
 SAME = ("loss", "epochs", "batch_size", "max_tokens", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "clip",
         "max_len", "pooling", "dtype", "seed", "zero", "grad_checkpointing", "head_scale", "head_rank", "reg_marginal",
