@@ -61,6 +61,10 @@ import serve as S
 ROOT = Path(__file__).resolve().parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 T = torch.tensor
+# one intra-op thread in this process, as ENV gives the processes tests start: the tests run many ops on tiny
+# tensors, and torch's CPU log_sigmoid wakes its thread pool even for 3 elements (16 ms a call instead of 3 µs
+# when the other core is busy); elementwise results do not depend on the thread count
+torch.set_num_threads(1)
 
 # =============================================================================
 # shared fixtures: tiny checkpoints, data slices, servers (pytest builds each once per its scope)
@@ -360,6 +364,7 @@ def test_soft_losses_hard_votes_and_finite_gradients(loss):
     assert (la.exp() + lb.exp()).item() == pytest.approx(1.0) and la.exp().item() == pytest.approx(0.7310585786)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["rk-soft", "grk-soft"])
 def test_soft_marginal_matches_the_mean_label(loss):
     # every x-vs-y vote has soft label 0.7: the fitted marginal's P(x preferred) is the label's mean
@@ -471,6 +476,7 @@ def test_bom_extra_fields_and_empty_turns(tmp_path):
         C.read_battles(p)
 
 
+@pytest.mark.slow
 def test_truncated_gzip_and_directory_name_the_file(tmp_path):
     raw = gzip.compress("".join(json.dumps(dict(GOOD, prompt=f"p{i}")) + "\n" for i in range(3000)).encode())
     (tmp_path / "cut.jsonl.gz").write_bytes(raw[:len(raw) // 2])
@@ -532,6 +538,7 @@ QWEN25_TEMPLATE = (  # the chat part of Qwen2.5's template, default system promp
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
+@pytest.mark.slow
 def test_cls_survives_left_truncation_and_literal_cls(tiny_qwen):
     tok, backbone = C.load_backbone(tiny_qwen)
     cls = C.add_cls_token(tok, backbone)
@@ -550,6 +557,7 @@ def test_cls_survives_left_truncation_and_literal_cls(tiny_qwen):
     assert torch.allclose(beta[1], alone[0], atol=1e-5)  # right padding does not move the pooled position
 
 
+@pytest.mark.slow
 def test_encoder_left_truncation_keeps_cls_and_sep():
     tok, _ = C.load_backbone("minilm")
     ids = C.encode_prompts(tok, [[" ".join(["start"] + ["filler"] * 300 + ["finale"])]], 16, "first")[0]
@@ -557,6 +565,7 @@ def test_encoder_left_truncation_keeps_cls_and_sep():
     assert "finale" in tok.decode(ids) and "start" not in tok.decode(ids)
 
 
+@pytest.mark.slow
 def test_encode_prompts_leaves_the_callers_tokenizer_alone():
     tok, _ = C.load_backbone("minilm")
     before = (tok.truncation_side, tok.padding_side, tok.model_max_length)
@@ -568,6 +577,7 @@ def test_encode_prompts_leaves_the_callers_tokenizer_alone():
 # scale: votes as flat arrays, the token cache, token-budget batches
 
 
+@pytest.mark.slow
 def test_index_votes_equals_group_by_prompt_for_every_loss():
     for path in ("data/alpaca_eval/train.jsonl.gz", "data/arena_catalog/train.jsonl.gz"):
         battles = C.read_battles(ROOT / path)
@@ -711,6 +721,7 @@ def test_truncated_predictions_are_one_line_in_every_reader(tmp_path, setup):
     assert not any((tmp_path / x).exists() for x in ("o", "e")) and not (setup / "o").exists()
 
 
+@pytest.mark.slow
 def test_damaged_token_cache_names_its_dir_and_says_to_delete_it(tiny_qwen, tmp_path):
     """Issue 20, tracebacks: six kinds of damage to the token cache (truncated tokens.bin, bad meta.json,
     missing / truncated offsets.npy, out-of-vocabulary ids, an empty file) crashed or were read; ids that
@@ -783,6 +794,7 @@ def test_lone_surrogate_and_invalid_utf8_name_their_line(tmp_path):
     assert "u.jsonl:30: not UTF-8 text" in err
 
 
+@pytest.mark.slow
 def test_nonfinite_checkpoint_weights_are_named(tiny_qwen, tmp_path):
     """Issue 20, tracebacks: a checkpoint with NaN weights loaded, and a later solver said "did not converge:
     gradient norm nan"; load_checkpoint now names the weights."""
@@ -967,6 +979,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_checkpoint(tiny_qwe
         assert not list(out.glob(".partial-*")) and not list(out.glob("resume/.*.tmp"))  # leftovers removed
 
 
+@pytest.mark.slow
 def test_checkpoint_loading_authors_rk_template_max_len_and_damage(tiny_qwen, tmp_path):
     """The authors' layout (no p2l section): their rk η transform and their template (no system turn); a
     checkpoint without max_len gets the backbone's limit (512 here), not 8192; the pad token comes from the
@@ -1271,6 +1284,7 @@ def battle_extend(prompt, a, b, p_a, category=None):
     return dict(row, category=category) if category else row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,msg", [
     ("known_only", "every model in it is already one of the 3 models of --extend"),
     ("no_known_opponent", "new model 'zz' has no battle (with weight) against a model of --extend"),
@@ -1302,6 +1316,7 @@ def test_extend_refuses_with_a_one_line_reason_and_writes_nothing(base_ck, tmp_p
     assert len((err or stderr).strip().splitlines()[-1]) < 400 and not (tmp_path / "ck2").exists()
 
 
+@pytest.mark.slow
 def test_extend_warns_on_few_battles_with_the_count(base_ck, tmp_path):
     few = write_jsonl(tmp_path / "few.jsonl", [battle_extend(f"q{i}", "zbase", OLD[i % 3], 0.7) for i in range(3)])
     err, out, stderr = train_py("--extend", base_ck / "ck", "--train", few, "--out", tmp_path / "ck2")
@@ -1393,6 +1408,7 @@ def test_extend_eval_scores_every_method_and_the_cli_row_is_the_scripts(base_ck,
 # -----------------------------------------------------------------------------
 #
 
+@pytest.mark.slow
 def test_train_refuses_reversed_clip_long_warmup_and_infinite_lr(tmp_path):
     """Issue 20, silent wrong answers 4 (--clip -1 reversed the gradients, --clip 0 zeroed them, --warmup
     beyond the run was accepted) and tracebacks (--head-lr inf wrote Infinity into training_args.json)."""
@@ -1405,6 +1421,7 @@ def test_train_refuses_reversed_clip_long_warmup_and_infinite_lr(tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_train_on_a_locked_out_is_one_line(tiny_qwen, small_data, tmp_path):
     """Issue 20, tracebacks: train.py on an --out another run holds raised a ValueError traceback."""
     lock = C.lock_dir(tmp_path / "busy")
@@ -1529,6 +1546,7 @@ def test_uniform_fits_eta_only(tmp_path, loss, uniform_nll):
     assert "marginal refitted" in out  # no marginal.json: fitted on --train-votes
 
 
+@pytest.mark.slow
 def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
     """A P2L whose head has weight 0 and bias β predicts β for every prompt, exactly; unknown models are
     skipped and counted (--strict: an error at file:line); predictions round-trip; --preds agrees;
@@ -1713,6 +1731,7 @@ def test_predictions_are_the_same_bytes_every_time(tmp_path):
     assert meta["model_list"] == ["x", "y"] and meta["loss"] == "bt" and meta["rows"] == "3"
 
 
+@pytest.mark.slow
 def test_evaluate_twice_gives_the_same_predictions_sha256(tiny_qwen, tmp_path):
     """Issue 20, silent wrong answers 6, end to end: evaluate.py --checkpoint twice on the same inputs writes
     byte-identical predictions.safetensors, so metrics.json's predictions_sha256 agree."""
@@ -1977,6 +1996,7 @@ def test_many_problems_at_once_equal_one_at_a_time():
 # CIs on synthetic data with known truth
 
 
+@pytest.mark.slow
 def test_vote_bootstrap_cis_cover_the_true_leaderboard():
     g = torch.Generator().manual_seed(6)
     models = list("abcde")
@@ -2068,6 +2088,7 @@ def test_checkpoint_prompt_prints_the_marginal_leaderboard_at_step_0(tiny_qwen, 
     assert all(row["coefficient"] == pytest.approx(want[row["model"]], abs=1e-5) for row in rows)
 
 
+@pytest.mark.slow
 def test_votes_against_official_boards(tmp_path):
     r = run_agg("--votes", ROOT / "data/arena_catalog/train.jsonl.gz", ROOT / "data/arena_catalog/val.jsonl.gz",
                 "--by", "category", "--bootstrap", "0", "--official", ROOT / "data/arena_catalog/leaderboards.csv",
@@ -2488,6 +2509,7 @@ def test_preds_leaderboard_pictures_plot_the_json(tmp_path, monkeypatch):
         assert hm[0]["ranks"][i] == [want[m] for m in hm[0]["models"]]
 
 
+@pytest.mark.slow
 def test_votes_pictures_blank_where_a_group_lacks_a_model(tmp_path, monkeypatch):
     rows = []
     for i in range(30):
@@ -2973,6 +2995,7 @@ def test_cli_sweep_realised_matches_labels(preds):
     assert all(b["router_expected_cost"] <= b["budget"] + 1e-9 and b["router_coverage"] == 1 for b in s)
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_then_preds_agree(tiny_qwen, preds):
     """--checkpoint runs the model (tiny random Qwen2, random head) and saves its predictions;
     --preds on them routes identically."""
@@ -3104,6 +3127,7 @@ def hub_data(path, beta, models):
     return write_jsonl(path, rows)
 
 
+@pytest.mark.slow
 def test_head_eval_pure_scale(tmp_path):
     """β_z = s_z·β*: the scale fit is the true model (in-sample NLL = the labels' entropy; held out it
     gains too), its rows are multiples of β̄ (all their variation is scale, rank 1), and the full
@@ -3210,6 +3234,7 @@ def ask(text):
     return [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
 
 
+@pytest.mark.slow
 def test_serve_routes_known_beta_and_restricts_to_listed_models(serve_ck, tmp_path):
     """Service.decide on hand-set β: the unconstrained optimum, its fallback, and routing only over listed models."""
     d, model, tok = serve_ck
@@ -3570,6 +3595,7 @@ def test_serve_lone_surrogate_is_400_and_its_batchmates_answer(serve_ck, upstrea
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].endswith(f"normal request {k}")
 
 
+@pytest.mark.slow
 def test_serve_failed_batch_reruns_its_prompts_one_by_one(serve_ck):
     """A forward that fails for one prompt of a gathered batch (and a prompt the tokenizer refuses) fails
     that prompt's request only; the others get the coefficients they get alone."""
@@ -4329,6 +4355,7 @@ def test_livebench_release_must_be_a_real_release_and_out_is_one_locked_set(setu
     assert [p.name for p in (d / "o").iterdir() if not p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_livebench_truncated_checkpoint_is_one_line(tiny_qwen, setup):
     """Issue 20, tracebacks: a truncated checkpoint in livebench_eval.py --checkpoint raised a traceback."""
     ck = tiny_checkpoint(tiny_qwen, setup / "ck", models=("cheap", "mid", "star"), bias=(0.0, 1.0, 2.0))
