@@ -117,12 +117,23 @@ def backbone_of(train_args):
     return args[args.index("--model") + 1] if "--model" in args else "minilm"
 
 
+def backbone_params(d, folds):
+    """Parameters of the backbone a CV run trained (every tensor of its first scored fold's checkpoint but
+    the head's, read from the safetensors header: nothing is loaded), or None without that file."""
+    f = d / f"fold{folds[0]}" / "model" / "model.safetensors"
+    if not f.is_file():
+        return None
+    from safetensors import safe_open
+    with safe_open(str(f), "pt") as st:
+        return int(sum(np.prod(st.get_slice(k).get_shape()) for k in st.keys() if not k.startswith("head.")))
+
+
 def scaling_row(d, res, folds, boot=1000):
     """One run's point on the curve, scored on the given folds only: a run of all folds compared with
     one of fold 0 (cv.py --only 0, e.g. a slow backbone) is cut to fold 0's prompts, from prompts.jsonl."""
     n = np.mean([json.loads((d / f"fold{k}" / "model" / "metrics.json").read_text())["train_prompts"] for k in folds])
-    row = {"run": str(d), "backbone": backbone_of(res["train_args"]), "train_fraction": res["train_fraction"],
-           "folds_scored": folds, "train_prompts": float(n)}
+    row = {"run": str(d), "backbone": backbone_of(res["train_args"]), "params": backbone_params(d, folds),
+           "train_fraction": res["train_fraction"], "folds_scored": folds, "train_prompts": float(n)}
     if folds == sorted(f["fold"] for f in res["per_fold"]):
         return {**row, "prompts_scored": res["prompts"], **{k: res[k] for k in ("p2l_nll", "marginal_nll", "rel", "rel_ci")}}
     keep = {prompt_key(b["prompt"]) for k in folds for b in read_battles(d / f"fold{k}" / "val.jsonl.gz")}
@@ -142,6 +153,23 @@ def power_fit(n, y):
     return float(np.exp(log_b)), float(k)
 
 
+def size_curves(rows):
+    """The model-size axis: per --train-fraction, P2L NLL against backbone parameters, where two or more
+    backbones ran at that fraction; a power law L = b·N^k is fitted only from 3 backbones up (two points
+    would fit any curve exactly)."""
+    curves = {}
+    for frac in sorted({r["train_fraction"] for r in rows}):
+        pts = sorted((r["params"], r["p2l_nll"], r["backbone"]) for r in rows
+                     if r["train_fraction"] == frac and r["params"] is not None)
+        if len({p[0] for p in pts}) < 2:
+            continue
+        N, lp, names = zip(*pts)
+        fit = power_fit(np.array(N, float), np.array(lp)) if len(pts) >= 3 else None
+        curves[str(frac)] = {"params": list(N), "p2l_nll": list(lp), "backbones": list(names),
+                             "fit": None if fit is None else {"b": fit[0], "k": fit[1]}}
+    return curves
+
+
 def scaling(dirs, out):
     """The paper's scaling curve (§3.2) from finished CV runs that differ in --train-fraction: CV NLL
     against training prompts per fold, per backbone, fitted as L = b·n^−α, and the gain over the
@@ -159,9 +187,10 @@ def scaling(dirs, out):
         nll, gain = power_fit(n, lp), power_fit(n, lm - lp)
         fits[bb] = {"points": len(n), "alpha": None if nll is None else -nll[1], "b": None if nll is None else nll[0],
                     "gain_exponent": None if gain is None else gain[1], "gain_coef": None if gain is None else gain[0]}
+    sizes = size_curves(rows)
     out.mkdir(parents=True, exist_ok=True)
-    plot_scaling(curves, fits, out / "scaling.png")
-    write_json(out / "scaling.json", {"runs": rows, "fits": fits})
+    plot_scaling(curves, fits, sizes, out / "scaling.png")
+    write_json(out / "scaling.json", {"runs": rows, "fits": fits, "model_size": sizes})
     for r in sorted(rows, key=lambda r: (r["backbone"], r["train_prompts"])):
         print(f"{r['backbone']:8s} fraction {r['train_fraction']:<6g} {r['train_prompts']:6.0f} train prompts: P2L {r['p2l_nll']:.4f} "
               f"marginal {r['marginal_nll']:.4f} ({100 * r['rel']:+.2f}% [{100 * r['rel_ci'][0]:+.2f}%, {100 * r['rel_ci'][1]:+.2f}%]; "
@@ -171,14 +200,20 @@ def scaling(dirs, out):
             print(f"{bb}: P2L NLL = {f['b']:.4f}·n^-{f['alpha']:.4f}", end="")
             print("" if f["gain_exponent"] is None else f"; marginal − P2L = {f['gain_coef']:.3g}·n^{f['gain_exponent']:.2f}", end="")
             print(f" (least squares in log-log, {f['points']} points)")
+    for frac, c in sizes.items():
+        print(f"model size at fraction {frac}: " + ", ".join(f"{b} {n / 1e6:.0f}M params {v:.4f}"
+                                                           for b, n, v in zip(c["backbones"], c["params"], c["p2l_nll"])))
     print(f"wrote {out / 'scaling.png'} and {out / 'scaling.json'}")
 
 
-def plot_scaling(curves, fits, path):
+def plot_scaling(curves, fits, sizes, path):
+    """Left: NLL against training prompts (the data axis), one curve per backbone; middle: the gain over
+    the marginal; right (where two backbones ran): NLL against backbone parameters (the model axis)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, ag) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 3 if sizes else 2, figsize=(16 if sizes else 11, 4.2), dpi=110)
+    ax, ag = axes[:2]
     for i, (bb, (n, lp, lm)) in enumerate(curves.items()):
         f, grid = fits[bb], np.geomspace(n.min(), n.max(), 50)
         ax.plot(n, lp, "o", color=f"C{i}", label=f"{bb}: P2L (CV)")
@@ -197,7 +232,24 @@ def plot_scaling(curves, fits, path):
         a.legend(fontsize=7)
         a.grid(alpha=0.3, which="both")
     ag.set_yscale("log")
+    if sizes:
+        plot_sizes(axes[2], sizes)
     save_png(fig, path)
+
+
+def plot_sizes(am, sizes):
+    for i, (frac, c) in enumerate(sizes.items()):
+        am.plot(c["params"], c["p2l_nll"], "o-", color=f"C{i + 4}", lw=0.8, label=f"{float(frac):g} of the training prompts")
+        for n, v, b in zip(c["params"], c["p2l_nll"], c["backbones"]):
+            am.annotate(b, (n, v), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if c["fit"]:
+            grid = np.geomspace(min(c["params"]), max(c["params"]), 50)
+            am.plot(grid, c["fit"]["b"] * grid ** c["fit"]["k"], "--", color=f"C{i + 4}", lw=0.6)
+    am.set_xscale("log")
+    am.set_xlabel("backbone parameters (model size)")
+    am.set_ylabel("held-out judge NLL per vote (P2L, CV)")
+    am.legend(fontsize=7)
+    am.grid(alpha=0.3, which="both")
 
 
 def write_rows(path, rows):

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from scipy.optimize import linprog
 from scipy.optimize import minimize
 from scipy.special import expit
@@ -799,7 +799,6 @@ def test_nonfinite_checkpoint_weights_are_named(tiny_qwen, tmp_path):
     """Issue 20, tracebacks: a checkpoint with NaN weights loaded, and a later solver said "did not converge:
     gradient norm nan"; load_checkpoint now names the weights."""
     ck = tiny_checkpoint(tiny_qwen, tmp_path / "ck")
-    from safetensors.torch import load_file, save_file
     state = load_file(ck / "model.safetensors")
     state["head.head.bias"][1] = float("nan")
     save_file(state, ck / "model.safetensors", metadata={"format": "pt"})
@@ -3974,9 +3973,16 @@ def test_cv_scaling_fit_recovers_a_known_power_law(tmp_path, capsys):
                                          "per_fold": [{"fold": k} for k in range(2)]})
             for k in range(2):  # two folds whose training parts differ by one prompt
                 C.write_json(d / f"fold{k}" / "model" / "metrics.json", {"train_prompts": n - 0.5 + k})
+            size = 1000 if bb == "minilm" else 6000  # backbone parameters; the head's do not count
+            save_file({"model.w": torch.zeros(size - 10), "model.b": torch.zeros(2, 5), "head.w": torch.zeros(77)},
+                      str(d / "fold0" / "model" / "model.safetensors"))
             runs.append(str(d))
     cv.scaling(runs, tmp_path / "out")
     res = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    assert sorted(res["model_size"]) == ["0.125", "0.25", "0.5", "1.0"]  # the model axis at every data size
+    full = res["model_size"]["1.0"]
+    assert full["params"] == [1000, 6000] and full["backbones"] == ["minilm", "smollm2"] and full["fit"] is None  # 2 points: no fit
+    assert full["p2l_nll"] == pytest.approx([0.4 * 644 ** -0.05, 0.5 * 644 ** -0.1])
     assert res["fits"]["minilm"]["alpha"] == pytest.approx(0.05, abs=1e-9) and res["fits"]["minilm"]["b"] == pytest.approx(0.4)
     assert res["fits"]["smollm2"]["alpha"] == pytest.approx(0.1, abs=1e-9) and res["fits"]["smollm2"]["points"] == 4
     assert res["fits"]["minilm"]["gain_exponent"] is None  # P2L above the marginal (0.3) here: no gain to fit
