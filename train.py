@@ -33,66 +33,72 @@ from common import (
     sha256_file, token_batches, token_cache, write_json,
 )
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-# what to train on, and what to write
-p.add_argument("--model", default="minilm", help="HF id or local dir of the backbone; 'minilm' and 'smollm2' are real "
-               "pretrained backbones that install from PyPI (no hub needed); minilm won on held-out NLL in our CPU budget (README)")
-p.add_argument("--train", default="data/alpaca_eval/train.jsonl.gz", help="battles JSONL(.gz), docs/design.md §3")
-p.add_argument("--val", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles (other prompts) for validation NLL")
-p.add_argument("--out", default="out/train", help="checkpoint dir: weights, config, tokenizer, log, metrics.json")
-p.add_argument("--loss", default="bt", choices=LOSSES, help="bt uses soft labels p_a and drops ties; bt-tie counts a "
-               "tie as 1/2; rk / grk (the paper's best) model ties (and grk both-bad) explicitly")
-# the head
-p.add_argument("--head-scale", action="store_true", help="beta = exp(s(x))·marginal + correction: a per-prompt scale on "
-               "the marginal leaderboard, the dominant per-prompt effect on AlpacaEval (README), made easy to learn")
-p.add_argument("--head-rank", type=int, help="rank of the head's correction W = U·V (default: a full linear layer; "
-               "0: none, e.g. the scale alone): fewer parameters to overfit a few hundred prompts")
-p.add_argument("--reg-marginal", type=float, default=0.0, help="add this times the mean squared distance of each "
-               "prompt's beta from the marginal leaderboard to the loss: shrinks P2L toward the leaderboard it starts at")
-# batches and steps
-p.add_argument("--epochs", type=float, default=1, help="passes over the training prompts (the paper trains 1)")
-p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-p.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch per rank; all votes of a prompt share its forward pass")
-p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: micro-batches of prompts of similar length "
-               "filling this many padded tokens (len x longest); on an Arena-like length mix it cuts padding ~20x (make bench-scale)")
-p.add_argument("--tokenize-workers", type=int, default=0, help="processes that build the token cache (0: one per CPU); "
-               "the cache is built once per battle file + tokenizer + max-len and reused by every rank and rerun")
-# optimisation
-p.add_argument("--lr", type=float, default=2e-5, help="backbone learning rate")
-p.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate: the head is new, the backbone is pretrained")
-p.add_argument("--weight-decay", type=float, default=0.0)
-p.add_argument("--warmup", type=float, default=0.1, help="fraction of optimizer steps with linear lr warmup, then cosine decay")
-p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-# prompts and numerics
-p.add_argument("--max-len", type=int, default=256, help="tokens per prompt; longer prompts lose their START (left truncation)")
-p.add_argument("--pooling", choices=["last", "first", "mean"], help="default: 'last' (an appended CLS token) for chat "
-               "decoders, 'mean' for encoders (it beat 'first', the [CLS] token, on held-out NLL: README)")
-p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPUs that have it, else fp32")
-p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
-# validation, early stopping, checkpoints
-p.add_argument("--eval-every", type=int, default=0, help="validate every N optimizer steps (0: ~4 times per run; "
-               "with --inner-val ~10 times, plus step 0, so early stopping has candidates to choose from)")
-p.add_argument("--train-layers", type=int, help="train only the top N transformer blocks (+ the final norm) and the head; "
-               "the embeddings and the lower blocks are frozen (no gradient, no optimizer state): fewer backward FLOPs, "
-               "and fewer ways to overfit a few hundred prompts (default: every block and the embeddings; 0: the head alone)")
-p.add_argument("--inner-val", type=float, default=0.0, help="early stopping: hold out this seeded fraction of the TRAINING "
-               "prompts (never --val, which stays a report), validate on them every --eval-every steps and at step 0, keep "
-               "the best weights and restore them at the end; the head's starting leaderboard is fitted on the other "
-               "training prompts, so the held-out ones are unseen by everything (0: off, the weights of the last step)")
-p.add_argument("--patience", type=int, default=0, help="with --inner-val: stop training after this many evaluations "
-               "without a new best inner NLL (saves time once it overfits; 0: train to the end, still keep the best)")
-p.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0: only at the end)")
-p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run all epochs)")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--resume", action="store_true", help="continue from the resumable state in --out")
-# launchers
-p.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_config.json); its 'auto' values come from these flags")
-p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="override the ZeRO stage in the DeepSpeed config")
-p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
-# --extend: add models to a trained checkpoint (extend.py), no training run
-p.add_argument("--extend", metavar="CK", help="add every model of --train that checkpoint CK does not know: the backbone and "
-               "CK's head rows stay frozen, each new model gets a fitted head row and marginal rating, written to --out as a "
-               "complete checkpoint (seconds to minutes on CPU instead of a training run; README 'Add a new model')")
+def build_parser():
+    """train.py's options, in groups that --help shows under these headings."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("what to train on, and what to write")
+    data.add_argument("--model", default="minilm", help="HF id or local dir of the backbone; 'minilm' and 'smollm2' are real "
+                      "pretrained backbones that install from PyPI (no hub needed); minilm won on held-out NLL in our CPU budget (README)")
+    data.add_argument("--train", default="data/alpaca_eval/train.jsonl.gz", help="battles JSONL(.gz), docs/design.md §3")
+    data.add_argument("--val", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles (other prompts) for validation NLL")
+    data.add_argument("--out", default="out/train", help="checkpoint dir: weights, config, tokenizer, log, metrics.json")
+    data.add_argument("--loss", default="bt", choices=LOSSES, help="bt uses soft labels p_a and drops ties; bt-tie counts a "
+                      "tie as 1/2; rk / grk (the paper's best) model ties (and grk both-bad) explicitly")
+    head = p.add_argument_group("the head")
+    head.add_argument("--head-scale", action="store_true", help="beta = exp(s(x))·marginal + correction: a per-prompt scale on "
+                      "the marginal leaderboard, the dominant per-prompt effect on AlpacaEval (README), made easy to learn")
+    head.add_argument("--head-rank", type=int, help="rank of the head's correction W = U·V (default: a full linear layer; "
+                      "0: none, e.g. the scale alone): fewer parameters to overfit a few hundred prompts")
+    head.add_argument("--reg-marginal", type=float, default=0.0, help="add this times the mean squared distance of each "
+                      "prompt's beta from the marginal leaderboard to the loss: shrinks P2L toward the leaderboard it starts at")
+    batches = p.add_argument_group("batches and steps")
+    batches.add_argument("--epochs", type=float, default=1, help="passes over the training prompts (the paper trains 1)")
+    batches.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    batches.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch per rank; all votes of a prompt share its forward pass")
+    batches.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: micro-batches of prompts of similar length "
+                         "filling this many padded tokens (len x longest); on an Arena-like length mix it cuts padding ~20x (make bench-scale)")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=2e-5, help="backbone learning rate")
+    optim.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate: the head is new, the backbone is pretrained")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--warmup", type=float, default=0.1, help="fraction of optimizer steps with linear lr warmup, then cosine decay")
+    optim.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    numerics = p.add_argument_group("prompts and numerics")
+    numerics.add_argument("--max-len", type=int, default=256, help="tokens per prompt; longer prompts lose their START (left truncation)")
+    numerics.add_argument("--pooling", choices=["last", "first", "mean"], help="default: 'last' (an appended CLS token) for chat "
+                          "decoders, 'mean' for encoders (it beat 'first', the [CLS] token, on held-out NLL: README)")
+    numerics.add_argument("--tokenize-workers", type=int, default=0, help="processes that build the token cache (0: one per CPU); "
+                          "the cache is built once per battle file + tokenizer + max-len and reused by every rank and rerun")
+    numerics.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPUs that have it, else fp32")
+    numerics.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+    val = p.add_argument_group("validation, early stopping, checkpoints")
+    val.add_argument("--eval-every", type=int, default=0, help="validate every N optimizer steps (0: ~4 times per run; "
+                     "with --inner-val ~10 times, plus step 0, so early stopping has candidates to choose from)")
+    val.add_argument("--train-layers", type=int, help="train only the top N transformer blocks (+ the final norm) and the head; "
+                     "the embeddings and the lower blocks are frozen (no gradient, no optimizer state): fewer backward FLOPs, "
+                     "and fewer ways to overfit a few hundred prompts (default: every block and the embeddings; 0: the head alone)")
+    val.add_argument("--inner-val", type=float, default=0.0, help="early stopping: hold out this seeded fraction of the TRAINING "
+                     "prompts (never --val, which stays a report), validate on them every --eval-every steps and at step 0, keep "
+                     "the best weights and restore them at the end; the head's starting leaderboard is fitted on the other "
+                     "training prompts, so the held-out ones are unseen by everything (0: off, the weights of the last step)")
+    val.add_argument("--patience", type=int, default=0, help="with --inner-val: stop training after this many evaluations "
+                     "without a new best inner NLL (saves time once it overfits; 0: train to the end, still keep the best)")
+    val.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0: only at the end)")
+    val.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: run all epochs)")
+    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--resume", action="store_true", help="continue from the resumable state in --out")
+    launch = p.add_argument_group("launchers")
+    launch.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (ds_config.json); its 'auto' values come from these flags")
+    launch.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="override the ZeRO stage in the DeepSpeed config")
+    launch.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+    ext = p.add_argument_group("--extend: add models to a trained checkpoint (extend.py), no training run")
+    ext.add_argument("--extend", metavar="CK", help="add every model of --train that checkpoint CK does not know: the backbone and "
+                     "CK's head rows stay frozen, each new model gets a fitted head row and marginal rating, written to --out as a "
+                     "complete checkpoint (seconds to minutes on CPU instead of a training run; README 'Add a new model')")
+    return p
+
+
+p = build_parser()
 args = p.parse_args()
 if args.extend:  # its own code path, then exit: nothing below runs
     import extend
