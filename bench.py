@@ -506,7 +506,7 @@ def train_setup(a):
            "cls_token": C.CLS_TOKEN if pooling == "last" else None}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = C.P2LModel(backbone, p2l).to(device)  # the head's start does not change what a step costs
-    ids = C.token_cache(a.train, tok, a.max_len, pooling, cls_id, log=lambda *x: None)
+    ids = C.token_cache(a.train, tok, C.Encoding(a.max_len, pooling, cls_id), log=lambda *x: None)
     prompts = np.unique(votes["pairs"]["row"].numpy())
     order = list(range(len(prompts)))
     random.Random(a.seed).shuffle(order)  # train.py's --batch-size sampler, epoch 0
@@ -690,7 +690,7 @@ def stage_tokenize(a, n):
     root = Path(a.out) / f"cache-{n}"
     shutil.rmtree(root, ignore_errors=True)  # time a build, not a reuse
     t0 = time.perf_counter()
-    c = C.token_cache(Path(a.out) / f"battles-{n}-head.jsonl", tokenizer(), a.max_len, "mean", root=root, log=lambda *x: None)
+    c = C.token_cache(Path(a.out) / f"battles-{n}-head.jsonl", tokenizer(), C.Encoding(a.max_len, "mean"), root=root, log=lambda *x: None)
     secs = time.perf_counter() - t0
     return {"seconds": secs, "prompts": len(c), "tokens": int(c.offsets[-1]), "tokens_per_s": c.offsets[-1] / secs,
             "workers": c.meta["workers"], "disk_mib": (c.tokens.nbytes + c.offsets.nbytes) / 2 ** 20}

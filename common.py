@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -697,11 +698,19 @@ def _unique_prompt_chunks(path, chunk):
         yield buf
 
 
-def token_cache(path, tok, max_len, pooling, cls_id=None, workers=None, rank=0, root=None, chunk=512, log=print):
+class Encoding(NamedTuple):
+    """How prompts become token ids (encode_prompts' arguments besides the tokenizer): part of a cache's key."""
+    max_len: int
+    pooling: str
+    cls_id: int | None = None
+
+
+def token_cache(path, tok, enc, workers=None, rank=0, root=None, chunk=512, log=print):
     """The TokenCache of a battle file's unique prompts (numbered as index_votes numbers them),
     building it first when absent. Rank 0 builds; other ranks wait for the finished directory
     (it appears by an atomic rename, so a reader never sees half a cache). workers: tokenizer
-    processes (default: the CPU count); 1 tokenizes in this process."""
+    processes (default: the CPU count); 1 tokenizes in this process. enc: an Encoding."""
+    max_len, pooling, cls_id = enc
     fields = {"version": CACHE_VERSION, "file": sha256_file(path), "tokenizer": tokenizer_digest(tok),
               "max_len": max_len, "pooling": pooling, "cls_id": cls_id}
     key = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=12).hexdigest()
@@ -1650,7 +1659,14 @@ def _newton_step(G, H, gauge_M):
     return d, shift, S
 
 
-def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init=None, step_tol=1e-6):
+class NewtonStop(NamedTuple):
+    """When fit_pairs stops: converged (see fit_pairs) or after max_iter Newton steps."""
+    tol: float = 1e-8        # every gradient's 2-norm at most this ...
+    max_iter: int = 200
+    step_tol: float = 1e-6   # ... and every Newton step's largest entry at most this
+
+
+def fit_pairs(a, b, target, n_models, head, l2=0.0, init=None, stop=NewtonStop()):
     """Minimise Σ_p Σ_o target[k, p, o]·(−log P_o(β_a[p] vs β_b[p]; η)) + l2·(|β|² + η²) over (β, η) for
     K problems at once (target [K, P, O], float64), by Newton's method with exact Hessians (Jacobi-scaled:
     _newton_step), a Levenberg shift where the Hessian is not positive definite, and a backtracking
@@ -1661,7 +1677,9 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
     see them) a tiny step means nothing, and the row is reported not converged. Gauge: Σβ = 0 for bt
     and rk (kept exactly: a common shift changes no probability); grk needs none (the grounding
     competitor fixes the scale). init: a start [D] or [K, D] (β then η), e.g. a nearby solution; the
-    default is all zeros. Returns (beta [K, M], eta [K] or None, info)."""
+    default is all zeros. stop: NewtonStop(tol, max_iter, step_tol). Returns (beta [K, M], eta [K] or
+    None, info)."""
+    tol, max_iter, step_tol = stop
     target = target.double().permute(0, 2, 1).contiguous()  # [K, O, P]: see _pair_objective
     K = target.shape[0]
     D = n_models + (head != "bt")

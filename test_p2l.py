@@ -605,12 +605,12 @@ def test_token_cache_matches_encode_prompts_and_is_built_once(tmp_path):
     keys = list(dict.fromkeys(C.prompt_key(b["prompt"]) for b in C.read_battles(path)))
     ref = C.encode_prompts(tok, [json.loads(k) for k in keys], 64, "mean")
     built = []
-    c = C.token_cache(path, tok, 64, "mean", workers=2, root=tmp_path, chunk=50, log=built.append)
+    c = C.token_cache(path, tok, C.Encoding(64, "mean"), workers=2, root=tmp_path, chunk=50, log=built.append)
     assert len(c) == len(ref) and all(c[i].tolist() == ref[i] for i in range(len(ref)))
     assert c.lengths.tolist() == [len(r) for r in ref] and c.tokens.dtype == np.int32
-    again = C.token_cache(path, tok, 64, "mean", workers=2, root=tmp_path, log=built.append)
+    again = C.token_cache(path, tok, C.Encoding(64, "mean"), workers=2, root=tmp_path, log=built.append)
     assert len(built) == 1 and np.array_equal(again.tokens, c.tokens)  # reused, not rebuilt
-    C.token_cache(path, tok, 32, "mean", workers=1, root=tmp_path, log=built.append)
+    C.token_cache(path, tok, C.Encoding(32, "mean"), workers=1, root=tmp_path, log=built.append)
     assert len(built) == 2 and len(list(tmp_path.iterdir())) == 2  # another max_len is another cache
 
 
@@ -721,7 +721,7 @@ def test_damaged_token_cache_names_its_dir_and_says_to_delete_it(tiny_qwen, tmp_
     data = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"prompt {i} " * (1 + i), "model_a": "x", "model_b": "y",
                                                   "winner": "model_a"} for i in range(5)])
     root = tmp_path / "cache"
-    good = C.token_cache(data, tok, 32, "mean", workers=1, root=root, log=lambda *a: None)
+    good = C.token_cache(data, tok, C.Encoding(32, "mean"), workers=1, root=root, log=lambda *a: None)
     d = good.dir
     saved = {f.name: f.read_bytes() for f in d.iterdir()}
     tokens = np.frombuffer(saved["tokens.bin"], dtype=np.int32)
@@ -745,12 +745,12 @@ def test_damaged_token_cache_names_its_dir_and_says_to_delete_it(tiny_qwen, tmp_
     for what, hurt in damage.items():
         hurt()
         with pytest.raises(ValueError) as e:
-            C.token_cache(data, tok, 32, "mean", workers=1, root=root, log=lambda *a: None)
+            C.token_cache(data, tok, C.Encoding(32, "mean"), workers=1, root=root, log=lambda *a: None)
         msg = str(e.value)
         assert msg.startswith(f"token cache {d}:") and f"delete {d}" in msg and "\n" not in msg, (what, msg)
         for name, b in saved.items():
             (d / name).write_bytes(b)
-    again = C.token_cache(data, tok, 32, "mean", workers=1, root=root, log=lambda *a: None)
+    again = C.token_cache(data, tok, C.Encoding(32, "mean"), workers=1, root=root, log=lambda *a: None)
     assert np.array_equal(again.tokens, good.tokens)
 
 
@@ -1120,7 +1120,7 @@ def test_inner_val_keeps_the_best_weights_and_the_fair_baseline(tiny_qwen, small
     assert f"early stopping: the weights of step {iv['best_step']}" in log
     votes, held, rest = inner_split(small_data[0], 0.25)
     model, tok = C.load_checkpoint(tmp_path / "ck")
-    ids = C.token_cache(small_data[0], tok, 64, model.p2l["pooling"], tok.convert_tokens_to_ids(C.CLS_TOKEN),
+    ids = C.token_cache(small_data[0], tok, C.Encoding(64, model.p2l["pooling"], tok.convert_tokens_to_ids(C.CLS_TOKEN)),
                         root=tmp_path / "cache", log=lambda *a, **k: None)
     beta, eta = C.predict(model, [ids[i] for i in held], tok.pad_token_id, batch_size=3)
     s, w = C.batch_nll(beta.double(), None, C.pairs_of(votes, held), "bt")

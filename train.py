@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common import (
-    CLS_TOKEN, LOSSES, P2LModel, add_cls_token, atomic_write, batch_nll, check_out, collate, default_pooling,
+    CLS_TOKEN, LOSSES, Encoding, P2LModel, add_cls_token, atomic_write, batch_nll, check_out, collate, default_pooling,
     file_ref, fit_marginal, index_votes, load_backbone, lock_dir, pairs_of, predict, save_checkpoint,
     sha256_file, token_batches, token_cache, write_json,
 )
@@ -250,7 +250,7 @@ if args.grad_checkpointing:
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 # token ids from the on-disk cache (token_cache): local rank 0 of each node builds it, the others wait
 try:  # a damaged cache is one line naming its dir (delete it to rebuild)
-    train_ids, val_ids = (token_cache(f, tok, args.max_len, pooling, cls_id, workers=args.tokenize_workers or None,
+    train_ids, val_ids = (token_cache(f, tok, Encoding(args.max_len, pooling, cls_id), workers=args.tokenize_workers or None,
                                        rank=local_rank, log=log) for f in (args.train, args.val))
 except ValueError as e:
     sys.exit(f"error: {e}")
