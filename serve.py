@@ -965,14 +965,6 @@ def parse_args(argv=None):
     server.add_argument("--max-request-tokens", type=int, default=65536, help="most tokens (after truncation to the "
                         "model's max_len) per /v1/leaderboard request: a bigger job is refused (413), not left to stall the queue")
     server.add_argument("--log-prompts", action="store_true", help="also log each request's user turns (off: no prompt text in logs)")
-    batching = p.add_argument_group("batching prompts into P2L forward passes")
-    batching.add_argument("--max-batch-tokens", type=int, default=4096, help="most tokens in one gathered batch: a large "
-                          "leaderboard job runs as many small forwards, and chat decisions, which go first, wait for one at most")
-    batching.add_argument("--max-batch", type=int, default=32, help="most prompts in one P2L forward pass")
-    batching.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long the first request of a batch waits for "
-                          "others: more gathers bigger batches under load, but adds up to this much latency when idle")
-    batching.add_argument("--max-padding", type=float, default=0.25, help="a gathered batch runs as length-sorted groups "
-                          "whose padding is at most this fraction of their tokens (padding is wasted compute)")
     upstreams = p.add_argument_group("the upstreams: timeouts and the circuit breaker")
     upstreams.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to an upstream before trying the fallback")
     upstreams.add_argument("--upstream-timeout", type=float, default=120.0, help="seconds an upstream may take to answer (or "
@@ -982,6 +974,14 @@ def parse_args(argv=None):
     upstreams.add_argument("--breaker-seconds", type=float, default=30.0, help="... for this long; then one request probes "
                            "it, and a success brings it back")
     upstreams.add_argument("--fake-upstream", action="store_true", help="run the stand-in upstream instead (fake_upstream_app) on --port")
+    batching = p.add_argument_group("batching prompts into P2L forward passes")
+    batching.add_argument("--max-batch-tokens", type=int, default=4096, help="most tokens in one gathered batch: a large "
+                          "leaderboard job runs as many small forwards, and chat decisions, which go first, wait for one at most")
+    batching.add_argument("--max-batch", type=int, default=32, help="most prompts in one P2L forward pass")
+    batching.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long the first request of a batch waits for "
+                          "others: more gathers bigger batches under load, but adds up to this much latency when idle")
+    batching.add_argument("--max-padding", type=float, default=0.25, help="a gathered batch runs as length-sorted groups "
+                          "whose padding is at most this fraction of their tokens (padding is wasted compute)")
     args = p.parse_args(argv)
     if args.fake_upstream:
         return args
