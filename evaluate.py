@@ -127,28 +127,31 @@ def agreement(beta1, eta1, beta2, eta2, keep, head):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="P2L checkpoint dir (this project's or the authors' released layout); its "
-                   "marginal.json supplies the baselines. With --preds only its config.json and marginal.json are read")
-    p.add_argument("--data", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles JSONL(.gz), docs/design.md §3; "
-                   "soft labels (p_a) and the Arena column forms are read too")
+    what = p.add_argument_group("what is scored: a checkpoint (or its saved predictions) on held-out votes")
+    what.add_argument("--checkpoint", help="P2L checkpoint dir (this project's or the authors' released layout); its "
+                      "marginal.json supplies the baselines. With --preds only its config.json and marginal.json are read")
+    what.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
+                      "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated; "
+                      "predictions made by another checkpoint than --checkpoint (model list, fingerprint) are refused")
+    add_checkpoint_options(what, "; also the outcome model the predictions are scored with")
+    what.add_argument("--data", default="data/alpaca_eval/val.jsonl.gz", help="held-out battles JSONL(.gz), docs/design.md §3; "
+                      "soft labels (p_a) and the Arena column forms are read too")
+    what.add_argument("--strict", action="store_true", help="a vote naming a model the checkpoint does not know is an error "
+                      "(file:line) instead of being skipped and counted")
+    base = p.add_argument_group("the baselines and the P2L − marginal confidence interval")
+    base.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
+                      "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
+    base.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts for the P2L − marginal NLL CI")
+    base.add_argument("--seed", type=int, default=0, help="bootstrap seed: the CI is reproducible")
+    fwd = p.add_argument_group("the forward passes (none with --preds)")
+    fwd.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (batched by length, little padding)")
+    fwd.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: as many prompts (sorted by length) as "
+                     "fit this many padded tokens per forward pass; `torchrun --nproc_per_node N evaluate.py ...` splits prompts over N ranks")
+    fwd.add_argument("--device", default=autodetect_device(), help="cuda / mps / cpu (default: what is there)")
+    fwd.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on GPUs; fp32 "
+                     "reproduces the NLL train.py reported to ~1e-6")
     p.add_argument("--out", default="out/eval", help="predictions.safetensors + predictions.jsonl and metrics.json, written "
                    "as one set when everything has succeeded (metrics.json last; it records the predictions' sha256)")
-    p.add_argument("--preds", metavar="DIR", help="evaluate the predictions already in DIR (from an earlier run) instead of "
-                   "running the model: they are what aggregate.py and route.py read, so no forward pass is repeated; "
-                   "predictions made by another checkpoint than --checkpoint (model list, fingerprint) are refused")
-    p.add_argument("--train-votes", metavar="FILE", help="the votes the checkpoint was trained on, to fit the baselines "
-                   "when it has no marginal.json (or its `train` path is gone); given, it overrides marginal.json")
-    add_checkpoint_options(p, "; also the outcome model the predictions are scored with")
-    p.add_argument("--strict", action="store_true", help="a vote naming a model the checkpoint does not know is an error "
-                   "(file:line) instead of being skipped and counted")
-    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts for the P2L − marginal NLL CI")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the CI is reproducible")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (batched by length, little padding)")
-    p.add_argument("--max-tokens", type=int, default=0, help="instead of --batch-size: as many prompts (sorted by length) as "
-                   "fit this many padded tokens per forward pass; `torchrun --nproc_per_node N evaluate.py ...` splits prompts over N ranks")
-    p.add_argument("--device", default=autodetect_device(), help="cuda / mps / cpu (default: what is there)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on GPUs; fp32 "
-                   "reproduces the NLL train.py reported to ~1e-6")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.preds:
         p.error("pass --checkpoint DIR (or --preds DIR with --loss and --train-votes)")

@@ -567,7 +567,7 @@ def main(argv=None):
             bbar = averaged_leaderboard(beta, target)
             q_name = args.opponents or f"uniform over {beta.shape[1]} models"
             if args.budget is not None:
-                route_at_budget(args, o.stage, prompts, model_list, beta, Wq, bbar, c, q, q_name)
+                route_at_budget(args, o.stage, prompts, RouteRun(model_list, beta, Wq, bbar, c, q, q_name))
             if args.sweep:
                 if budgets is None:  # where the budget binds: between the cheapest model and what unconstrained routing spends
                     free = c[Wq.argmax(1)].mean()
@@ -604,8 +604,21 @@ def averaged_leaderboard(beta, target):
     return bb[0].numpy()
 
 
-def route_at_budget(args, stage, prompts, model_list, beta, Wq, bbar, c, q, q_name):
-    """Route every prompt at --budget: routes.jsonl, metrics.json (into the staging dir) and a printed table."""
+class RouteRun(NamedTuple):
+    """What route_at_budget routes: the predictions, the costs and the opponents the win rates are against."""
+    model_list: list
+    beta: np.ndarray  # [N, M] per-prompt coefficients
+    Wq: np.ndarray    # [N, M] predicted win rates vs q
+    bbar: np.ndarray  # [M] the averaged leaderboard
+    c: np.ndarray     # [M] costs per query
+    q: np.ndarray     # [M] the opponent distribution
+    q_name: str
+
+
+def route_at_budget(args, stage, prompts, run):
+    """Route every prompt at --budget (run: a RouteRun): routes.jsonl, metrics.json (into the staging dir)
+    and a printed table."""
+    model_list, beta, Wq, bbar, c, q, q_name = run
     out, (N, M) = Path(args.out), beta.shape
     I, J, Wt = route_all(args.router, beta, Wq, c, args.budget)
     u = np.random.default_rng(args.seed).random(N)

@@ -939,45 +939,49 @@ def fake_upstream_app():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="P2L checkpoint dir (train.py's --out, or the authors' layout with --loss)")
-    p.add_argument("--loss", choices=LOSSES, help="only for checkpoints without a p2l section (the authors' released ones)")
-    p.add_argument("--models", help="JSON {P2L model: {base_url, model, cost, api_key_env}}: the upstreams; only these are routable")
-    p.add_argument("--budget", type=float, help="default expected cost per query (units of the models file's costs; inf: "
-                   "unconstrained); a request may send its own 'budget'")
-    p.add_argument("--max-budget", type=float, help="the most a request may ask to spend per query (default: --budget, "
-                   "so clients can only spend less than the operator's default)")
-    p.add_argument("--router", default="optimal", choices=ROUTERS, help="as route.py: optimal is "
-                   "the paper's (max predicted win rate), simple max Σπβ, strict the best single affordable model")
-    p.add_argument("--deterministic", action="store_true", help="route to argmax π instead of sampling (then the budget "
-                   "holds per request only for single-model π, not on average)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the server's draws from π (requests without route_seed)")
-    p.add_argument("--name", default="p2l-router", help="the router's model name in /v1/models ('p2l' always works too)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address; loopback by default (put a TLS proxy in front "
-                   "before exposing it)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-keys-env", default="P2L_API_KEYS", help="environment variable with the client keys, "
-                   "comma-separated (keys never go on the command line, where `ps` shows them)")
-    p.add_argument("--no-auth", action="store_true", help="accept requests without a key (loopback --host only)")
-    p.add_argument("--max-batch", type=int, default=32, help="most prompts in one P2L forward pass")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long the first request of a batch waits for "
-                   "others: more gathers bigger batches under load, but adds up to this much latency when idle")
-    p.add_argument("--max-padding", type=float, default=0.25, help="a gathered batch runs as length-sorted groups "
-                   "whose padding is at most this fraction of their tokens (padding is wasted compute)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to an upstream before trying the fallback")
-    p.add_argument("--upstream-timeout", type=float, default=120.0, help="seconds an upstream may take to answer (or "
-                   "between two streamed chunks) before it counts as down")
-    p.add_argument("--max-body-kb", type=int, default=1024, help="larger request bodies get 413")
-    p.add_argument("--max-prompts", type=int, default=256, help="most prompts per /v1/leaderboard request")
-    p.add_argument("--max-request-tokens", type=int, default=65536, help="most tokens (after truncation to the "
-                   "model's max_len) per /v1/leaderboard request: a bigger job is refused (413), not left to stall the queue")
-    p.add_argument("--max-batch-tokens", type=int, default=4096, help="most tokens in one gathered batch: a large "
-                   "leaderboard job runs as many small forwards, and chat decisions, which go first, wait for one at most")
-    p.add_argument("--breaker-failures", type=int, default=3, help="an upstream that fails this many times in a row "
-                   "is skipped (routing goes over the others, under the same budget) ...")
-    p.add_argument("--breaker-seconds", type=float, default=30.0, help="... for this long; then one request probes "
-                   "it, and a success brings it back")
-    p.add_argument("--log-prompts", action="store_true", help="also log each request's user turns (off: no prompt text in logs)")
-    p.add_argument("--fake-upstream", action="store_true", help="run the stand-in upstream instead (fake_upstream_app) on --port")
+    router = p.add_argument_group("the router: the checkpoint, the upstreams it routes over, and the budget")
+    router.add_argument("--checkpoint", help="P2L checkpoint dir (train.py's --out, or the authors' layout with --loss)")
+    router.add_argument("--loss", choices=LOSSES, help="only for checkpoints without a p2l section (the authors' released ones)")
+    router.add_argument("--models", help="JSON {P2L model: {base_url, model, cost, api_key_env}}: the upstreams; only these are routable")
+    router.add_argument("--budget", type=float, help="default expected cost per query (units of the models file's costs; inf: "
+                        "unconstrained); a request may send its own 'budget'")
+    router.add_argument("--max-budget", type=float, help="the most a request may ask to spend per query (default: --budget, "
+                        "so clients can only spend less than the operator's default)")
+    router.add_argument("--router", default="optimal", choices=ROUTERS, help="as route.py: optimal is "
+                        "the paper's (max predicted win rate), simple max Σπβ, strict the best single affordable model")
+    router.add_argument("--deterministic", action="store_true", help="route to argmax π instead of sampling (then the budget "
+                        "holds per request only for single-model π, not on average)")
+    router.add_argument("--seed", type=int, default=0, help="seeds the server's draws from π (requests without route_seed)")
+    router.add_argument("--name", default="p2l-router", help="the router's model name in /v1/models ('p2l' always works too)")
+    server = p.add_argument_group("the server and what a request may ask")
+    server.add_argument("--host", default="127.0.0.1", help="bind address; loopback by default (put a TLS proxy in front "
+                        "before exposing it)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-keys-env", default="P2L_API_KEYS", help="environment variable with the client keys, "
+                        "comma-separated (keys never go on the command line, where `ps` shows them)")
+    server.add_argument("--no-auth", action="store_true", help="accept requests without a key (loopback --host only)")
+    server.add_argument("--max-body-kb", type=int, default=1024, help="larger request bodies get 413")
+    server.add_argument("--max-prompts", type=int, default=256, help="most prompts per /v1/leaderboard request")
+    server.add_argument("--max-request-tokens", type=int, default=65536, help="most tokens (after truncation to the "
+                        "model's max_len) per /v1/leaderboard request: a bigger job is refused (413), not left to stall the queue")
+    server.add_argument("--log-prompts", action="store_true", help="also log each request's user turns (off: no prompt text in logs)")
+    upstreams = p.add_argument_group("the upstreams: timeouts and the circuit breaker")
+    upstreams.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to an upstream before trying the fallback")
+    upstreams.add_argument("--upstream-timeout", type=float, default=120.0, help="seconds an upstream may take to answer (or "
+                           "between two streamed chunks) before it counts as down")
+    upstreams.add_argument("--breaker-failures", type=int, default=3, help="an upstream that fails this many times in a row "
+                           "is skipped (routing goes over the others, under the same budget) ...")
+    upstreams.add_argument("--breaker-seconds", type=float, default=30.0, help="... for this long; then one request probes "
+                           "it, and a success brings it back")
+    upstreams.add_argument("--fake-upstream", action="store_true", help="run the stand-in upstream instead (fake_upstream_app) on --port")
+    batching = p.add_argument_group("batching prompts into P2L forward passes")
+    batching.add_argument("--max-batch-tokens", type=int, default=4096, help="most tokens in one gathered batch: a large "
+                          "leaderboard job runs as many small forwards, and chat decisions, which go first, wait for one at most")
+    batching.add_argument("--max-batch", type=int, default=32, help="most prompts in one P2L forward pass")
+    batching.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long the first request of a batch waits for "
+                          "others: more gathers bigger batches under load, but adds up to this much latency when idle")
+    batching.add_argument("--max-padding", type=float, default=0.25, help="a gathered batch runs as length-sorted groups "
+                          "whose padding is at most this fraction of their tokens (padding is wasted compute)")
     args = p.parse_args(argv)
     if args.fake_upstream:
         return args

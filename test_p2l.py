@@ -57,6 +57,7 @@ import livebench_eval as L
 import route
 import routellm_eval as RL
 import serve as S
+import train as TR
 
 ROOT = Path(__file__).resolve().parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -122,8 +123,8 @@ def base_ck(tmp_path_factory, tiny_qwen):  # noqa: F811
     val += [battle_extend(p, "cheap", "pricey", 0.3, category="c0") for p in prompts[30:]]
     write_jsonl(d / "val.jsonl", val)
     torch.manual_seed(0)
-    tok, backbone = C.load_backbone(tiny_qwen)
-    C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    TR.add_cls_token(tok, backbone)
     p2l = {"model_list": OLD, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN,
            "head_scale": True, "head_rank": 2}
     model = C.P2LModel(backbone, p2l)
@@ -177,8 +178,8 @@ def serve_ck(tmp_path_factory, tiny_qwen):
     """A P2L checkpoint on the tiny random Qwen2 over MODELS (random head, so prompts route differently), loaded once."""
     d = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)  # before the CLS row is added: transformers draws it at random, so test order must not matter
-    tok, backbone = C.load_backbone(tiny_qwen)
-    C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
     torch.nn.init.normal_(model.head.head.weight, std=0.5)
     C.save_checkpoint(d / "ck", model.state_dict(), model, tok)
@@ -540,8 +541,8 @@ QWEN25_TEMPLATE = (  # the chat part of Qwen2.5's template, default system promp
 
 @pytest.mark.slow
 def test_cls_survives_left_truncation_and_literal_cls(tiny_qwen):
-    tok, backbone = C.load_backbone(tiny_qwen)
-    cls = C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    cls = TR.add_cls_token(tok, backbone)
     long = " ".join(f"word{i}" for i in range(400)) + " THE END"
     typed = "please print <|cls|> literally"
     ids = C.encode_prompts(tok, [[long], [typed]], 32, "last", cls)
@@ -559,7 +560,7 @@ def test_cls_survives_left_truncation_and_literal_cls(tiny_qwen):
 
 @pytest.mark.slow
 def test_encoder_left_truncation_keeps_cls_and_sep():
-    tok, _ = C.load_backbone("minilm")
+    tok, _ = TR.load_backbone("minilm")
     ids = C.encode_prompts(tok, [[" ".join(["start"] + ["filler"] * 300 + ["finale"])]], 16, "first")[0]
     assert len(ids) == 16 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert "finale" in tok.decode(ids) and "start" not in tok.decode(ids)
@@ -567,7 +568,7 @@ def test_encoder_left_truncation_keeps_cls_and_sep():
 
 @pytest.mark.slow
 def test_encode_prompts_leaves_the_callers_tokenizer_alone():
-    tok, _ = C.load_backbone("minilm")
+    tok, _ = TR.load_backbone("minilm")
     before = (tok.truncation_side, tok.padding_side, tok.model_max_length)
     assert tok.truncation_side == "right"  # what a truncation_side = "left" side effect would change
     ids = C.encode_prompts(tok, [["a b c " * 50]], 16, "mean")
@@ -582,7 +583,7 @@ def test_index_votes_equals_group_by_prompt_for_every_loss():
     for path in ("data/alpaca_eval/train.jsonl.gz", "data/arena_catalog/train.jsonl.gz"):
         battles = C.read_battles(ROOT / path)
         for loss in C.LOSSES:
-            v = C.index_votes(ROOT / path, loss)
+            v = TR.index_votes(ROOT / path, loss)
             index = {m: i for i, m in enumerate(v["models"])}
             prompts, pairs, skipped = C.group_by_prompt(battles, index, loss)
             ref = C.cat_pairs(pairs)
@@ -590,10 +591,10 @@ def test_index_votes_equals_group_by_prompt_for_every_loss():
             assert torch.allclose(ref["p"], v["pairs"]["p"], equal_nan=True), (path, loss)  # soft losses: NaN = hard vote
             assert v["n_battles"] == len(battles) and skipped == v["skipped"] == 0
             assert len(np.unique(v["pairs"]["row"].numpy())) == len(prompts)
-    v = C.index_votes(ROOT / "data/alpaca_eval/train.jsonl.gz", "bt")
+    v = TR.index_votes(ROOT / "data/alpaca_eval/train.jsonl.gz", "bt")
     _, pairs, _ = C.group_by_prompt(C.read_battles(ROOT / "data/alpaca_eval/train.jsonl.gz"),
                                     {m: i for i, m in enumerate(v["models"])}, "bt")
-    got, ref = C.pairs_of(v, [7, 0, 3]), C.cat_pairs([pairs[i] for i in (7, 0, 3)])
+    got, ref = TR.pairs_of(v, [7, 0, 3]), C.cat_pairs([pairs[i] for i in (7, 0, 3)])
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
@@ -602,7 +603,7 @@ def test_index_votes_skips_unknown_models_and_numbers_prompts_first_seen(tmp_pat
         {"prompt": "p", "model_a": "x", "model_b": "y", "winner": "model_a"},
         {"prompt": "q", "model_a": "x", "model_b": "zz", "winner": "tie", "category": "c"},
         {"prompt": ["p"], "model_a": "y", "model_b": "x", "winner": "tie (bothbad)", "weight": 2.0}])
-    v = C.index_votes(f, "rk", {"x": 0, "y": 1})
+    v = TR.index_votes(f, "rk", {"x": 0, "y": 1})
     pr = v["pairs"]
     assert v["n_prompts"] == 2 and v["skipped"] == 1 and v["start"].tolist() == [0, 2, 2]
     assert pr["row"].tolist() == [0, 0] and pr["a"].tolist() == [0, 1] and pr["y"].tolist() == [C.A, C.TIE]
@@ -610,17 +611,17 @@ def test_index_votes_skips_unknown_models_and_numbers_prompts_first_seen(tmp_pat
 
 
 def test_token_cache_matches_encode_prompts_and_is_built_once(tmp_path):
-    tok, _ = C.load_backbone("minilm")
+    tok, _ = TR.load_backbone("minilm")
     path = ROOT / "data/alpaca_eval/val.jsonl.gz"
     keys = list(dict.fromkeys(C.prompt_key(b["prompt"]) for b in C.read_battles(path)))
     ref = C.encode_prompts(tok, [json.loads(k) for k in keys], 64, "mean")
     built = []
-    c = C.token_cache(path, tok, 64, "mean", workers=2, root=tmp_path, chunk=50, log=built.append)
+    c = TR.token_cache(path, tok, TR.Encoding(64, "mean"), workers=2, root=tmp_path, chunk=50, log=built.append)
     assert len(c) == len(ref) and all(c[i].tolist() == ref[i] for i in range(len(ref)))
     assert c.lengths.tolist() == [len(r) for r in ref] and c.tokens.dtype == np.int32
-    again = C.token_cache(path, tok, 64, "mean", workers=2, root=tmp_path, log=built.append)
+    again = TR.token_cache(path, tok, TR.Encoding(64, "mean"), workers=2, root=tmp_path, log=built.append)
     assert len(built) == 1 and np.array_equal(again.tokens, c.tokens)  # reused, not rebuilt
-    C.token_cache(path, tok, 32, "mean", workers=1, root=tmp_path, log=built.append)
+    TR.token_cache(path, tok, TR.Encoding(32, "mean"), workers=1, root=tmp_path, log=built.append)
     assert len(built) == 2 and len(list(tmp_path.iterdir())) == 2  # another max_len is another cache
 
 
@@ -634,8 +635,8 @@ def test_token_batches_budget_cover_seed_and_padding():
     assert [x.tolist() for x in b1] != [x.tolist() for x in b2]
     order = np.random.default_rng(0).permutation(len(L))
     fixed = [order[i:i + 16] for i in range(0, len(L), 16)]
-    assert C.padding_fraction(L, fixed) > 3 * C.padding_fraction(L, b1)
-    assert C.padding_fraction([3, 1], [np.array([0, 1])]) == pytest.approx(1 / 3)
+    assert bench.padding_fraction(L, fixed) > 3 * bench.padding_fraction(L, b1)
+    assert bench.padding_fraction([3, 1], [np.array([0, 1])]) == pytest.approx(1 / 3)
 
 # -----------------------------------------------------------------------------
 # Issue 20 (hardening round 2) for evaluate.py, cv.py, livebench_eval.py, train.py's flags, the token
@@ -660,8 +661,8 @@ def ck_dir(d, models, beta, train):
 
 
 def tiny_checkpoint(tiny_qwen, d, models=("m0", "m1", "m2"), bias=(0.5, -1.0, 2.0), train=None):
-    tok, backbone = C.load_backbone(tiny_qwen)
-    C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": list(models), "loss": "bt", "pooling": "last", "cls_token": C.CLS_TOKEN,
                                   "max_len": 64})
     model.init_head(torch.tensor(bias), torch.tensor(0.0))
@@ -732,14 +733,14 @@ def test_damaged_token_cache_names_its_dir_and_says_to_delete_it(tiny_qwen, tmp_
     data = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"prompt {i} " * (1 + i), "model_a": "x", "model_b": "y",
                                                   "winner": "model_a"} for i in range(5)])
     root = tmp_path / "cache"
-    good = C.token_cache(data, tok, 32, "mean", workers=1, root=root, log=lambda *a: None)
+    good = TR.token_cache(data, tok, TR.Encoding(32, "mean"), workers=1, root=root, log=lambda *a: None)
     d = good.dir
     saved = {f.name: f.read_bytes() for f in d.iterdir()}
     tokens = np.frombuffer(saved["tokens.bin"], dtype=np.int32)
 
     def with_checksum():  # damage that keeps meta.json's checksum right: only the vocabulary check sees it
         meta = json.loads((d / "meta.json").read_text())
-        meta["checksum"] = C.cache_checksum(d)
+        meta["checksum"] = TR.cache_checksum(d)
         (d / "meta.json").write_text(json.dumps(meta))
 
     damage = {
@@ -756,12 +757,12 @@ def test_damaged_token_cache_names_its_dir_and_says_to_delete_it(tiny_qwen, tmp_
     for what, hurt in damage.items():
         hurt()
         with pytest.raises(ValueError) as e:
-            C.token_cache(data, tok, 32, "mean", workers=1, root=root, log=lambda *a: None)
+            TR.token_cache(data, tok, TR.Encoding(32, "mean"), workers=1, root=root, log=lambda *a: None)
         msg = str(e.value)
         assert msg.startswith(f"token cache {d}:") and f"delete {d}" in msg and "\n" not in msg, (what, msg)
         for name, b in saved.items():
             (d / name).write_bytes(b)
-    again = C.token_cache(data, tok, 32, "mean", workers=1, root=root, log=lambda *a: None)
+    again = TR.token_cache(data, tok, TR.Encoding(32, "mean"), workers=1, root=root, log=lambda *a: None)
     assert np.array_equal(again.tokens, good.tokens)
 
 
@@ -984,8 +985,8 @@ def test_checkpoint_loading_authors_rk_template_max_len_and_damage(tiny_qwen, tm
     checkpoint without max_len gets the backbone's limit (512 here), not 8192; the pad token comes from the
     loader; a truncated model.safetensors is an error naming it; files share one mode; leftovers go."""
     import stat
-    tok, backbone = C.load_backbone(tiny_qwen)
-    C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": ["m0", "m1"], "loss": "rk", "pooling": "last", "cls_token": C.CLS_TOKEN, "max_len": 64})
     model.init_head(torch.tensor([0.0, 0.0]), 0.0)  # raw η output 0 for every prompt
     ck = tmp_path / "ck"
@@ -1080,7 +1081,7 @@ def test_train_layers_freezes_the_lower_blocks_and_embeddings(tiny_qwen, small_d
 def test_train_layers_on_minilm_uses_encoder_layer(small_data, tmp_path):
     """BERT's blocks are encoder.layer: --train-layers 1 of MiniLM's 6 keeps blocks 0-4 and the embeddings as loaded."""
     from transformers import AutoModel
-    start = AutoModel.from_pretrained(C.offline_backbone("minilm")[0]).state_dict()
+    start = AutoModel.from_pretrained(TR.offline_backbone("minilm")[0]).state_dict()
     # 2 steps: the head's weight starts at 0, so the first step gives the backbone no gradient
     m, log = run_train("minilm", small_data, tmp_path / "ck", "--max-steps", "2", "--lr", "1e-2", "--train-layers", "1")
     w = weights(tmp_path / "ck")
@@ -1109,7 +1110,7 @@ def test_new_flags_refuse_bad_values(tiny_qwen, small_data, tmp_path, argv, msg)
 
 def inner_split(train_path, frac, seed=0):
     """The prompt numbers train.py holds out for --inner-val (same seeded permutation), and the rest."""
-    votes = C.index_votes(train_path, "bt")
+    votes = TR.index_votes(train_path, "bt")
     prompts = np.unique(votes["pairs"]["row"].numpy())
     perm = np.random.default_rng(seed).permutation(len(prompts))
     n = round(frac * len(prompts))
@@ -1132,14 +1133,14 @@ def test_inner_val_keeps_the_best_weights_and_the_fair_baseline(tiny_qwen, small
     assert f"early stopping: the weights of step {iv['best_step']}" in log
     votes, held, rest = inner_split(small_data[0], 0.25)
     model, tok = C.load_checkpoint(tmp_path / "ck")
-    ids = C.token_cache(small_data[0], tok, 64, model.p2l["pooling"], tok.convert_tokens_to_ids(C.CLS_TOKEN),
+    ids = TR.token_cache(small_data[0], tok, TR.Encoding(64, model.p2l["pooling"], tok.convert_tokens_to_ids(C.CLS_TOKEN)),
                         root=tmp_path / "cache", log=lambda *a, **k: None)
     beta, eta = C.predict(model, [ids[i] for i in held], tok.pad_token_id, batch_size=3)
-    s, w = C.batch_nll(beta.double(), None, C.pairs_of(votes, held), "bt")
+    s, w = C.batch_nll(beta.double(), None, TR.pairs_of(votes, held), "bt")
     assert (s / w).item() == pytest.approx(iv["nll"], abs=1e-5)
     mj = json.loads((tmp_path / "ck" / "marginal.json").read_text())
     b_all, _ = C.fit_marginal(votes["pairs"], len(votes["models"]), "bt")
-    b_rest, _ = C.fit_marginal(C.pairs_of(votes, rest), len(votes["models"]), "bt")
+    b_rest, _ = C.fit_marginal(TR.pairs_of(votes, rest), len(votes["models"]), "bt")
     assert mj["beta"] == pytest.approx(b_all.tolist(), abs=1e-6)
     assert mj["head_start"]["beta"] == pytest.approx(b_rest.tolist(), abs=1e-6) and mj["head_start"]["prompts"] == 18
     assert max(abs(a - b) for a, b in zip(mj["beta"], mj["head_start"]["beta"])) > 1e-3
@@ -1557,8 +1558,8 @@ def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
     val = [dict(r, prompt=f"prompt {i % 10}") for i, r in enumerate(rows)]  # 12 votes on 10 prompts
     val.insert(6, dict(val[0], model_b="zz"))  # line 7 names a model the checkpoint does not know
     data = write_jsonl(tmp_path / "val.jsonl", val)
-    tok, backbone = C.load_backbone(tiny_qwen)
-    C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": models, "loss": "grk", "pooling": "last", "cls_token": C.CLS_TOKEN, "max_len": 64})
     model.init_head(beta, eta)
     marginal = {"model_list": models, "beta": beta.tolist(), "eta": eta, "loss": "grk", "train": str(train)}
@@ -1641,8 +1642,8 @@ def test_torchrun_two_ranks_predict_as_one(tiny_qwen, tmp_path):
     rows = [{"prompt": " ".join(["word"] * (1 + 7 * i)) + f" {i}", "model_a": models[i % 3], "model_b": models[(i + 1) % 3],
              "winner": "model_a" if i % 2 else "model_b"} for i in range(9)]
     data = write_jsonl(tmp_path / "val.jsonl", rows)
-    tok, backbone = C.load_backbone(tiny_qwen)
-    C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": models, "loss": "bt", "pooling": "last", "cls_token": C.CLS_TOKEN, "max_len": 64})
     torch.manual_seed(0)
     torch.nn.init.normal_(model.head.head.weight, std=0.5)  # predictions differ by prompt
@@ -2400,7 +2401,7 @@ def test_parquet_battles_read_as_the_same_jsonl_battles(tmp_path):
     # streamed in record batches: any batch size gives the same rows
     assert [r for _, r in C.read_parquet(pq_path, batch_size=4)] == [r for _, r in C.read_parquet(pq_path)]
     for loss in ("bt", "grk"):
-        v1, v2 = C.index_votes(pq_path, loss), C.index_votes(jl, loss)
+        v1, v2 = TR.index_votes(pq_path, loss), TR.index_votes(jl, loss)
         assert v1["models"] == v2["models"] and all(torch.equal(v1["pairs"][k], v2["pairs"][k]) for k in v1["pairs"])
 
 
@@ -2418,7 +2419,7 @@ def test_parquet_other_arena_forms_and_bad_rows_name_file_and_row(tmp_path):
                                     ({"model_b": None}, "missing model field 'model_b'"),
                                     ({"winner": None}, "unknown winner None"))):
         f = write_parquet(tmp_path / f"bad{i}.parquet", good[:3] + [{**good[3], **bad}] + good[4:])
-        for read in (C.read_battles, lambda p: C.index_votes(p, "bt")):
+        for read in (C.read_battles, lambda p: TR.index_votes(p, "bt")):
             with pytest.raises(ValueError, match=f"bad{i}.parquet:row 4: {msg}".replace("(", r"\(").replace(")", r"\)")):
                 read(f)
     (tmp_path / "not.parquet").write_text('{"prompt": "x"}\n')
@@ -2999,8 +3000,8 @@ def test_cli_checkpoint_then_preds_agree(tiny_qwen, preds):
     """--checkpoint runs the model (tiny random Qwen2, random head) and saves its predictions;
     --preds on them routes identically."""
     torch.manual_seed(0)  # before the CLS row is added (drawn at random by transformers): independent of test order
-    tok, backbone = C.load_backbone(tiny_qwen)
-    C.add_cls_token(tok, backbone)
+    tok, backbone = TR.load_backbone(tiny_qwen)
+    TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
     torch.nn.init.normal_(model.head.head.weight, std=0.5)
     C.save_checkpoint(preds / "ck", model.state_dict(), model, tok)
