@@ -88,7 +88,7 @@ routellm: venv
 # model added back alone from k = 10, 40, 160 and all of its 644 training battles (seeded subsets), scored on its 161
 # held-out prompts vs a constant placement and vs the full retrain that saw it. Both trainings use the default recipe
 # (make run's: scale + rank-8 head, 2 epochs, batches of 16): 16-26 min each at load 5-7 on the shared 2-core CPU; the
-# evaluation ~10 min (one forward per prompt for 805 prompts, 128 extensions, 2 timed commands)
+# evaluation ~4 min at load ~5 (one forward per prompt for 805 prompts ~40 s, 128 extensions 0.3-1.5 s each, 2 timed commands)
 HELDOUT := FuseChat-Qwen-2.5-7B-Instruct,FuseChat-Llama-3.2-1B-Instruct,claude-2.1,gpt-3.5-turbo-1106,vicuna-13b-v1.5,ultralm-13b,alpaca-farm-ppo-sim-gpt4-20k,oasst-sft-pythia-12b
 XR := $(R)
 extend-eval: venv
