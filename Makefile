@@ -86,12 +86,11 @@ routellm: venv
 # adding a model without retraining (train.py --extend, README "Add a new model"): leave-8-models-out on the
 # AlpacaEval split. ONE P2L trained without all 8 (a harder test than 8 trainings: its backbone saw fewer models), each
 # model added back alone from k = 10, 40, 160 and all of its 644 training battles (seeded subsets), scored on its 161
-# held-out prompts vs a constant placement and vs the full retrain that saw it. Both trainings use the default head
-# (scale + rank 8, batches of 16) for only 20 steps (~half an epoch) at 128 tokens: the CPU budget of the shared box
-# (the README numbers). ~35 min at load ~20 on the shared 2-core CPU: the two trainings in parallel ~30 min, the
-# evaluation ~4 min (3 min of it one forward per prompt for 805 prompts; 128 fits of a row ~1 s each; 2 timed commands)
+# held-out prompts vs a constant placement and vs the full retrain that saw it. Both trainings use the default recipe
+# (make run's: scale + rank-8 head, 2 epochs, batches of 16): 16-26 min each at load 5-7 on the shared 2-core CPU; the
+# evaluation ~4 min at load ~5 (one forward per prompt for 805 prompts ~40 s, 128 extensions 0.3-1.5 s each, 2 timed commands)
 HELDOUT := FuseChat-Qwen-2.5-7B-Instruct,FuseChat-Llama-3.2-1B-Instruct,claude-2.1,gpt-3.5-turbo-1106,vicuna-13b-v1.5,ultralm-13b,alpaca-farm-ppo-sim-gpt4-20k,oasst-sft-pythia-12b
-XR := --epochs 1 --max-steps 20 --eval-every 20 --batch-size 16 --head-scale --head-rank 8 --max-len 128
+XR := $(R)
 extend-eval: venv
 	$(PY) extend_eval.py --heldout $(HELDOUT) --write-train-without out/extend/train-minus8.jsonl.gz
 	$(PY) train.py --train out/extend/train-minus8.jsonl.gz $(XR) --out out/extend/minus8

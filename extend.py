@@ -9,33 +9,49 @@ A head row is linear in the frozen features of a prompt: with g(x) = exp(s·x + 
 none with rank 0), model m's coefficient is β_m(x) = g(x)·b_m + u_m·z(x). So fitting a new row
 θ = (b, u) with every other model's β(x) (and the η head) fixed is a small problem in float64:
 convex for bt / bt-tie / rk (the NLL is convex in β, β is linear in θ); grk's tie term is not
-convex, and L-BFGS from the prior mean finds a stationary point. The ridge is a Gaussian prior
-fitted to the old rows (empirical Bayes): each coordinate of θ = (b, u) is pulled toward the old
-rows' linear trend in their marginal rating, with the old rows' residual variance (at least
-PRIOR_SD logits of effect), so a model with 10 battles gets a typical model's row and one with 1000
-its own. (Giving b only the marginal's ridge 1e-4 instead was worse at k = 10 on AlpacaEval: README.) The new models' marginal
-ratings (marginal.json) are fitted the same way with the old ratings fixed (ridge 1e-4, as
-fit_marginal). The result is a complete checkpoint: every stage reads it as it reads CK.
+convex, and L-BFGS from the prior mean finds a stationary point.
+
+The prior (empirical Bayes, row_prior): a new row is drawn from the population of the old rows. Its
+level b ~ N(mean, variance of the old b_m), and its correction u = A + B·b + δ, where A + B·b is the
+old rows' linear trend in their level and δ ~ N(0, their residual variance / strength); each variance
+is at least PRIOR_SD logits of effect on a typical prompt. The strength (1 = the old rows' spread)
+is chosen from STRENGTHS by 5-fold cross-validation over the new model's own battles, by prompt, with
+the one-standard-error rule (choose_strength; new models added together share one strength); its strongest end, inf, is the level alone: one
+parameter per model, like the marginal-only placement, but on the per-prompt scale g(x) and with the
+trend's correction at that level. Why: the first version fitted all 1 + r coordinates under a prior
+centred on the trend in the new model's MARGINAL rating, fitted (nearly unregularised) on the same
+battles, so the level carried the full noise of k battles twice; at k = 10 it lost to a constant
+rating. On the training battles of the 8 held-out AlpacaEval models (fit on k prompts, scored on their
+other training prompts; docs/results.md "Add a model"), the population prior on the level is what
+wins at small k, and the strength matters at large k (the weakest, 0.25, was best from k = 40 on).
+The new models' marginal ratings (marginal.json) are fitted with the old ratings fixed (ridge 1e-4,
+as fit_marginal). The result is a complete checkpoint: every stage reads it as it reads CK.
 """
+import contextlib
 import gzip
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from common import (
     AUTHORS_RK, OutputSet, P2LModel, authors_rk_eta, autodetect_device, batch_nll, cat_pairs,
-    checkpoint_config, encode_for, file_ref, group_by_prompt, load_checkpoint, predict, read_battles, read_jsonl,
+    checkpoint_config, encode_for, pair_nll, file_ref, group_by_prompt, load_checkpoint, predict, read_battles, read_jsonl,
     read_marginal, save_checkpoint, write_json,
 )
 
 FEW_BATTLES = 20  # fewer weighted battles than this: the row is mostly the prior, say so
 PRIOR_SD = 0.1  # the least prior spread of a row coordinate, in logits of effect on a typical prompt
+CV_FOLDS = 5  # folds (by prompt) of the cross-validation that picks the prior strength
+STRENGTHS = (0.25, 1.0, 4.0, 16.0, 64.0, math.inf)  # multipliers on the correction's empirical-Bayes precision
 MARGINAL_L2 = 1e-4  # the ridge fit_marginal uses for the marginal leaderboard, per unit of vote weight
 # flags that mean something for an extension; any other training flag given with --extend is refused, not ignored
 EXTEND_FLAGS = {"--extend", "--train", "--val", "--out", "--loss", "--batch-size", "--max-tokens", "--dtype"}
@@ -49,6 +65,18 @@ class _Pooled(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the math: frozen features -> the rows of the head, and a fit of the new rows
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The row fits are tiny float64 problems: a second torch thread only waits for a core (on the
+    busy 2-core box the fits of one extension took 8x longer with 2 threads than with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def pooled_features(model, tok, prompts, batch_size=16, max_tokens=0, bf16=False):
@@ -89,56 +117,157 @@ def head_terms(model, x):
     return beta, eta, feats, rows
 
 
-def fit_rows(base, eta, feats, pairs, cols, loss, mu, prec, tol=1e-8, rounds=30):
-    """θ [n, D] minimising (Σ_v w_v·nll_v + ½·Σ prec·(θ − mu)²) / Σ_v w_v, where model cols[j]'s
-    coefficient on prompt r is feats[r]·θ[j] and every other model's is base[r] (fixed). L-BFGS in
+class Problem(NamedTuple):
+    """A fit of new rows: model cols[j]'s coefficient on prompt r is feats[r]·θ[j] (+ offset[r, j]);
+    every other model's is base[r] (fixed), η is eta (fixed; None for bt); pairs index prompt rows."""
+    base: torch.Tensor  # [P, M2]
+    eta: Optional[torch.Tensor]  # [P] or None
+    feats: torch.Tensor  # [P, D]
+    pairs: dict
+    cols: torch.Tensor  # [n]
+    loss: str
+    offset: Optional[torch.Tensor] = None  # [P, n]: a fixed part of the new models' coefficients
+
+
+class Prior(NamedTuple):
+    """A Gaussian prior on each new row θ[j]: mean mu[j] [D], diagonal precision prec [D] (0: flat)."""
+    mu: torch.Tensor  # [n, D]
+    prec: torch.Tensor  # [D]
+
+
+def fit_rows(prob, prior, tol=1e-8, rounds=30):
+    """θ [n, D] minimising (Σ_v w_v·nll_v + ½·Σ prec·(θ − mu)²) / Σ_v w_v (Problem, Prior). L-BFGS in
     float64 from mu, restarted until the largest gradient entry is <= tol·max(1, max(prec)/Σw): a stiff
     prior coordinate (an old-row spread near 0) carries rounding noise of that size. Returns (θ, info)."""
-    W = pairs["w"].sum().item()
-    tol = tol * max(1.0, prec.max().item() / W)
+    W = prob.pairs["w"].sum().item()
+    mu, prec = prior
+    tol = tol * max(1.0, prec.max().item() / W if len(prec) else 1.0)
     theta = mu.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=tol, tolerance_change=1e-16,
                             history_size=20, line_search_fn="strong_wolfe")
 
-    def objective():
-        beta = base.index_copy(1, cols, feats @ theta.T)
-        s, _ = batch_nll(beta, eta, pairs, loss)
-        return (s + 0.5 * (prec * (theta - mu) ** 2).sum()) / W
-
     def closure():
         opt.zero_grad()
-        f = objective()
+        f = (nll_sum(prob, theta) + 0.5 * (prec * (theta - mu) ** 2).sum()) / W
         f.backward()
         return f
 
     for it in range(rounds):
         opt.step(closure)
         f = closure()
-        gmax = theta.grad.abs().max().item()
+        gmax = theta.grad.abs().max().item() if theta.numel() else 0.0
         if gmax <= tol:
             break
     info = {"converged": bool(gmax <= tol), "grad_max": gmax, "tol": tol, "rounds": it + 1, "objective": f.item()}
     return theta.detach(), info
 
 
-def row_prior(rows, marg_old, marg_new, feats):
-    """The Gaussian prior (mean [n, D], precision [D]) of a new row: the old rows' linear trend in
-    their marginal rating (intercept only under 8 known models), with their residual variance, but
-    at least PRIOR_SD logits of effect per coordinate on a typical prompt (var >= PRIOR_SD² / mean feats²):
-    a checkpoint whose rows all sit on the trend (untrained, or few models) must not pin the new row."""
-    X = torch.stack([torch.ones_like(marg_old), marg_old], 1) if len(marg_old) >= 8 else torch.ones(len(marg_old), 1, dtype=rows.dtype)
-    coef = torch.linalg.lstsq(X, rows).solution
-    var = ((rows - X @ coef) ** 2).sum(0) / max(len(marg_old) - X.shape[1], 1)
+def nll_sum(prob, theta, pairs=None):
+    """Σ_v w_v·nll_v of pairs (default: the problem's) with the new rows theta."""
+    new = prob.feats @ theta.T if prob.offset is None else prob.feats @ theta.T + prob.offset
+    s, _ = batch_nll(prob.base.index_copy(1, prob.cols, new), prob.eta, prob.pairs if pairs is None else pairs, prob.loss)
+    return s
+
+
+def pair_losses(prob, theta, pairs):
+    """w_v·nll_v of each pair with the new rows theta."""
+    new = prob.feats @ theta.T if prob.offset is None else prob.feats @ theta.T + prob.offset
+    beta, r = prob.base.index_copy(1, prob.cols, new), pairs["row"]
+    nll = pair_nll(beta[r, pairs["a"]], beta[r, pairs["b"]], None if prob.eta is None else prob.eta[r], pairs["y"],
+                   pairs["p"].to(beta.dtype), prob.loss)
+    return nll * pairs["w"].to(beta.dtype)
+
+
+def row_prior(rows, feats):
+    """The population of the old rows θ_m = (b_m, u_m), as a Gaussian in coordinates where it is
+    diagonal: the level b ~ N(mean b_m, var b_m) and the correction u = A + B·b + δ (the old rows'
+    linear trend in their level; intercept only under 8 known models) with δ ~ N(0, residual var).
+    Each variance is at least PRIOR_SD logits of effect on a typical prompt (var >= PRIOR_SD² / mean
+    feature²): a checkpoint whose rows all agree (untrained, or few models) must not pin the new row.
+    Returns (A [D-1], B [D-1], level mean, level var, δ var [D-1])."""
+    b, u = rows[:, 0], rows[:, 1:]
+    X = torch.stack([torch.ones_like(b), b], 1) if len(b) >= 8 else torch.ones(len(b), 1, dtype=rows.dtype)
+    coef = torch.linalg.lstsq(X, u).solution if u.shape[1] else torch.zeros(X.shape[1], 0, dtype=rows.dtype)
+    A, B = coef[0], (coef[1] if X.shape[1] == 2 else torch.zeros_like(coef[0]))
     floor = PRIOR_SD ** 2 / (feats ** 2).mean(0).clamp_min(1e-12)
-    Xn = torch.stack([torch.ones_like(marg_new), marg_new], 1)[:, :X.shape[1]]
-    return Xn @ coef, 1.0 / torch.maximum(var, floor)
+    var_u = ((u - X @ coef) ** 2).sum(0) / max(len(b) - X.shape[1], 1)
+    var_b = b.var() if len(b) > 1 else torch.zeros((), dtype=rows.dtype)
+    return A, B, b.mean(), torch.maximum(var_b, floor[0]), torch.maximum(var_u, floor[1:])
 
 
-def extend_head(model, x, pairs, new_models, marg_old, eta_marg):
+def reparam(prob, prior_terms, n, strength):
+    """The row fit in the prior's diagonal coordinates θ' = (b, δ): β = (g + z·B)·b + z·δ + z·A.
+    strength multiplies δ's precision; inf drops δ (the row is the level b plus the trend's correction
+    at that level: one parameter per model, like a marginal rating). Returns (Problem, Prior)."""
+    A, B, mb, vb, vu = prior_terms
+    g, z = prob.feats[:, :1], prob.feats[:, 1:]
+    feats = torch.cat([g + z @ B[:, None], z], 1)
+    offset = (z @ A).unsqueeze(1).expand(-1, n)
+    prec = torch.cat([1 / vb.reshape(1), strength / vu])
+    mu = torch.cat([mb.reshape(1), torch.zeros_like(vu)]).expand(n, -1)
+    if math.isinf(strength):
+        feats, mu, prec = feats[:, :1], mu[:, :1], prec[:1]
+    return prob._replace(feats=feats, offset=offset), Prior(mu.contiguous(), prec)
+
+
+def to_rows(theta, prior_terms):
+    """θ' = (b, δ) (δ absent: 0) back to the head's row (b, u = A + B·b + δ)."""
+    A, B, _, _, vu = prior_terms
+    b = theta[:, :1]
+    delta = theta[:, 1:] if theta.shape[1] > 1 else torch.zeros(len(theta), len(vu), dtype=theta.dtype)
+    return torch.cat([b, A + b * B + delta], 1)
+
+
+def strength_label(s):
+    """A strength for JSON files (no Infinity there): a number, or 'inf' (the level alone)."""
+    return "inf" if s is not None and math.isinf(s) else s
+
+
+def prompt_folds(pairs, k):
+    """A fold id per pair: its prompt's, prompts dealt to k folds in a fixed random order (seed 0)."""
+    rows = torch.unique(pairs["row"])
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(rows)))
+    fold_of = torch.empty(len(rows), dtype=torch.long)
+    fold_of[perm] = torch.arange(len(rows)) % k
+    return fold_of[torch.searchsorted(rows, pairs["row"])]
+
+
+def choose_strength(prob, prior_terms):
+    """The prior strength of the correction, from STRENGTHS, by K-fold cross-validation over the new
+    battles, folds by prompt (K = CV_FOLDS; fewer prompts: one per fold), with the one-standard-error
+    rule: the STRONGEST prior whose CV NLL is within one standard error (paired over prompts) of the
+    best one. With few or noisy battles the strengths' CV NLLs differ by less than their noise, and
+    the rule keeps the row near the level alone (a marginal rating's one parameter) instead of
+    picking the weakest prior by chance. Under 2 prompts (or a head without correction): inf.
+    Returns (strength, {strength: CV NLL per unit of vote weight})."""
+    n, P = len(prob.cols), len(torch.unique(prob.pairs["row"]))
+    if P < 2 or len(prior_terms[-1]) == 0:
+        return math.inf, {}
+    K = min(CV_FOLDS, P)
+    fold = prompt_folds(prob.pairs, K)
+    rows = torch.unique(prob.pairs["row"])
+    per = {s: torch.zeros(len(rows), dtype=torch.float64) for s in STRENGTHS}  # held-out NLL per prompt
+    for f in range(K):
+        tr = {k: v[fold != f] for k, v in prob.pairs.items()}
+        te = {k: v[fold == f] for k, v in prob.pairs.items()}
+        for s in STRENGTHS:
+            p, pr = reparam(prob._replace(pairs=tr), prior_terms, n, s)
+            theta, _ = fit_rows(p, pr, tol=1e-6)
+            per[s].index_add_(0, torch.searchsorted(rows, te["row"]), pair_losses(p, theta, te))
+    W = prob.pairs["w"].sum().item()
+    cv = {s: v.sum().item() / W for s, v in per.items()}
+    best = min(cv, key=cv.get)
+    se = {s: (per[s] - per[best]).std().item() * math.sqrt(len(rows)) / W for s in STRENGTHS}
+    return max(s for s in STRENGTHS if cv[s] - cv[best] <= se[s]), cv
+
+
+def extend_head(model, x, pairs, new_models, marg_old, eta_marg, strength=None):
     """Fit the new models' marginal ratings and head rows from the features x [P, hidden] of the
     prompts of `pairs` (votes involving a new model, indexed into the merged, sorted model list).
+    strength: the prior strength of the rows' correction (None: chosen by choose_strength).
     Returns a dict: models (the merged list), cols (the new models' columns), marginal [M2] (old
-    ones as given), rows [M2, D], beta_old/eta/feats of the prompts, and both fits' info."""
+    ones as given), rows [M2, D], beta_old/eta/feats of the prompts, both fits' info, and the
+    strength with its CV table."""
     loss, old = model.p2l["loss"], model.p2l["model_list"]
     models = sorted(old + new_models)
     pos = {m: i for i, m in enumerate(models)}
@@ -151,19 +280,25 @@ def extend_head(model, x, pairs, new_models, marg_old, eta_marg):
     base = torch.zeros(P, M2, dtype=torch.float64)
     base[:, old_cols] = marg_old
     eta_m = None if eta is None else torch.full((P,), float(eta_marg), dtype=torch.float64)
-    marg_new, info_m = fit_rows(base, eta_m, torch.ones(P, 1, dtype=torch.float64), pairs, cols, loss,
-                                torch.zeros(len(cols), 1, dtype=torch.float64), torch.tensor([2 * MARGINAL_L2 * W]))
-    # 2) the head rows, every old row and the η head fixed
-    mu, prec = row_prior(rows_old, marg_old, marg_new[:, 0], feats)
+    with one_thread():
+        marg_new, info_m = fit_rows(Problem(base, eta_m, torch.ones(P, 1, dtype=torch.float64), pairs, cols, loss),
+                                    Prior(torch.zeros(len(cols), 1, dtype=torch.float64), torch.tensor([2 * MARGINAL_L2 * W])))
+    # 2) the head rows, every old row and the η head fixed, under the old rows' population prior
     base = torch.zeros(P, M2, dtype=torch.float64)
     base[:, old_cols] = beta_old
-    theta, info_r = fit_rows(base, eta, feats, pairs, cols, loss, mu, prec)
+    prob, terms = Problem(base, eta, feats, pairs, cols, loss), row_prior(rows_old, feats)
+    cv = {}
+    with one_thread():
+        if strength is None:
+            strength, cv = choose_strength(prob, terms)
+        theta, info_r = fit_rows(*reparam(prob, terms, len(cols), strength))
     marginal = torch.zeros(M2, dtype=torch.float64)
     marginal[old_cols], marginal[cols] = marg_old, marg_new[:, 0]
     rows = torch.zeros(M2, rows_old.shape[1], dtype=torch.float64)
-    rows[old_cols], rows[cols] = rows_old, theta
+    rows[old_cols], rows[cols] = rows_old, to_rows(theta, terms)
     return {"models": models, "cols": cols, "marginal": marginal, "rows": rows, "beta_old": beta_old, "eta": eta,
-            "feats": feats, "info": {"marginal_fit": info_m, "row_fit": info_r}}
+            "feats": feats, "info": {"marginal_fit": info_m, "row_fit": info_r},
+            "strength": {"chosen": strength, "cv_nll": cv}}
 
 # -----------------------------------------------------------------------------
 # the command: checks, one forward per prompt, the fit, a complete checkpoint
@@ -319,8 +454,12 @@ def main(args, argv, parser):
         print(f"  {m}: {against[m]:g} battles vs known models, marginal β {marg[m]:+.3f}")
     record = {"base": os.path.abspath(args.extend), "new_models": new_models, "new_battles": file_ref(args.train, args.out),
               "battles_vs_known": against, "prompts": len(prompts), "fit": fit["info"],
+              "prior_strength": strength_label(fit["strength"]["chosen"]),
+              "cv_nll": {str(strength_label(s)): v for s, v in fit["strength"]["cv_nll"].items()},
               "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     write_checkpoint(args, argv, ext, tok, mj, fit, record, val, used)
+    print(f"prior strength of the correction: {strength_label(fit['strength']['chosen'])} (5-fold CV by prompt, one-SE rule; "
+          "inf = the level alone)")
     print(f"extended {args.extend} ({len(old)} models) by {len(new_models)} -> {args.out} in {time.time() - t0:.1f} s "
           f"(features of {len(prompts)} prompts {seconds['features']:.1f} s, fit {seconds['fit']:.2f} s)")
     if val:

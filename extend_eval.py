@@ -122,8 +122,8 @@ def one_extension(ctx, h, train_pairs, val_pairs):
     base = torch.zeros(len(rows), len(fit["models"]), dtype=torch.float64)
     old_cols = torch.tensor([i for i in range(len(fit["models"])) if i != col.item()])
     base[:, old_cols] = fit["beta_old"]
-    const, info = E.fit_rows(base, fit["eta"], torch.ones(len(rows), 1, dtype=torch.float64), local, col, loss,
-                             torch.zeros(1, 1, dtype=torch.float64), torch.tensor([2 * E.MARGINAL_L2 * W]))
+    const, info = E.fit_rows(E.Problem(base, fit["eta"], torch.ones(len(rows), 1, dtype=torch.float64), local, col, loss),
+                             E.Prior(torch.zeros(1, 1, dtype=torch.float64), torch.tensor([2 * E.MARGINAL_L2 * W])))
     assert info["converged"], info
     vb = torch.zeros(len(F["x"]), len(fit["models"]), dtype=torch.float64)
     vb[:, old_cols] = F["beta_old"]
@@ -137,7 +137,7 @@ def one_extension(ctx, h, train_pairs, val_pairs):
     eta_m = None if F["eta"] is None else torch.full((n,), float(ctx["eta_marg"]), dtype=torch.float64)
     out["marginal_board"] = per_prompt(board, eta_m, val_pairs, loss, n)[0]
     return out, {"fit_seconds": t_fit, "row": fit["rows"][col.item()].tolist(), "marginal": fit["marginal"][col.item()].item(),
-                 "const": const[0, 0].item()}
+                 "const": const[0, 0].item(), "strength": E.strength_label(fit.get("strength", {}).get("chosen"))}
 
 
 def features(args, model, tok, prompts, key):

@@ -1251,14 +1251,49 @@ def test_known_answer_new_row_is_recovered_from_battles_and_frozen_features(loss
     tol = 0.1 if loss == "bt" else 0.25  # 3000 exact soft labels vs 6000 sampled outcomes, each with the prior's pull
     assert err.max() < tol, (err.max(), fit["rows"][new], theta)
     assert torch.allclose(fit["rows"][:new], rows)  # the old rows are untouched
-    # a wrong answer must fail: the row the prior alone would give is far from the truth
-    mu, _ = E.row_prior(rows, marg_old, fit["marginal"][[new]], feats)
+    # a wrong answer must fail: the row the prior alone would give (the old rows' mean level) is far from the truth
+    terms = E.row_prior(rows, feats)
+    mu = E.to_rows(terms[2].reshape(1, 1), terms)
     assert ((feats @ mu[0]) - truth).abs().max() > 5 * tol
+    assert fit["strength"]["chosen"] <= 1  # 300 prompts of informative battles: the data, not the prior
     if loss == "bt":  # without the prior, exact soft labels give the truth itself: the likelihood's maximum is θ*
         base = torch.zeros(P, 11, dtype=torch.float64)
         base[:, :new] = beta_old
-        th, info = E.fit_rows(base, None, feats, pairs, torch.tensor([new]), "bt", mu, torch.zeros(4, dtype=torch.float64))
+        th, info = E.fit_rows(E.Problem(base, None, feats, pairs, torch.tensor([new]), "bt"), E.Prior(mu, torch.zeros(4, dtype=torch.float64)))
         assert info["converged"] and torch.allclose(th[0], theta, atol=1e-5), th
+
+
+def test_prior_strength_is_strong_for_few_noisy_battles_and_weak_for_many_informative_ones():
+    """choose_strength (5-fold CV by prompt, one-SE rule). Few and noisy: a model whose true row IS the
+    prior's level-only row, 10 prompts with one sampled win/loss each: in most draws the strong end
+    (>= 16: the level alone, near a marginal rating) is kept; the plain CV minimum would pick the weak
+    end about as often as not. Many and informative: 300 prompts x 10 exact soft labels of a row far
+    off the prior: the weak end (<= 1) every time."""
+    model = synthetic_head("bt")
+    models = sorted(model.p2l["model_list"] + ["znew"])
+    marg_old = torch.linspace(-1, 1, 10, dtype=torch.float64)
+
+    def chosen(P, per, theta_of, hard, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(P, 6, generator=g, dtype=torch.float64)
+        beta_old, _, feats, rows = E.head_terms(model, x)
+        truth = feats @ theta_of(E.row_prior(rows, feats))
+        row = torch.arange(P).repeat_interleave(per)
+        o = torch.randint(0, 10, (P * per,), generator=g)
+        p = torch.sigmoid(truth[row] - beta_old[row, o])
+        if hard:
+            p = (torch.rand(len(row), generator=g, dtype=torch.float64) < p).double()
+        pairs = {"a": torch.full_like(o, models.index("znew")), "b": o, "y": torch.zeros(len(row), dtype=torch.long),
+                 "p": p, "w": torch.ones(len(row), dtype=torch.float64), "row": row}
+        fit = E.extend_head(model, x, pairs, ["znew"], marg_old, 0.0)
+        assert fit["info"]["row_fit"]["converged"]
+        return fit["strength"]["chosen"]
+    level_only = lambda terms: E.to_rows(torch.tensor([[0.5]], dtype=torch.float64), terms)[0]
+    few = [chosen(10, 1, level_only, True, seed) for seed in range(10)]
+    assert sum(s >= 16 for s in few) >= 7, few
+    off = lambda terms: torch.tensor([0.3, 0.8, -0.6, 0.4], dtype=torch.float64)
+    many = [chosen(300, 10, off, False, seed) for seed in range(3)]
+    assert all(s <= 1 for s in many), many
 
 
 def test_new_marginal_rating_fitted_with_the_old_ones_fixed():
@@ -1326,10 +1361,11 @@ def test_extend_warns_on_few_battles_with_the_count(base_ck, tmp_path):
 
 
 @pytest.mark.slow
-def test_round_trip_extend_evaluate_aggregate_route_serve(base_ck, tmp_path, monkeypatch):
+def test_round_trip_extend_evaluate_aggregate_route_serve_livebench(base_ck, tmp_path, monkeypatch):
     """CK2 is a checkpoint like any other: the old models' coefficients are CK's exactly, and every
     stage reads it unchanged (evaluate with its category baselines from CK2's vote file, aggregate,
-    route from the checkpoint and from the predictions, serve through the OpenAI client)."""
+    route from the checkpoint and from the predictions, serve through the OpenAI client, LiveBench
+    from the checkpoint with the new model in the pool)."""
     import aggregate as AG
     import serve as S
     d = base_ck
@@ -1384,6 +1420,15 @@ def test_round_trip_extend_evaluate_aggregate_route_serve(base_ck, tmp_path, mon
             assert reply.choices[0].message.content == "[up-zbase] hello"
             raw = client.chat.completions.with_raw_response.create(model="p2l", messages=ask("route me"))
             assert raw.headers["x-p2l-model"] in MODELS
+    # livebench: the new model is scored and routed like the others (its marginal is the best: it gets questions)
+    write_jsonl(tmp_path / "q.jsonl", [q(f"{t}{i}", t, "math") for t in ("t1", "t2") for i in range(3)])
+    (tmp_path / "lb.csv").write_text("model,t1,t2\ncheap,20,30\nmid,40,50\npricey,60,70\nzbase,80,90\n")
+    run_eval("--checkpoint", ck2, "--questions", tmp_path / "q.jsonl", "--scores", tmp_path / "lb.csv", "--out", tmp_path / "lb")
+    lb = json.loads((tmp_path / "lb/metrics.json").read_text())
+    assert lb["pool"] == sorted(OLD + ["zbase"])
+    routes = [json.loads(line) for line in (tmp_path / "lb/routes.jsonl").read_text().splitlines()]
+    assert len(routes) == 6 and any("zbase" in r["pi"] for r in routes)
+    assert C.load_predictions(tmp_path / "lb")[2] == sorted(OLD + ["zbase"])
 
 
 @pytest.mark.slow
