@@ -65,14 +65,22 @@ bench-scale: venv
 	$(PY) bench.py aggregate-scale 1500000 --bootstrap 200 --out out/bench-scale
 	$(PY) bench.py route-scale 1500000 --out out/bench-scale
 
-# quality (docs/results.md#quality): 5-fold CV by prompt over all 805 AlpacaEval prompts, at 1/8, 1/4, 1/2 and all
-# of each fold's training prompts, then the scaling curve (table, power-law fit, PNG); ~10 min per full MiniLM CV
-# on the quiet 2-core CPU
+# quality and the scaling study (docs/results.md): 5-fold CV by prompt over all 805 AlpacaEval prompts of the default
+# recipe (MiniLM-L6, 22.7M) at 1/8, 1/4, 1/2 and all of each fold's training prompts, and of SmolLM2-135M with only its
+# top 4 blocks trained, early-stopped on 10% of each fold's training prompts; then the scaling figure (data axis and
+# model-size axis), the paired comparison of the two backbones, and the routing-value sweep on the default's
+# out-of-fold predictions with no-peek baselines. ~66 min (MiniLM, all prompts) + ~40 min (fractions) + ~35 min
+# (SmolLM2) on the 2-core box while other jobs ran (2026-12-02)
 R := --epochs 2 --batch-size 16 --head-scale --head-rank 8
+S := --model smollm2 --train-layers 4 --inner-val 0.1 --patience 3 --eval-every 5 --max-len 128 --max-tokens 1024 --lr 5e-5 --epochs 2 --head-scale --head-rank 8
 scaling: venv
 	for f in 0.125 0.25 0.5; do $(PY) cv.py --train-fraction $$f --out out/cv-f$$f -- $(R) || exit 1; done
 	$(PY) cv.py --out out/cv-scale-r8 -- $(R)
-	$(PY) cv.py --scaling out/cv-f0.125 out/cv-f0.25 out/cv-f0.5 out/cv-scale-r8 --out out/scaling
+	$(PY) cv.py --out out/cv-smol -- $(S)
+	$(PY) cv.py --scaling out/cv-f0.125 out/cv-f0.25 out/cv-f0.5 out/cv-scale-r8 out/cv-smol --out out/scaling
+	$(PY) cv.py --compare out/cv-scale-r8 out/cv-smol
+	$(PY) route.py --preds out/cv-scale-r8 --prompts data/alpaca_eval/train.jsonl.gz data/alpaca_eval/val.jsonl.gz \
+	    --sweep --sweep-budgets 3.64,6.36,11.10 --out out/route-cv
 
 # one grk-soft P2L on every bundled source with prompt text (AlpacaEval soft labels; RouteLLM's MMLU / GSM8K
 # correctness and MT-bench judge scores, 644 prompts of each larger file: a CPU budget), 5-fold CV by prompt with NLL
