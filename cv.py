@@ -239,7 +239,7 @@ def plot_scaling(curves, fits, sizes, path):
 
 def plot_sizes(am, sizes):
     for i, (frac, c) in enumerate(sizes.items()):
-        am.plot(c["params"], c["p2l_nll"], "o-", color=f"C{i + 4}", lw=0.8, label=f"{float(frac):g} of the training prompts")
+        am.plot(c["params"], c["p2l_nll"], "o-", color=f"C{i + 4}", lw=0.8, label=f"P2L (CV) at fraction {float(frac):g} of the training prompts")
         for n, v, b in zip(c["params"], c["p2l_nll"], c["backbones"]):
             am.annotate(b, (n, v), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if c["fit"]:
