@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh clone (CPU, offline):
 #   make run    venv + the main job on the bundled default data and backbone, outputs under out/
-#   make test   venv + the tests (what .ci/run calls); make test-fast: the known-answer tier (38 s on the quiet 2-core box)
+#   make test   venv + the tests (what .ci/run calls); make test-fast: the known-answer tier (40 s on the quiet 2-core box)
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -42,7 +42,7 @@ browser:
 	  echo "browser: could not install chromium + chromium-driver with apt-get; the explorer's browser test will skip"
 
 # the known-answer tests only: no training, no separate process, no backbone or checkpoint loaded, no statistical
-# calibration loop (190 tests, 38.5 s on the 2-core box with every other process paused, 2026-12-02)
+# calibration loop (191 tests, 38.5-39.6 s on the quiet 2-core box, 2026-12-02)
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" test_p2l.py
 
@@ -69,7 +69,7 @@ bench-scale: venv
 # recipe (MiniLM-L6, 22.7M) at 1/8, 1/4, 1/2 and all of each fold's training prompts, and of SmolLM2-135M with only its
 # top 4 blocks trained, early-stopped on 10% of each fold's training prompts; then the scaling figure (data axis and
 # model-size axis), the paired comparison of the two backbones, and the routing-value sweep on the default's
-# out-of-fold predictions with no-peek baselines. ~66 min (MiniLM, all prompts) + ~40 min (fractions) + ~35 min
+# out-of-fold predictions with no-peek baselines. ~66 min (MiniLM, all prompts) + ~30 min (the 1/8 and 1/4 fractions; 1/2 not timed) + ~72 min
 # (SmolLM2) on the 2-core box while other jobs ran (2026-12-02)
 R := --epochs 2 --batch-size 16 --head-scale --head-rank 8
 S := --model smollm2 --train-layers 4 --inner-val 0.1 --patience 3 --eval-every 5 --max-len 128 --max-tokens 1024 --lr 5e-5 --epochs 2 --head-scale --head-rank 8
