@@ -27,7 +27,6 @@ wins at small k, and the strength matters at large k (the weakest, 0.25, was bes
 The new models' marginal ratings (marginal.json) are fitted with the old ratings fixed (ridge 1e-4,
 as fit_marginal). The result is a complete checkpoint: every stage reads it as it reads CK.
 """
-import contextlib
 import gzip
 import json
 import math
@@ -45,7 +44,7 @@ from torch import nn
 from common import (
     AUTHORS_RK, OutputSet, P2LModel, authors_rk_eta, autodetect_device, batch_nll, cat_pairs,
     checkpoint_config, encode_for, pair_nll, file_ref, group_by_prompt, load_checkpoint, predict, read_battles, read_jsonl,
-    read_marginal, save_checkpoint, write_json,
+    read_marginal, save_checkpoint, torch_threads, write_json,
 )
 
 FEW_BATTLES = 20  # fewer weighted battles than this: the row is mostly the prior, say so
@@ -65,18 +64,6 @@ class _Pooled(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the math: frozen features -> the rows of the head, and a fit of the new rows
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The row fits are tiny float64 problems: a second torch thread only waits for a core (on the
-    busy 2-core box the fits of one extension took 8x longer with 2 threads than with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def pooled_features(model, tok, prompts, batch_size=16, max_tokens=0, bf16=False):
@@ -280,7 +267,7 @@ def extend_head(model, x, pairs, new_models, marg_old, eta_marg, strength=None):
     base = torch.zeros(P, M2, dtype=torch.float64)
     base[:, old_cols] = marg_old
     eta_m = None if eta is None else torch.full((P,), float(eta_marg), dtype=torch.float64)
-    with one_thread():
+    with torch_threads(1):  # tiny float64 fits: a second thread only waits for a core
         marg_new, info_m = fit_rows(Problem(base, eta_m, torch.ones(P, 1, dtype=torch.float64), pairs, cols, loss),
                                     Prior(torch.zeros(len(cols), 1, dtype=torch.float64), torch.tensor([2 * MARGINAL_L2 * W])))
     # 2) the head rows, every old row and the η head fixed, under the old rows' population prior
@@ -288,7 +275,7 @@ def extend_head(model, x, pairs, new_models, marg_old, eta_marg, strength=None):
     base[:, old_cols] = beta_old
     prob, terms = Problem(base, eta, feats, pairs, cols, loss), row_prior(rows_old, feats)
     cv = {}
-    with one_thread():
+    with torch_threads(1):  # tiny float64 fits: a second thread only waits for a core
         if strength is None:
             strength, cv = choose_strength(prob, terms)
         theta, info_r = fit_rows(*reparam(prob, terms, len(cols), strength))
