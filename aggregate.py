@@ -2,7 +2,7 @@
 model's strengths and weaknesses, the aggregation-scale curve, and maximum-likelihood
 leaderboards from raw votes; as JSON/CSV and as pictures (leaderboard.png: ratings with CI whiskers;
 leaderboard_by_<key>.png: each group's ranks; one prompt's ratings beside the marginal leaderboard's).
-Everything is the same exact Newton solve (common.fit_pairs): the coefficients whose pairwise outcome
+Everything is the same exact Newton solve (fit_pairs): the coefficients whose pairwise outcome
 probabilities best match a target, to a gradient norm <= 1e-8 and a Newton step <= 1e-6.
 
     # one prompt's leaderboard (a set of size 1) from a trained checkpoint, in seconds on a CPU (+ a PNG with --out)
@@ -23,13 +23,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
 from common import (
-    A, add_checkpoint_options, all_pairs, atomic_write, BOTHBAD, cat_pairs, check_out, encode_for, fit_pairs,
-    fit_votes, group_by_prompt, HEAD_OF_LOSS, load_checkpoint, load_predictions, LOSSES, map_blocks, N_OUTCOMES,
-    outcome_logprobs, OutputSet, pair_sweep, phi_t, predict, predictions_meta, prompt_key, rating, read_battles,
-    read_json_object, row_blocks, save_png, TIE, torch_threads, wide_rows, write_json,
+    A, add_checkpoint_options, atomic_write, B, batch_nll, BOTHBAD, cat_pairs, check_out, encode_for,
+    group_by_prompt, HEAD_OF_LOSS, load_checkpoint, load_predictions, LOSSES, outcome_logprobs, OutputSet, predict,
+    predictions_meta, prompt_key, rating, read_battles, read_json_object, save_png, SOFT_LOSSES, TIE, torch_threads,
+    write_json,
 )
 
 # The arena-catalog votes carry 10 broad topic categories; the official boards (leaderboards.csv)
@@ -40,8 +41,472 @@ ARENA_BOARD = {"Tech Programming": "coding", "Math Puzzles": "math", "Creative A
 ARENA_DEFAULT_BOARD = "english"
 
 # -----------------------------------------------------------------------------
+# the leaderboard solver (docs/design.md §2): train.py (the marginal leaderboard), evaluate.py and route.py
+# (θ*) import it from here. One Newton solver fits "the coefficients whose pairwise outcome probabilities
+# best match a target": the target is the mean of per-prompt predicted probabilities (aggregating a P2L
+# over a set of prompts) or the vote counts (a leaderboard by maximum likelihood from battles). Both are Σ_pairs Σ_outcomes target · (−log P), so both are
+# cross-entropies and both are solved exactly, for K independent problems at once.
+
+N_OUTCOMES = {"bt": 2, "rk": 3, "grk": 4}  # the outcomes a head can produce: a prefix of (A, B, TIE, BOTHBAD)
+
+
+def all_pairs(n_models):
+    """Every unordered pair i < j, as two index tensors (a, b)."""
+    return tuple(torch.triu_indices(n_models, n_models, 1))
+
+
+# Each prompt costs N x M x M sigmoids in win_rates and N x M(M−1)/2 in mean_pair_probs: the hot loops.
+# Both use one exact reformulation: with φ = exp(β − max β) per prompt, σ(β_a − β_b) = φ_a·r_ab where
+# r_ab = 1/(φ_a + φ_b) is symmetric, so each unordered pair costs one addition and one division (no exp)
+# and serves both (a, b) and (b, a). A prompt whose β spread exceeds SPREAD_MAX (φ would lose precision
+# below e^-600) takes the plain expit path instead. Blocks of prompts are laid out [M, n] so every step
+# below is one contiguous torch op over about a megabyte (in cache; torch spreads it over its threads).
+SPREAD_MAX = 600.0
+
+
+def row_blocks(N, M, elems=2 ** 17):
+    """[(start, stop)] of blocks of rows of an [N, M] array, about elems numbers each."""
+    step = max(1, elems // M)
+    return [(s, min(s + step, N)) for s in range(0, N, step)]
+
+
+
+
+def map_blocks(fn, blocks):
+    """fn(block) for each block, results yielded in order. Threads take whole blocks of prompts, each
+    running torch single-threaded: with thousands of ~100 µs ops per block, torch's own per-op
+    threads would meet at a barrier after every op, and on a busy machine wait there for whole
+    time slices. Results do not depend on the thread count (each block is computed alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = torch.get_num_threads()
+    if threads == 1 or len(blocks) == 1:
+        with torch_threads(1):
+            yield from map(fn, blocks)
+        return
+    with torch_threads(1), ThreadPoolExecutor(threads) as pool:
+        pending = []
+        for blk in blocks:  # at most 2 x threads blocks in flight: memory stays bounded
+            pending.append(pool.submit(fn, blk))
+            if len(pending) > 2 * threads:
+                yield pending.pop(0).result()
+        for f in pending:
+            yield f.result()
+
+
+def phi_t(bs):
+    """φ of a block [n, M] as [M, n]."""
+    return torch.exp(bs - bs.amax(1, keepdim=True)).T.contiguous()
+
+
+def pair_sweep(fT, visit):
+    """For each model i < M−1: r = 1/(φ_i + φ_j) for the models j > i, [M−1−i, n]; visit(i, r)."""
+    M, n = fT.shape
+    buf = torch.empty(max(M - 1, 1) * n, dtype=fT.dtype)
+    for i in range(M - 1):
+        r = buf[:(M - 1 - i) * n].view(M - 1 - i, n)
+        torch.add(fT[i + 1:], fT[i], out=r)
+        r.reciprocal_()
+        visit(i, r)
+
+
+def wide_rows(bs):
+    """Rows of a block whose β spread is too wide for the φ form."""
+    return (bs.amax(1) - bs.amin(1)) > SPREAD_MAX
+
+
+def _pair_objective(x, a, b, target, head, l2, derivs):
+    """target [K, O, P] (outcome-major: each outcome's slice contiguous, 10x faster elementwise).
+    Σ_p Σ_o target·(−log P_o) + l2·(|β|² + η²). No gauge term: bt/rk are shift-invariant, and fit_pairs
+    keeps Σβ = 0 itself. With derivs, also the gradient [K, D] and Hessian [K, D, D]: each pair touches
+    only β_a, β_b and η, so per-pair derivatives (summed over pairs, which are independent) give the
+    3 x 3 blocks, scattered into the full Hessian: closed forms for bt, _pair_grads for rk / grk. Every
+    target is used as it is, never as 1 − the other: a far-off pair's small probability carries its
+    curvature."""
+    K, D = x.shape
+    O, P = target.shape[1], target.shape[2]
+    M = D - (head != "bt")
+    beta = x[:, :M]
+    local = [beta[:, a], beta[:, b]] + ([x[:, M:].expand(K, P)] if head != "bt" else [])
+    if head == "bt":  # closed form, 5x faster than autograd: d/dΔ of −t_a log σ(Δ) − t_b log σ(−Δ)
+        d = local[0] - local[1]
+        f_pair = -(target[:, 0] * F.logsigmoid(d) + target[:, 1] * F.logsigmoid(-d))
+        if derivs:
+            s, r = torch.sigmoid(d), torch.sigmoid(-d)  # σ(−Δ) itself, not 1 − σ(Δ): it keeps a far-off pair's
+            n = target[:, 0] + target[:, 1]             # gradient and curvature from rounding to 0
+            g1, h11 = target[:, 1] * s - target[:, 0] * r, n * s * r
+            g, h = [g1, -g1], [[h11, -h11], [-h11, h11]]
+        f = f_pair.sum(1)
+    else:
+        f_pair, g = _pair_grads(local, target, head, O, derivs)
+        f = f_pair.sum(1)
+        if derivs:  # ∂g_i/∂x_j by forward differences of the exact gradient, symmetrised (see _pair_grads)
+            dj = []
+            for j in range(3):
+                moved = list(local)
+                moved[j] = local[j] + _FD_STEP
+                step = moved[j] - local[j]  # the step as represented
+                dj.append([(gm - gi) / step for gm, gi in zip(_pair_grads(moved, target, head, O)[1], g)])
+            h = [[(dj[j][i] + dj[i][j]) / 2 for j in range(3)] for i in range(3)]
+    f = f + l2 * (x ** 2).sum(1)
+    if not derivs:
+        return f
+    idx = [a, b] + ([torch.full_like(a, M)] if head != "bt" else [])
+    G = torch.zeros(K, D, dtype=x.dtype)
+    H = torch.zeros(K, D * D, dtype=x.dtype)
+    for i, gi in enumerate(g):
+        G.index_add_(1, idx[i], gi.detach())
+        for j, hij in enumerate(h[i]):
+            H.index_add_(1, idx[i] * D + idx[j], hij.detach())
+    H = H.view(K, D, D)
+    G += 2 * l2 * x
+    H[:, range(D), range(D)] += 2 * l2
+    return f, G, H
+
+
+_FD_STEP = 2.0 ** -20  # ~1e-6: the Hessian's relative error is ~1e-6 (truncation), rounding ~1e-10
+
+
+def _pair_grads(local, target, head, O, grads=True):
+    """Per-pair objective Σ_o target·(−log P_o) and its exact first derivatives in (β_a, β_b, η) by
+    autograd, for rk / grk. Their second derivatives are taken by differencing these, not by double
+    backward: torch's double backward of logsigmoid / logsumexp forms 1 − σ, which rounds the curvature
+    of a pair more than ~37 logits apart to 0 (or to noise) while the first derivative stays exact. A
+    Hessian accurate to ~1e-6 only slows Newton's last steps a little; the fixed point is the
+    gradient's, which is exact."""
+    if head == "grk":
+        lp = outcome_logprobs(local[0], local[1], local[2], head)
+        f_pair = -sum(target[:, o] * lp[..., o] for o in range(O))
+        if not grads:
+            return f_pair, None
+        dlp = _grk_dlogp(*local)
+        return f_pair, [-sum(target[:, o] * dlp[o][i] for o in range(O)) for i in range(3)]
+    with torch.enable_grad():
+        v = [t.detach().requires_grad_(grads) for t in local]
+        lp = outcome_logprobs(v[0], v[1], v[2], head)
+        f_pair = -sum(target[:, o] * lp[..., o] for o in range(O))
+        g = torch.autograd.grad(f_pair.sum(), v) if grads else None
+    return f_pair.detach(), g
+
+
+def _grk_dlogp(ba, bb, eta):
+    """∂ log P_o / ∂(β_a, β_b, eta) for the grk outcomes (a, b, tie, both bad), [o][variable]. Each
+    fraction is exp(log numerator − log denominator) and each complement has its own numerator,
+    (θφ_b + 1)/D_a rather than 1 − φ_a/D_a: autograd forms the latter and loses the derivative of a
+    model far above (or below) the rest, whose size is that complement."""
+    zero = torch.zeros_like(ba)
+    lth = torch.logaddexp(zero, eta)  # log θ
+    s_eta = torch.sigmoid(eta)        # dlogθ/deta
+    lda = torch.logsumexp(torch.stack([ba, lth + bb, zero]), 0)
+    ldb = torch.logsumexp(torch.stack([bb, lth + ba, zero]), 0)
+    ld0 = torch.logsumexp(torch.stack([zero, ba, bb]), 0)
+    l2t = torch.logaddexp(zero + math.log(2.0), eta)  # log(2 + t)
+    lnum = torch.logsumexp(torch.stack([zero + math.log(2.0), l2t + ba, l2t + bb]), 0)
+    fa_da, fb_db = torch.exp(ba - lda), torch.exp(bb - ldb)
+    rest_a, rest_b = torch.exp(torch.logaddexp(lth + bb, zero) - lda), torch.exp(torch.logaddexp(lth + ba, zero) - ldb)
+    tb_da, ta_db = torch.exp(lth + bb - lda), torch.exp(lth + ba - ldb)  # θφ_b/D_a, θφ_a/D_b
+    fa_d0, fb_d0 = torch.exp(ba - ld0), torch.exp(bb - ld0)
+    na, nb = torch.exp(l2t + ba - lnum), torch.exp(l2t + bb - lnum)  # (2+t)φ/num
+    tn = torch.exp(eta + torch.logaddexp(ba, bb) - lnum)  # t(φ_a + φ_b)/num
+    return [[rest_a, -tb_da, -tb_da * s_eta],
+            [-ta_db, rest_b, -ta_db * s_eta],
+            [1 + na - fa_d0 - fa_da - ta_db, 1 + nb - fb_d0 - fb_db - tb_da, 1 + tn - (tb_da + ta_db) * s_eta],
+            [-fa_d0, -fb_d0, zero]]
+
+
+def _newton_step(G, H, gauge_M):
+    """The Newton step −H⁻¹G of each problem, in Jacobi-scaled coordinates (each coordinate in units of
+    its own curvature): a model whose every pair is far apart has curvature ~e^−gap, which next to
+    another's 1/4 would round away in H itself, but is exact relative to its own diagonal. bt/rk
+    (gauge_M = M): H is singular along the common shift of β, so the scaled shift direction u is added as
+    u·uᵀ; with the gradient orthogonal to that shift this gives exactly H's step with no shift in it.
+    Where the scaled Hessian is not positive definite, a Levenberg shift (Marquardt's, in these scaled
+    units). Returns (step [K, D], shift [K], smallest eigenvalue of the scaled system [K])."""
+    K, D = G.shape
+    dg = H.diagonal(dim1=1, dim2=2).abs()
+    dg = torch.where(dg > 0, dg, torch.ones_like(dg))  # a coordinate without curvature stays singular below
+    sc = dg.rsqrt()
+    S = H * sc[:, :, None] * sc[:, None, :]
+    if gauge_M:
+        u = torch.zeros(K, D, dtype=G.dtype)
+        u[:, :gauge_M] = dg[:, :gauge_M].sqrt()
+        u /= u.norm(dim=1, keepdim=True)
+        S = S + u[:, :, None] * u[:, None, :]
+    eye = torch.eye(D, dtype=G.dtype)
+    shift = torch.zeros(K, dtype=G.dtype)
+    for _ in range(60):  # Levenberg: the smallest shift that makes the scaled Hessian positive definite
+        L, info = torch.linalg.cholesky_ex(S + shift[:, None, None] * eye)
+        bad = info != 0
+        if not bad.any():
+            break
+        shift = torch.where(bad, torch.where(shift == 0, torch.full_like(shift, 1e-10), 10 * shift), shift)
+    d = -torch.cholesky_solve((sc * G).unsqueeze(-1), L).squeeze(-1) * sc
+    return d, shift, S
+
+
+class NewtonStop(NamedTuple):
+    """When fit_pairs stops: converged (see fit_pairs) or after max_iter Newton steps."""
+    tol: float = 1e-8        # every gradient's 2-norm at most this ...
+    max_iter: int = 200
+    step_tol: float = 1e-6   # ... and every Newton step's largest entry at most this
+
+
+def fit_pairs(a, b, target, n_models, head, l2=0.0, init=None, stop=NewtonStop()):
+    """Minimise Σ_p Σ_o target[k, p, o]·(−log P_o(β_a[p] vs β_b[p]; η)) + l2·(|β|² + η²) over (β, η) for
+    K problems at once (target [K, P, O], float64), by Newton's method with exact Hessians (Jacobi-scaled:
+    _newton_step), a Levenberg shift where the Hessian is not positive definite, and a backtracking
+    line search. Converged means: every gradient's 2-norm <= tol, every Newton step's largest entry
+    <= step_tol, and that step a plain Newton step on a Hessian well enough conditioned to determine it
+    (no Levenberg shift; the scaled system's smallest eigenvalue >= 1e-10): where the curvature has
+    fallen below machine precision (a model that never lost; pairs so far apart that float64 cannot
+    see them) a tiny step means nothing, and the row is reported not converged. Gauge: Σβ = 0 for bt
+    and rk (kept exactly: a common shift changes no probability); grk needs none (the grounding
+    competitor fixes the scale). init: a start [D] or [K, D] (β then η), e.g. a nearby solution; the
+    default is all zeros. stop: NewtonStop(tol, max_iter, step_tol). Returns (beta [K, M], eta [K] or
+    None, info)."""
+    tol, max_iter, step_tol = stop
+    target = target.double().permute(0, 2, 1).contiguous()  # [K, O, P]: see _pair_objective
+    K = target.shape[0]
+    D = n_models + (head != "bt")
+    gauge_M = n_models if head in ("bt", "rk") else 0
+    x = torch.zeros(K, D, dtype=torch.float64)
+    if init is not None:
+        x += torch.as_tensor(init, dtype=torch.float64)
+    if gauge_M:  # start in the gauge Σβ = 0 (a shift changes no probability)
+        x[:, :n_models] -= x[:, :n_models].mean(1, keepdim=True)
+    gnorm = torch.full((K,), math.inf, dtype=torch.float64)
+    fval = torch.zeros(K, dtype=torch.float64)
+    act = torch.arange(K)  # problems still iterating: a converged one costs nothing more
+    step = torch.full((K,), math.inf, dtype=torch.float64)
+    plain = torch.zeros(K, dtype=torch.bool)  # the last step was a plain Newton step (no Levenberg shift)
+    S_last = torch.zeros(K, D, D, dtype=torch.float64)
+    for it in range(max_iter + 1):
+        f, G, H = _pair_objective(x[act], a, b, target[act], head, l2, derivs=True)
+        flat = (f >= fval[act]) & (it > 0)  # the objective did not fall in float64 since the last step
+        gnorm[act], fval[act] = G.norm(dim=1), f
+        d, shift, S = _newton_step(G, H, gauge_M)
+        step[act], plain[act], S_last[act] = d.abs().amax(1), shift == 0, S
+        stalled = flat & (gnorm[act] <= tol) & (step[act] >= 0.1)
+        # done when the gradient is small AND the Newton step is: where the maximum does not exist (a
+        # model that never lost) the gradient fades like e^-β while each step stays ~1, and a test on
+        # the gradient alone would call an arbitrary finite β converged. Such a row stops (not converged)
+        # once a step of >= 0.1 no longer lowers its objective in float64: the rest of max_iter would only
+        # push β toward infinity (a separated 3-model problem: 38 iterations instead of 200)
+        keep = ((gnorm[act] > tol) | (step[act] > step_tol) | ~plain[act]) & ~stalled
+        if not keep.any() or it == max_iter:
+            break
+        act, f, G, d = act[keep], f[keep], G[keep], d[keep]
+        slope = (G * d).sum(1)
+        t = torch.ones(len(act), dtype=torch.float64)
+        # a Newton decrement −g·d below 1e-4 means the quadratic phase, where the full step is taken
+        # unchecked (a bad one would show in the next gradient); otherwise Armijo backtracking, whose
+        # 1e-13·|f| slack lets rounding-level steps through
+        todo = torch.nonzero(-slope > 1e-4).squeeze(1)
+        for _ in range(60 if len(todo) else 0):
+            fn = _pair_objective(x[act[todo]] + t[todo, None] * d[todo], a, b, target[act[todo]], head, l2, derivs=False)
+            ok = fn <= f[todo] + 1e-4 * t[todo] * slope[todo] + 1e-13 * f[todo].abs()
+            todo = todo[~ok]
+            if len(todo) == 0:
+                break
+            t[todo] /= 2
+        x[act] += t[:, None] * d
+        if gauge_M:
+            x[act, :n_models] -= x[act, :n_models].mean(1, keepdim=True)
+    conv = (gnorm <= tol) & (step <= step_tol) & plain
+    if conv.any():  # a plain step can still be meaningless where the scaled curvature is below rounding
+        lam = torch.full((K,), math.nan, dtype=torch.float64)
+        lam[conv] = torch.linalg.eigvalsh(S_last[conv])[:, 0]
+        conv &= lam >= 1e-10
+    info = {"iterations": it, "grad_norm": gnorm, "step": step, "converged": bool(conv.all()), "converged_rows": conv,
+            "objective": fval}
+    return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
+
+
+def vote_targets(pairs, n_models, loss, weights=None, return_total=False):
+    """Battles (cat_pairs of group_by_prompt's groups) as fit_pairs targets: the weighted outcome
+    counts of each distinct ordered pair, normalised to one unit of weight per problem so the fit
+    is the mean NLL per vote. bt/bt-tie count the (soft) label p as p wins and 1 − p losses.
+    weights [V] or [K, V] reweight the votes (e.g. bootstrap counts). Returns (a, b, target [K, U, O])."""
+    head = HEAD_OF_LOSS[loss]
+    O = N_OUTCOMES[head]
+    w = pairs["w"].double()
+    if head == "bt":
+        per_vote = torch.stack([w * pairs["p"], w * (1 - pairs["p"])], -1)
+    else:
+        per_vote = w[:, None] * F.one_hot(pairs["y"], 4)[:, :O].double()
+    key = pairs["a"] * n_models + pairs["b"]
+    uniq, inv = torch.unique(key, return_inverse=True)
+    k = torch.ones(1, len(w), dtype=torch.float64) if weights is None else torch.as_tensor(weights).double().reshape(-1, len(w))
+    target = torch.zeros(k.shape[0], len(uniq), O, dtype=torch.float64).index_add_(1, inv, k[:, :, None] * per_vote[None])
+    total = target.sum((1, 2), keepdim=True)
+    if not (total > 0).all():
+        bad = int((total <= 0).sum())
+        raise ValueError(f"no votes with positive weight to fit{f' in {bad} of {len(total)} resamples' if len(total) > 1 else ''}"
+                         f"{' (plain bt gives ties weight 0)' if loss == 'bt' else ''}")
+    if return_total:
+        return uniq // n_models, uniq % n_models, target / total, total
+    return uniq // n_models, uniq % n_models, target / total
+
+
+def separation(a, b, target, n_models, head, names=None, total=None):
+    """Why the maximum-likelihood fit of each problem (target [K, U, O]) has no finite maximum, or
+    None where it has one. Each vote says "the winner's coefficient cannot run off below the
+    loser's": an edge loser <- winner (a tie: both ways; grk also compares each model with the
+    grounding competitor G: a win or a tie puts the model above G, a both-bad vote puts G above
+    both). The maximum exists iff every model with votes reaches every other along such edges
+    (the graph is strongly connected: Zermelo 1929, Ford 1957); otherwise some group never lost to
+    the rest and its coefficients run to infinity. rk and grk also need a tie and a win for their tie
+    parameter (_eta_separation)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    names = names or [f"model {i}" for i in range(n_models)]
+    G = n_models  # the grounding node (grk)
+    a, b, target = a.numpy(), b.numpy(), target.numpy()
+    total = None if total is None else total.reshape(-1).numpy()
+    out = []
+    for k in range(target.shape[0]):
+        t = target[k] > 0
+        src, dst = [a[t[:, A]], b[t[:, B]]], [b[t[:, A]], a[t[:, B]]]
+        if target.shape[2] > TIE:
+            src += [a[t[:, TIE]], b[t[:, TIE]]]
+            dst += [b[t[:, TIE]], a[t[:, TIE]]]
+        nodes = n_models
+        if head == "grk":
+            nodes += 1
+            up = np.concatenate([a[t[:, A]], b[t[:, B]], a[t[:, TIE]], b[t[:, TIE]]])
+            down = np.concatenate([a[t[:, BOTHBAD]], b[t[:, BOTHBAD]]])
+            src += [up, np.full(len(down), G)]
+            dst += [np.full(len(up), G), down]
+        src, dst = np.concatenate(src), np.concatenate(dst)
+        seen = np.zeros(nodes, bool)
+        seen[np.concatenate([a[t.any(1)], b[t.any(1)]])] = True
+        if head == "grk":
+            seen[G] = True
+        g = coo_matrix((np.ones(len(src)), (src, dst)), shape=(nodes, nodes)).tocsr()
+        n_comp, comp = connected_components(g[seen][:, seen], directed=True, connection="strong")
+        why = None
+        if n_comp > 1:
+            idx = np.flatnonzero(seen)
+            c = target[k] * (1.0 if total is None else total[k])  # votes (weighted), not fractions
+            won = np.bincount(a, c[:, A], nodes) + np.bincount(b, c[:, B], nodes)
+            lost = np.bincount(a, c[:, B], nodes) + np.bincount(b, c[:, A], nodes)
+            tied = (np.bincount(a, c[:, TIE:].sum(1), nodes) + np.bincount(b, c[:, TIE:].sum(1), nodes)
+                    if c.shape[1] > TIE else np.zeros(nodes))
+            wins = np.bincount(src, minlength=nodes)
+            losses = np.bincount(dst, minlength=nodes)
+
+            def label(i):
+                if i == G:
+                    return "the grounding (both-bad) competitor"
+                return f"{names[i]!r} ({won[i]:g} wins, {lost[i]:g} losses, {tied[i]:g} ties/both-bad)"
+            never_lost = [label(i) for i in idx if losses[i] == 0]
+            never_won = [label(i) for i in idx if wins[i] == 0]
+            if never_lost or never_won:
+                why = "; ".join(s for s in (f"never lost: {', '.join(never_lost[:5])}" if never_lost else "",
+                                            f"never won: {', '.join(never_won[:5])}" if never_won else "") if s)
+            else:
+                first = [label(i) for i in idx[comp == comp[0]]][:5]
+                why = f"the models split into {n_comp} groups that never all beat each other (one: {', '.join(first)})"
+        else:
+            why = _eta_separation(t, head)
+        out.append(why)
+    return out
+
+
+def _eta_separation(t, head):
+    """Why the tie parameter of a tie-aware head has no finite maximum (t: [U, O] outcomes seen), or
+    None. P(tie) rises with η and P(a wins), P(b wins) fall with it (both-bad does not depend on it),
+    so η needs at least one tie (else it runs to −∞: rk's η to 0, grk's θ to 1) and at least one win
+    (else it runs to +∞)."""
+    if head == "bt":
+        return None
+    name = "the Rao-Kupper tie parameter" if head == "rk" else "the grk tie parameter (θ = 1 + e^eta)"
+    if t.shape[1] <= TIE or not t[:, TIE].any():
+        return f"no ties: {name} runs to {'0' if head == 'rk' else 'θ = 1'} (eta to −∞)"
+    if not t[:, [A, B]].any():
+        return f"no wins, only ties{' and both-bad' if head == 'grk' else ''}: {name} runs to +∞"
+    return None
+
+
+def fit_votes(pairs, n_models, loss, l2=0.0, weights=None, names=None):
+    """Maximum-likelihood leaderboard(s) from battles: (beta [K, M], eta [K] or None, info). Without
+    a ridge (l2 = 0) a problem whose maximum does not exist (separation()) is not solved: its row is
+    NaN, and info["separated"][k] says why (None where the fit exists); with l2 > 0 every fit exists
+    (the ridge l2·(|β|² + eta²) holds the coefficients and the tie parameter alike)."""
+    head = HEAD_OF_LOSS[loss]
+    a, b, target, total = vote_targets(pairs, n_models, loss, weights, return_total=True)
+    why = separation(a, b, target, n_models, head, names, total) if l2 == 0 else [None] * target.shape[0]
+    ok = torch.tensor([w is None for w in why])
+    K, D = target.shape[0], n_models + (head != "bt")
+    x = torch.full((K, D), math.nan, dtype=torch.float64)
+    info = {"separated": why, "converged": False, "grad_norm": torch.full((K,), math.inf, dtype=torch.float64),
+            "converged_rows": torch.zeros(K, dtype=torch.bool)}
+    if ok.any():
+        bb, ee, info_ok = fit_pairs(a, b, target[ok], n_models, head, l2=l2)
+        x[ok, :n_models] = bb
+        if ee is not None:
+            x[ok, n_models] = ee
+        info["grad_norm"][ok] = info_ok["grad_norm"]
+        info["converged_rows"][ok] = info_ok["converged_rows"]
+        info.update({k: v for k, v in info_ok.items() if k not in ("grad_norm", "converged", "converged_rows")})
+        info["converged"] = info_ok["converged"] and bool(ok.all())
+    return x[:, :n_models], (x[:, n_models] if head != "bt" else None), info
+
+
+def fit_marginal(pairs, n_models, loss, l2=1e-4, note=print):
+    """The averaged leaderboard: one coefficient vector (and one eta) for all prompts, by maximum
+    likelihood (float64 Newton to |grad| <= 1e-8 on the counts of each distinct pair: fit_votes
+    above; the problem is convex for bt). A small ridge on β and eta keeps a model
+    that never won (or never lost), and a tie parameter without ties (or without wins), finite; where
+    the votes alone have no maximum that is said (note), and with l2 = 0 it is a ValueError. A fit
+    that does not converge is a ValueError, never a silent number."""
+    allp = cat_pairs(pairs)
+    head = HEAD_OF_LOSS[loss]
+    a, b, target, total = vote_targets(allp, n_models, loss, return_total=True)
+    why = separation(a, b, target, n_models, head, total=total)[0]
+    if why and l2 == 0:
+        raise ValueError(f"the {loss} marginal leaderboard has no maximum-likelihood fit ({why}); fit it with a ridge")
+    beta, eta, info = fit_votes(allp, n_models, loss, l2=l2)
+    if not info["converged"]:
+        raise ValueError(f"the {loss} marginal leaderboard fit did not converge "
+                         f"(gradient norm {info['grad_norm'].max().item():.1e}, l2 = {l2:g})")
+    beta, eta = beta[0], (eta[0] if eta is not None else torch.zeros((), dtype=torch.float64))
+    if loss in SOFT_LOSSES:  # the soft labels inform eta themselves: the hard outcomes' separation is no verdict
+        return _fit_soft_marginal(pairs, beta, eta, loss, l2)
+    if why:
+        note(f"note: the votes alone give the {loss} marginal leaderboard no maximum-likelihood fit ({why}); "
+             f"the ridge l2 = {l2:g} holds it finite{f' (eta = {eta.item():.3g})' if head != 'bt' else ''}")
+    return beta.float(), eta.float()
+
+
+def _fit_soft_marginal(pairs, beta, eta, loss, l2):
+    """The marginal under rk-soft / grk-soft. Their expected NLL is not a sum of target·(−log P_o)
+    over outcomes, so the Newton solver cannot fit it; L-BFGS in float64 from the hard-winner fit
+    (a near start) can, on the same objective (mean NLL per unit weight + l2·(|β|² + eta²), gauge
+    Σβ = 0 for rk). A final gradient above 1e-6 is a ValueError, not an answer."""
+    allp = cat_pairs(pairs)
+    allp["row"] = torch.zeros_like(allp["row"])
+    M = len(beta)
+    x = torch.cat([beta, eta.reshape(1)]).double().detach().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s, w = batch_nll(x[None, :M], x[M:], allp, loss)
+        f = s / w + l2 * (x ** 2).sum() + (0.5 * x[:M].sum() ** 2 if HEAD_OF_LOSS[loss] == "rk" else 0.0)
+        f.backward()
+        return f
+
+    opt.step(closure)
+    closure()
+    g = x.grad.abs().max().item()
+    if not g <= 1e-6:
+        raise ValueError(f"the {loss} marginal leaderboard fit (L-BFGS) did not converge (gradient {g:.1e}, l2 = {l2:g})")
+    return x[:M].detach().float(), x[M].detach().float()
+
+# -----------------------------------------------------------------------------
 # the leaderboard of a set of prompts (docs/design.md §2): the mean pairwise outcome matrix over prompts,
-# then the vote-fit solver (common.fit_pairs) on it. evaluate.py, livebench_eval.py and serve.py import
+# then the vote-fit solver (fit_pairs) on it. evaluate.py, livebench_eval.py and serve.py import
 # aggregate() and leaderboard_rows() from here.
 
 

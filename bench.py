@@ -62,7 +62,7 @@ from scipy.special import expit
 
 import common as C
 import train as TR
-from aggregate import leaderboard_rows, mean_pair_probs, solve_many
+from aggregate import all_pairs, leaderboard_rows, mean_pair_probs, solve_many
 from route import route_all, route_one, solve_theta_many, win_rates
 
 HERE = Path(__file__).resolve().parent
@@ -310,7 +310,7 @@ def lbfgs_baseline(beta, want):
     """What a torch user writes: the per-prompt pairwise probabilities as one [N, P] tensor and torch L-BFGS
     on their cross-entropy summed over all prompts; timed to the first evaluation within 1e-6 of ours."""
     N, M = beta.shape
-    a, b = C.all_pairs(M)
+    a, b = all_pairs(M)
     t0 = time.perf_counter()
     bd = beta.double()
     probs = torch.sigmoid(bd[:, a] - bd[:, b])

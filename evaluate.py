@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from aggregate import aggregate
+from aggregate import aggregate, fit_marginal
 from common import (
-    A, B, BOTHBAD, HEAD_OF_LOSS, LOSSES, OutputSet, TIE, add_checkpoint_options, autodetect_device, batch_nll,
-    cat_pairs, check_device, check_out, checkpoint_config, checkpoint_fingerprint, dist_env, fit_marginal, group_by_prompt,
-    load_checkpoint, load_predictions, outcome_logprobs, pair_nll, paired_bootstrap, predict_prompts, predictions_meta,
-    prompt_key, read_battles, read_marginal, save_predictions, sha256_file, write_json,
+    A, add_checkpoint_options, autodetect_device, B, batch_nll, BOTHBAD, cat_pairs, check_device, check_out,
+    checkpoint_config, checkpoint_fingerprint, dist_env, group_by_prompt, HEAD_OF_LOSS, load_checkpoint,
+    load_predictions, LOSSES, outcome_logprobs, OutputSet, pair_nll, paired_bootstrap, predict_prompts,
+    predictions_meta, prompt_key, read_battles, read_marginal, save_predictions, sha256_file, TIE, write_json,
 )
 
 

@@ -42,8 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aggregate import fit_marginal
 from common import (
-    A, B, OutputSet, check_out, fit_marginal, load_predictions, prompt_key, read_battles, save_predictions, write_json,
+    A, B, check_out, load_predictions, OutputSet, prompt_key, read_battles, save_predictions, write_json,
 )
 
 

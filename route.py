@@ -70,11 +70,11 @@ import torch
 from scipy.optimize import brentq
 from scipy.special import expit
 
+from aggregate import all_pairs, fit_pairs, map_blocks, pair_sweep, phi_t, row_blocks, SPREAD_MAX, wide_rows
 from common import (
-    A, add_checkpoint_options, all_pairs, atomic_write, autodetect_device, B, check_out, checkpoint_config,
-    finite_or_none, fit_pairs, load_checkpoint, load_predictions, map_blocks, OutputSet, pair_sweep, parse_turns,
-    phi_t, predict_prompts, prompt_key, rating, read_battles, read_jsonl, read_model_numbers, row_blocks, save_png,
-    save_predictions, SPREAD_MAX, torch_threads, wide_rows, write_json,
+    A, add_checkpoint_options, atomic_write, autodetect_device, B, check_out, checkpoint_config, finite_or_none,
+    load_checkpoint, load_predictions, OutputSet, parse_turns, predict_prompts, prompt_key, rating, read_battles,
+    read_jsonl, read_model_numbers, save_png, save_predictions, torch_threads, write_json,
 )
 
 ROUTERS = ("optimal", "simple", "strict")

@@ -325,7 +325,7 @@ def test_marginal_fit_known_answer():
     battles = [{"prompt": [f"q{i}"], "model_a": "x", "model_b": "y", "outcome": C.A if i < 3 else C.B,
                 "p_a": None, "weight": 1.0} for i in range(4)]
     _, pairs, _ = C.group_by_prompt(battles, {"x": 0, "y": 1}, "bt")
-    beta, _ = C.fit_marginal(pairs, 2, "bt", l2=0.0)
+    beta, _ = AG.fit_marginal(pairs, 2, "bt", l2=0.0)
     assert (beta[0] - beta[1]).item() == pytest.approx(math.log(3), abs=1e-5)
 
 
@@ -372,10 +372,10 @@ def test_soft_marginal_matches_the_mean_label(loss):
     battles = [{"prompt": [f"q{i}"], "model_a": "x", "model_b": "y", "outcome": C.A, "p_a": 0.7, "weight": 1.0}
                for i in range(4)]
     _, pairs, _ = C.group_by_prompt(battles, {"x": 0, "y": 1}, loss)
-    beta, eta = C.fit_marginal(pairs, 2, loss, l2=1e-6)
+    beta, eta = AG.fit_marginal(pairs, 2, loss, l2=1e-6)
     la, _ = C.judge_logprobs(beta[:1].double(), beta[1:].double(), eta.reshape(1).double(), C.HEAD_OF_LOSS[loss])
     assert la.exp().item() == pytest.approx(0.7, abs=1e-4)
-    hard, _ = C.fit_marginal(pairs, 2, loss[:-5], l2=1e-6)  # the hard winners (all x) push x far ahead instead
+    hard, _ = AG.fit_marginal(pairs, 2, loss[:-5], l2=1e-6)  # the hard winners (all x) push x far ahead instead
     assert (hard[0] - hard[1]).item() > (beta[0] - beta[1]).item() + 1
 
 
@@ -1139,8 +1139,8 @@ def test_inner_val_keeps_the_best_weights_and_the_fair_baseline(tiny_qwen, small
     s, w = C.batch_nll(beta.double(), None, TR.pairs_of(votes, held), "bt")
     assert (s / w).item() == pytest.approx(iv["nll"], abs=1e-5)
     mj = json.loads((tmp_path / "ck" / "marginal.json").read_text())
-    b_all, _ = C.fit_marginal(votes["pairs"], len(votes["models"]), "bt")
-    b_rest, _ = C.fit_marginal(TR.pairs_of(votes, rest), len(votes["models"]), "bt")
+    b_all, _ = AG.fit_marginal(votes["pairs"], len(votes["models"]), "bt")
+    b_rest, _ = AG.fit_marginal(TR.pairs_of(votes, rest), len(votes["models"]), "bt")
     assert mj["beta"] == pytest.approx(b_all.tolist(), abs=1e-6)
     assert mj["head_start"]["beta"] == pytest.approx(b_rest.tolist(), abs=1e-6) and mj["head_start"]["prompts"] == 18
     assert max(abs(a - b) for a, b in zip(mj["beta"], mj["head_start"]["beta"])) > 1e-3
@@ -1907,7 +1907,7 @@ AGRESTI_BT = {"Milwaukee": 1.5814, "Detroit": 1.4364, "Toronto": 1.2945, "New Yo
 def test_bt_vote_fit_reproduces_agresti_baseball():
     teams = sorted(AGRESTI_BT)
     rows = [r for h, a, hw, aw in BASEBALL for r in ((h, a, C.A, hw), (h, a, C.B, aw))]
-    beta, _, info = C.fit_votes(votes_to_pairs(rows, teams), len(teams), "bt")
+    beta, _, info = AG.fit_votes(votes_to_pairs(rows, teams), len(teams), "bt")
     assert info["converged"] and info["grad_norm"].max() <= 1e-8
     fit = {t: (beta[0, i] - beta[0, teams.index("Baltimore")]).item() for i, t in enumerate(teams)}
     for t, want in AGRESTI_BT.items():
@@ -1925,10 +1925,10 @@ def test_two_model_votes_closed_form_all_heads():
     # x beats y 3 times, y beats x once, 2 ties: bt drops ties (gap ln 3), bt-tie counts each as half
     # (gap ln(4/2)); rk's MLE matches the three frequencies exactly: σ(Δ−η) = 1/2, σ(−Δ−η) = 1/6
     rows = [("x", "y", C.A, 3), ("x", "y", C.B, 1), ("x", "y", C.TIE, 2)]
-    gap = lambda loss: (lambda b: (b[0, 0] - b[0, 1]).item())(C.fit_votes(votes_to_pairs(rows, ["x", "y"], loss), 2, loss)[0])
+    gap = lambda loss: (lambda b: (b[0, 0] - b[0, 1]).item())(AG.fit_votes(votes_to_pairs(rows, ["x", "y"], loss), 2, loss)[0])
     assert gap("bt") == pytest.approx(math.log(3), abs=1e-7)  # |grad| <= 1e-8 on the mean NLL
     assert gap("bt-tie") == pytest.approx(math.log(2), abs=1e-7)
-    beta, eta, _ = C.fit_votes(votes_to_pairs(rows, ["x", "y"], "rk"), 2, "rk")
+    beta, eta, _ = AG.fit_votes(votes_to_pairs(rows, ["x", "y"], "rk"), 2, "rk")
     d, e = (beta[0, 0] - beta[0, 1]).item(), torch.nn.functional.softplus(eta[0]).item()
     # σ(d − e) = 1/2 -> d = e; σ(−d − e) = 1/6 -> d + e = ln 5
     assert d == pytest.approx(math.log(5) / 2, abs=1e-7) and e == pytest.approx(math.log(5) / 2, abs=1e-7)
@@ -1939,16 +1939,16 @@ def test_separated_votes_are_detected_not_called_converged(tmp_path):
     # at an arbitrary finite β and called it converged
     rows = [("x", "y", C.A, 3), ("y", "z", C.A, 2), ("y", "z", C.B, 2), ("x", "z", C.A, 1)]
     pairs = votes_to_pairs(rows, ["x", "y", "z"])
-    beta, _, info = C.fit_votes(pairs, 3, "bt", names=["x", "y", "z"])
+    beta, _, info = AG.fit_votes(pairs, 3, "bt", names=["x", "y", "z"])
     assert not info["converged"] and torch.isnan(beta).all()
     assert "never lost: 'x' (4 wins, 0 losses" in info["separated"][0]
-    beta, _, info = C.fit_votes(pairs, 3, "bt", l2=1e-3)  # a ridge makes it well posed
+    beta, _, info = AG.fit_votes(pairs, 3, "bt", l2=1e-3)  # a ridge makes it well posed
     assert info["converged"] and torch.isfinite(beta).all()
     # grk: without a both-bad vote every β runs to +inf (the grounding competitor is never preferred)
     rows = [("x", "y", C.A, 2), ("x", "y", C.B, 2), ("x", "y", C.TIE, 1)]
-    assert "grounding" in C.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk", names=["x", "y"])[2]["separated"][0]
+    assert "grounding" in AG.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk", names=["x", "y"])[2]["separated"][0]
     rows.append(("x", "y", C.BOTHBAD, 1))
-    assert C.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk")[2]["converged"]
+    assert AG.fit_votes(votes_to_pairs(rows, ["x", "y"], "grk"), 2, "grk")[2]["converged"]
 
 
 def test_aggregate_votes_separated_group_refuses_or_states_its_ridge(tmp_path):
@@ -2005,7 +2005,7 @@ def test_tie_aware_aggregation_matches_a_generic_optimizer(head):
     N, M = 30, 5
     beta, eta = torch.randn(N, M, generator=g, dtype=D64) + torch.arange(M, dtype=D64) / 2, 0.5 * torch.randn(N, generator=g, dtype=D64)
     bb, ee = AG.aggregate(beta, eta, head)
-    a, b = C.all_pairs(M)
+    a, b = AG.all_pairs(M)
     mean = AG.mean_pair_probs(beta, eta, head)[0]
 
     def objective(v):  # Σ_z Σ_{i<j} CE(P_z, P_v) / N, straight from the definition, per prompt
@@ -2023,7 +2023,7 @@ def test_tie_aware_aggregation_matches_a_generic_optimizer(head):
 def test_bt_fast_path_equals_outcome_logprobs():
     g = torch.Generator().manual_seed(4)
     beta = 3 * torch.randn(50, 8, generator=g, dtype=D64)
-    a, b = C.all_pairs(8)
+    a, b = AG.all_pairs(8)
     direct = C.outcome_logprobs(beta[:, a], beta[:, b], None, "bt").exp()[..., :2].mean(0)
     assert torch.allclose(AG.mean_pair_probs(beta, None, "bt")[0], direct, atol=1e-14)
 
@@ -2055,7 +2055,7 @@ def test_vote_bootstrap_cis_cover_the_true_leaderboard():
         y = (torch.rand(len(i), generator=g, dtype=D64) > torch.sigmoid(truth[i] - truth[j])).long()
         pairs = votes_to_pairs([(models[p], models[q], yy, 1) for p, q, yy in zip(i.tolist(), j.tolist(), y.tolist())], models)
         V = len(pairs["a"])
-        beta, _, _ = C.fit_votes(pairs, 5, "bt", weights=AG.bootstrap_weights(V, 200, g))
+        beta, _, _ = AG.fit_votes(pairs, 5, "bt", weights=AG.bootstrap_weights(V, 200, g))
         lo, hi = AG.ci(beta[1:])
         hits += sum(lo[k] <= truth[k] <= hi[k] for k in range(5))
         total += 5
@@ -2245,7 +2245,7 @@ def test_bt_mean_pairs_weighted_many_problems_both_directions():
     beta = torch.randn(40, 5, generator=g, dtype=D64) * 20
     W = torch.rand(3, 40, generator=g, dtype=D64)
     got = AG.mean_pair_probs(beta, None, "bt", W)
-    a, b = C.all_pairs(5)
+    a, b = AG.all_pairs(5)
     lp = C.outcome_logprobs(beta[:, a], beta[:, b], None, "bt").exp()[..., :2]  # logsigmoid: exact both ways
     want = torch.einsum("kn,npo->kpo", W / W.sum(1, keepdim=True), lp)
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
@@ -2325,10 +2325,10 @@ def test_aggregate_far_apart_models_match_high_precision(head, d):
 def test_fit_pairs_separated_problem_is_not_converged():
     # model 0 beat both others every time: no finite maximum. The old stopping rule called the
     # Levenberg-shifted step "tiny" once the curvature fell below machine precision: converged, β0 = 24.87
-    a, b = C.all_pairs(3)
+    a, b = AG.all_pairs(3)
     target = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]]], dtype=D64)
     for head, t in (("bt", target), ("rk", torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.4, 0.4, 0.2]]], dtype=D64))):
-        bb, _, info = C.fit_pairs(a, b, t, 3, head)
+        bb, _, info = AG.fit_pairs(a, b, t, 3, head)
         assert not info["converged"] and not info["converged_rows"].any(), (head, bb, info)
 
 
@@ -2338,9 +2338,9 @@ def test_fit_pairs_still_converges_on_ordinary_problems_with_and_without_ridge()
     eta = 0.3 * torch.randn(50, generator=g, dtype=D64)
     for head in ("bt", "rk", "grk"):
         target = AG.mean_pair_probs(beta, eta if head != "bt" else None, head)
-        a, b = C.all_pairs(6)
+        a, b = AG.all_pairs(6)
         for l2 in (0.0, 1e-3):
-            bb, ee, info = C.fit_pairs(a, b, target, 6, head, l2=l2)
+            bb, ee, info = AG.fit_pairs(a, b, target, 6, head, l2=l2)
             assert info["converged"], (head, l2, info)
             if head != "grk":
                 assert abs(bb.sum().item()) < 1e-9  # the gauge Σβ = 0 is kept exactly
@@ -2370,21 +2370,21 @@ BOTHBAD = [("x", "y", C.BOTHBAD, 1), ("y", "z", C.BOTHBAD, 1)]
 ])
 def test_tie_parameter_separation_is_detected_and_a_ridge_holds_it(loss, rows, word):
     allp = C.cat_pairs(_votes(rows, loss))
-    _, _, info = C.fit_votes(allp, 3, loss, l2=0.0, names=["x", "y", "z"])
+    _, _, info = AG.fit_votes(allp, 3, loss, l2=0.0, names=["x", "y", "z"])
     assert info["separated"][0] is not None and word in info["separated"][0], info["separated"]
-    bb, ee, info = C.fit_votes(allp, 3, loss, l2=1e-4)  # "with l2 > 0 every fit exists": now true for eta too
+    bb, ee, info = AG.fit_votes(allp, 3, loss, l2=1e-4)  # "with l2 > 0 every fit exists": now true for eta too
     assert info["converged"] and abs(ee.item()) < 60 and torch.isfinite(bb).all(), (ee, info)
     with pytest.raises(ValueError, match=word):
-        C.fit_marginal(_votes(rows, loss), 3, loss, l2=0.0)
+        AG.fit_marginal(_votes(rows, loss), 3, loss, l2=0.0)
     notes = []
-    beta, eta = C.fit_marginal(_votes(rows, loss), 3, loss, l2=1e-4, note=notes.append)
+    beta, eta = AG.fit_marginal(_votes(rows, loss), 3, loss, l2=1e-4, note=notes.append)
     assert len(notes) == 1 and word in notes[0] and "ridge" in notes[0] and abs(eta.item()) < 60
 
 
 def test_fit_marginal_with_a_proper_fit_says_nothing_and_is_unchanged_by_eta_ridge_direction():
     notes = []
-    beta, eta = C.fit_marginal(_votes(CYCLE + TIES + BOTHBAD, "grk"), 3, "grk", l2=0.0, note=notes.append)
-    beta2, eta2 = C.fit_marginal(_votes(CYCLE + TIES + BOTHBAD, "grk"), 3, "grk", l2=1e-6, note=notes.append)
+    beta, eta = AG.fit_marginal(_votes(CYCLE + TIES + BOTHBAD, "grk"), 3, "grk", l2=0.0, note=notes.append)
+    beta2, eta2 = AG.fit_marginal(_votes(CYCLE + TIES + BOTHBAD, "grk"), 3, "grk", l2=1e-6, note=notes.append)
     assert not notes and torch.isfinite(beta).all() and abs(eta.item() - eta2.item()) < 1e-3
 
 
@@ -2739,7 +2739,7 @@ def test_win_rates_phi_form_equals_expit_definition():
         Wq, target = route.win_rates(beta, q, mean_pairs=True)
         np.testing.assert_allclose(route.win_rates(beta, q), want, rtol=0, atol=1e-14)
         np.testing.assert_allclose(Wq, want, rtol=0, atol=1e-14)
-        a, b = C.all_pairs(M)
+        a, b = AG.all_pairs(M)
         mean = expit(beta[:, a] - beta[:, b]).mean(0)
         np.testing.assert_allclose(target[0, :, 0].numpy(), mean, rtol=0, atol=1e-14)
         np.testing.assert_allclose(target[0, :, 1].numpy(), 1 - mean, rtol=0, atol=1e-14)

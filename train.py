@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from aggregate import fit_marginal
 from common import (
-    A, B, BOTHBAD, CLS_TOKEN, HEAD_OF_LOSS, LOSSES, SOFT_LOSSES, TIE, P2LModel, atomic_write, batch_nll, check_out,
-    collate, default_pooling, encode_prompts, file_ref, fit_marginal, lock_dir, parse_battle, predict, prompt_key,
-    read_jsonl, save_checkpoint, sha256_file, token_batches, write_json,
+    A, atomic_write, B, batch_nll, BOTHBAD, check_out, CLS_TOKEN, collate, default_pooling, encode_prompts,
+    file_ref, HEAD_OF_LOSS, lock_dir, LOSSES, P2LModel, parse_battle, predict, prompt_key, read_jsonl,
+    save_checkpoint, sha256_file, SOFT_LOSSES, TIE, token_batches, write_json,
 )
 
 # -----------------------------------------------------------------------------
