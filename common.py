@@ -894,15 +894,6 @@ def load_checkpoint(path, loss=None, dtype=torch.float32, max_len=None):
     return model.to(dtype).eval(), tok
 
 
-def check_device(device, flag="--device"):
-    """A clear error for a device this machine does not have, before anything is loaded."""
-    kind = str(device).split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{flag} {device}: no CUDA device on this machine (use cpu)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{flag} {device}: no MPS device on this machine (use cpu)")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{flag} {device}: expected cpu, cuda, cuda:N or mps")
 
 
 def checkpoint_fingerprint(ckpt):

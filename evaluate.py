@@ -41,7 +41,7 @@ from scipy import stats
 
 from aggregate import aggregate, fit_marginal
 from common import (
-    A, add_checkpoint_options, autodetect_device, B, batch_nll, BOTHBAD, cat_pairs, check_device, check_out,
+    A, add_checkpoint_options, autodetect_device, B, batch_nll, BOTHBAD, cat_pairs, check_out,
     checkpoint_config, checkpoint_fingerprint, dist_env, group_by_prompt, HEAD_OF_LOSS, load_checkpoint,
     load_predictions, LOSSES, outcome_logprobs, OutputSet, pair_nll, paired_bootstrap, predict_prompts,
     predictions_meta, prompt_key, read_battles, read_marginal, save_predictions, sha256_file, TIE, write_json,
@@ -123,6 +123,17 @@ def agreement(beta1, eta1, beta2, eta2, keep, head):
     return {"spearman": float(stats.spearmanr(x, y)[0]) if defined else None,
             "kendall": float(stats.kendalltau(x, y)[0]) if defined else None,
             "mean_abs_dp": (p_win(beta1, eta1) - p_win(beta2, eta2)).abs()[off].mean().item()}
+
+
+def check_device(device, flag="--device"):
+    """A clear error for a device this machine does not have, before anything is loaded."""
+    kind = str(device).split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {device}: no CUDA device on this machine (use cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: no MPS device on this machine (use cpu)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {device}: expected cpu, cuda, cuda:N or mps")
 
 
 def parse_args(argv):
