@@ -4,11 +4,11 @@ loader and the token cache, is in train.py). Nothing here runs by itself. Its se
   outcome models  bt / rk / grk in log space, the per-vote losses
   tokenization    how a backbone reads a prompt: chat template, CLS token, left truncation; right padding
   batches         token_batches: length-grouped batches under a padded-token budget
-  the P2L model   backbone + head, predict() and its split over torchrun ranks
+  the P2L model   backbone + head, predict() and its split over torchrun ranks; torch_threads
   files           atomic writes, --out locks, checkpoints, predictions files, the shared CLI options
 The leaderboard solver (the pairwise sweeps, the Newton fit to target probabilities or to votes, and
 the marginal leaderboard fit) is aggregation's algorithm: it lives in aggregate.py, which train.py,
-evaluate.py and route.py import for it.
+evaluate.py, head_eval.py and route.py import for it.
 
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
