@@ -44,8 +44,9 @@ ARENA_DEFAULT_BOARD = "english"
 # the leaderboard solver (docs/design.md §2): train.py (the marginal leaderboard), evaluate.py and route.py
 # (θ*) import it from here. One Newton solver fits "the coefficients whose pairwise outcome probabilities
 # best match a target": the target is the mean of per-prompt predicted probabilities (aggregating a P2L
-# over a set of prompts) or the vote counts (a leaderboard by maximum likelihood from battles). Both are Σ_pairs Σ_outcomes target · (−log P), so both are
-# cross-entropies and both are solved exactly, for K independent problems at once.
+# over a set of prompts) or the vote counts (a leaderboard by maximum likelihood from battles). Both are
+# Σ_pairs Σ_outcomes target · (−log P), so both are cross-entropies and both are solved exactly, for K
+# independent problems at once.
 
 N_OUTCOMES = {"bt": 2, "rk": 3, "grk": 4}  # the outcomes a head can produce: a prefix of (A, B, TIE, BOTHBAD)
 
