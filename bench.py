@@ -63,7 +63,7 @@ from scipy.special import expit
 import common as C
 import train as TR
 from aggregate import all_pairs, leaderboard_rows, mean_pair_probs, solve_many
-from route import route_all, route_one, solve_theta_many, win_rates
+from route import read_model_numbers, route_all, route_one, solve_theta_many, win_rates
 
 HERE = Path(__file__).resolve().parent
 
@@ -431,7 +431,7 @@ def serve_setup(a):
     if a.models:
         ups = serve.read_models(a.models, ml)
     else:
-        costs = C.read_model_numbers(a.costs, "cost")
+        costs = read_model_numbers(a.costs, "cost")
         missing = [m for m in ml if m not in costs]
         if missing:
             raise ValueError(f"{a.costs}: no cost for {len(missing)} of the checkpoint's models (pass --models)")

@@ -4,11 +4,12 @@ loader and the token cache, is in train.py). Nothing here runs by itself. Its se
   outcome models  bt / rk / grk in log space, the per-vote losses
   tokenization    how a backbone reads a prompt: chat template, CLS token, left truncation; right padding
   batches         token_batches: length-grouped batches under a padded-token budget
-  the P2L model   backbone + head, predict() and its split over torchrun ranks; torch_threads
-  files           atomic writes, --out locks, checkpoints, predictions files, the shared CLI options
+  the P2L model   backbone + head, predict(); torch_threads
+  files           atomic writes, --out locks, reading checkpoints, predictions files, the shared CLI options
 The leaderboard solver (the pairwise sweeps, the Newton fit to target probabilities or to votes, and
 the marginal leaderboard fit) is aggregation's algorithm: it lives in aggregate.py, which train.py,
-evaluate.py, head_eval.py and route.py import for it.
+evaluate.py, head_eval.py and route.py import for it. Likewise prediction split over torchrun ranks and
+the paired bootstrap are evaluate.py's, writing checkpoints is train.py's, cost files are route.py's.
 
     python -c "import common; print(common.outcome_logprobs.__doc__)"
 """
@@ -363,7 +364,6 @@ def batch_nll(beta, eta, pairs, loss):
     return (nll * w).sum(), w.sum()
 
 
-
 # -----------------------------------------------------------------------------
 # prompt tokenization: how a backbone reads a prompt (train.load_backbone loads one to train)
 
@@ -570,55 +570,6 @@ def predict(model, ids, pad_id, batch_size=16, device="cpu", autocast_dtype=None
     return betas, etas
 
 
-def dist_env():
-    """(rank, world, local_rank) from the launcher's environment (torchrun, deepspeed); (0, 1, 0) alone."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-
-
-def predict_prompts(model, tok, prompts, shard_dir, batch_size=16, device="cpu", autocast_dtype=None, max_tokens=0):
-    """predict() for prompts (lists of turns), split over the ranks of a torchrun launch: rank r
-    tokenizes and runs prompts r, r+N, ..., writes its shard into shard_dir, and rank 0 merges the
-    shards into the (beta, eta) one process would have computed. Other ranks get None back and
-    should exit. Alone (no launcher) it is plain encode + predict."""
-    rank, world, local_rank = dist_env()
-    if world > 1 and str(device).startswith("cuda"):
-        device = f"cuda:{local_rank}"
-    model.to(device)
-    mine = list(range(rank, len(prompts), world))
-    beta, eta = predict(model, encode_for(model, tok, [prompts[i] for i in mine]), tok.pad_token_id,
-                        batch_size, device, autocast_dtype, max_tokens)
-    if world == 1:
-        return beta, eta
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=shard_dir, prefix=f".shard-{rank}.")
-    os.close(fd)
-    torch.save({"rows": torch.tensor(mine, dtype=torch.long), "beta": beta, "eta": eta}, tmp)
-    os.replace(tmp, shard_dir / f".shard-{rank}-of-{world}.pt")
-    dist.barrier()  # every shard is on disk
-    out = None
-    if rank == 0:
-        out = [None, None]
-        for r in range(world):
-            f = shard_dir / f".shard-{r}-of-{world}.pt"
-            sh = torch.load(f, weights_only=True)
-            f.unlink()
-            if sh["beta"] is None:  # more ranks than prompts
-                continue
-            if out[0] is None:
-                out = [torch.empty(len(prompts), sh["beta"].shape[1]), torch.empty(len(prompts)) if sh["eta"] is not None else None]
-            if len(sh["rows"]):
-                out[0][sh["rows"]] = sh["beta"]
-                if out[1] is not None:
-                    out[1][sh["rows"]] = sh["eta"]
-        out = tuple(out)
-    dist.barrier()
-    dist.destroy_process_group()
-    return out
-
 @contextlib.contextmanager
 def torch_threads(n):
     """torch's intra-op thread count set to n inside the block. Small ops (a Newton step at M = 130)
@@ -724,16 +675,6 @@ def read_json_object(path, what):
     return obj
 
 
-def read_model_numbers(path, what):
-    """{model: number >= 0} (cost files, opponent weights); keys starting with '_' document where
-    the numbers come from and are skipped."""
-    vals = {k: v for k, v in read_json_object(path, what).items() if not k.startswith("_")}
-    for k, v in vals.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{path}: {what} of {k!r} must be a finite number >= 0, got {v!r}")
-    return {k: float(v) for k, v in vals.items()}
-
-
 def finite_or_none(obj):
     """obj with every NaN or infinite float replaced by None (JSON has no NaN/Infinity), recursively;
     for outputs where "no value" is a legitimate answer (e.g. an unconstrained budget)."""
@@ -759,38 +700,6 @@ def clean_leftovers(out):
     for f in list(out.glob(".partial-*")) + list(out.glob("*.tmp")) + list(out.glob(".*.tmp")) + \
             list(out.glob("resume/.*.tmp")):
         shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
-
-
-def _umask_mode():
-    """The mode open() gives a new file here (0o644 under the usual umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def save_checkpoint(out, state_dict, model, tok, extra=None):
-    """A Hugging Face shaped directory: config.json (backbone config + 'p2l' section),
-    model.safetensors, tokenizer files, model_list.json, plus extra {filename: text}. Everything
-    is written into a hidden temp dir first and then renamed in, so no file is ever half-written;
-    leftovers of an earlier interrupted save are removed first."""
-    from safetensors.torch import save_file
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(out)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
-    os.chmod(tmp / "model.safetensors", _umask_mode())  # safetensors creates it owner-only
-    cfg = model.model.config.to_dict()
-    cfg["p2l"] = model.p2l
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
-    (tmp / "model_list.json").write_text(json.dumps(model.p2l["model_list"], indent=1) + "\n")
-    tok.save_pretrained(tmp)
-    for name, text in (extra or {}).items():
-        (tmp / name).write_text(text)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 def _read_safetensors(path):
@@ -892,8 +801,6 @@ def load_checkpoint(path, loss=None, dtype=torch.float32, max_len=None):
     if missing or unexpected:
         raise ValueError(f"{path}/model.safetensors does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(dtype).eval(), tok
-
-
 
 
 def checkpoint_fingerprint(ckpt):
@@ -1045,19 +952,6 @@ def sha256_file(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def paired_bootstrap(s1, s2, w, n_boot, seed):
-    """95% percentile CIs of Σs1/Σw − Σs2/Σw and of Σs1/Σs2 − 1 over prompts resampled with replacement,
-    the same prompts for both (paired): s1, s2 per-prompt weighted NLL sums of two models, w the
-    per-prompt weights (numpy). One resample at a time, so memory stays O(prompts)."""
-    rng = np.random.default_rng(seed)
-    diff, rel = np.empty(n_boot), np.empty(n_boot)
-    for k in range(n_boot):
-        i = rng.integers(0, len(w), len(w))
-        a, b = s1[i].sum(), s2[i].sum()
-        diff[k], rel[k] = (a - b) / w[i].sum(), a / b - 1
-    return np.percentile(diff, [2.5, 97.5]).tolist(), np.percentile(rel, [2.5, 97.5]).tolist()
 
 
 def resolve_ref(ref, base):

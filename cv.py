@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluate import paired_bootstrap
 from common import (
-    HEAD_OF_LOSS, atomic_write, cat_pairs, check_out, encode_for, group_by_prompt, judge_logprobs, load_checkpoint,
-    lock_dir, paired_bootstrap, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, save_png,
-    save_predictions, sha256_file, write_json,
+    atomic_write, cat_pairs, check_out, encode_for, group_by_prompt, HEAD_OF_LOSS, judge_logprobs, load_checkpoint,
+    lock_dir, parse_turns, predict, prompt_key, read_battles, read_jsonl, read_marginal, save_png, save_predictions,
+    sha256_file, write_json,
 )
 
 

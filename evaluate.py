@@ -29,23 +29,94 @@ so uniform matches the base rates of ties and both-bad but knows nothing about m
 import argparse
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
 
 from aggregate import aggregate, fit_marginal
 from common import (
-    A, add_checkpoint_options, autodetect_device, B, batch_nll, BOTHBAD, cat_pairs, check_out,
-    checkpoint_config, checkpoint_fingerprint, dist_env, group_by_prompt, HEAD_OF_LOSS, load_checkpoint,
-    load_predictions, LOSSES, outcome_logprobs, OutputSet, pair_nll, paired_bootstrap, predict_prompts,
-    predictions_meta, prompt_key, read_battles, read_marginal, save_predictions, sha256_file, TIE, write_json,
+    A, add_checkpoint_options, autodetect_device, B, batch_nll, BOTHBAD, cat_pairs, check_out, checkpoint_config,
+    checkpoint_fingerprint, encode_for, group_by_prompt, HEAD_OF_LOSS, load_checkpoint, load_predictions, LOSSES,
+    outcome_logprobs, OutputSet, pair_nll, predict, predictions_meta, prompt_key, read_battles, read_marginal,
+    save_predictions, sha256_file, TIE, write_json,
 )
+
+
+# -----------------------------------------------------------------------------
+# what other stages import from here: prediction split over torchrun ranks (route.py, livebench_eval.py)
+# and the paired bootstrap (cv.py, extend_eval.py)
+
+
+def dist_env():
+    """(rank, world, local_rank) from the launcher's environment (torchrun, deepspeed); (0, 1, 0) alone."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+
+
+def predict_prompts(model, tok, prompts, shard_dir, batch_size=16, device="cpu", autocast_dtype=None, max_tokens=0):
+    """predict() for prompts (lists of turns), split over the ranks of a torchrun launch: rank r
+    tokenizes and runs prompts r, r+N, ..., writes its shard into shard_dir, and rank 0 merges the
+    shards into the (beta, eta) one process would have computed. Other ranks get None back and
+    should exit. Alone (no launcher) it is plain encode + predict."""
+    rank, world, local_rank = dist_env()
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{local_rank}"
+    model.to(device)
+    mine = list(range(rank, len(prompts), world))
+    beta, eta = predict(model, encode_for(model, tok, [prompts[i] for i in mine]), tok.pad_token_id,
+                        batch_size, device, autocast_dtype, max_tokens)
+    if world == 1:
+        return beta, eta
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=shard_dir, prefix=f".shard-{rank}.")
+    os.close(fd)
+    torch.save({"rows": torch.tensor(mine, dtype=torch.long), "beta": beta, "eta": eta}, tmp)
+    os.replace(tmp, shard_dir / f".shard-{rank}-of-{world}.pt")
+    dist.barrier()  # every shard is on disk
+    out = None
+    if rank == 0:
+        out = [None, None]
+        for r in range(world):
+            f = shard_dir / f".shard-{r}-of-{world}.pt"
+            sh = torch.load(f, weights_only=True)
+            f.unlink()
+            if sh["beta"] is None:  # more ranks than prompts
+                continue
+            if out[0] is None:
+                out = [torch.empty(len(prompts), sh["beta"].shape[1]), torch.empty(len(prompts)) if sh["eta"] is not None else None]
+            if len(sh["rows"]):
+                out[0][sh["rows"]] = sh["beta"]
+                if out[1] is not None:
+                    out[1][sh["rows"]] = sh["eta"]
+        out = tuple(out)
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def paired_bootstrap(s1, s2, w, n_boot, seed):
+    """95% percentile CIs of Σs1/Σw − Σs2/Σw and of Σs1/Σs2 − 1 over prompts resampled with replacement,
+    the same prompts for both (paired): s1, s2 per-prompt weighted NLL sums of two models, w the
+    per-prompt weights (numpy). One resample at a time, so memory stays O(prompts)."""
+    rng = np.random.default_rng(seed)
+    diff, rel = np.empty(n_boot), np.empty(n_boot)
+    for k in range(n_boot):
+        i = rng.integers(0, len(w), len(w))
+        a, b = s1[i].sum(), s2[i].sum()
+        diff[k], rel[k] = (a - b) / w[i].sum(), a / b - 1
+    return np.percentile(diff, [2.5, 97.5]).tolist(), np.percentile(rel, [2.5, 97.5]).tolist()
 
 
 # -----------------------------------------------------------------------------

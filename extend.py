@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from train import save_checkpoint
 from common import (
-    AUTHORS_RK, OutputSet, P2LModel, authors_rk_eta, autodetect_device, batch_nll, cat_pairs,
-    checkpoint_config, encode_for, pair_nll, file_ref, group_by_prompt, load_checkpoint, predict, read_battles, read_jsonl,
-    read_marginal, save_checkpoint, torch_threads, write_json,
+    AUTHORS_RK, authors_rk_eta, autodetect_device, batch_nll, cat_pairs, checkpoint_config, encode_for, file_ref,
+    group_by_prompt, load_checkpoint, OutputSet, P2LModel, pair_nll, predict, read_battles, read_jsonl,
+    read_marginal, torch_threads, write_json,
 )
 
 FEW_BATTLES = 20  # fewer weighted battles than this: the row is mostly the prior, say so

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 import extend as E
+from evaluate import paired_bootstrap
 from common import (
-    OutputSet, file_ref, group_by_prompt, cat_pairs, encode_for, load_checkpoint, pair_nll, paired_bootstrap,
-    predict, prompt_key, read_battles, read_jsonl, read_marginal, save_png, sha256_file, write_json,
+    cat_pairs, encode_for, file_ref, group_by_prompt, load_checkpoint, OutputSet, pair_nll, predict, prompt_key,
+    read_battles, read_jsonl, read_marginal, save_png, sha256_file, write_json,
 )
 
 METHODS = ("marginal_only", "full_retrain", "extended", "marginal_board")

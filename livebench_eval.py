@@ -64,12 +64,13 @@ import numpy as np
 import torch
 
 from aggregate import aggregate
+from evaluate import dist_env, predict_prompts
 from common import (
-    WINNERS, OutputSet, add_checkpoint_options, atomic_write, autodetect_device, batch_nll, check_out, checkpoint_config,
-    dist_env, encode_for, load_checkpoint, load_predictions, predict, predict_prompts, read_json_object, read_jsonl,
-    read_marginal, read_model_numbers, save_png, save_predictions, write_json,
+    add_checkpoint_options, atomic_write, autodetect_device, batch_nll, check_out, checkpoint_config, encode_for,
+    load_checkpoint, load_predictions, OutputSet, predict, read_json_object, read_jsonl, read_marginal, save_png,
+    save_predictions, WINNERS, write_json,
 )
-from route import hull_route, route_all, win_rates
+from route import hull_route, read_model_numbers, route_all, win_rates
 
 HERE = Path(__file__).resolve().parent
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

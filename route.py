@@ -71,10 +71,11 @@ from scipy.optimize import brentq
 from scipy.special import expit
 
 from aggregate import all_pairs, fit_pairs, map_blocks, pair_sweep, phi_t, row_blocks, SPREAD_MAX, wide_rows
+from evaluate import predict_prompts
 from common import (
     A, add_checkpoint_options, atomic_write, autodetect_device, B, check_out, checkpoint_config, finite_or_none,
-    load_checkpoint, load_predictions, OutputSet, parse_turns, predict_prompts, prompt_key, rating, read_battles,
-    read_jsonl, read_model_numbers, save_png, save_predictions, torch_threads, write_json,
+    load_checkpoint, load_predictions, OutputSet, parse_turns, prompt_key, rating, read_battles, read_json_object,
+    read_jsonl, save_png, save_predictions, torch_threads, write_json,
 )
 
 ROUTERS = ("optimal", "simple", "strict")
@@ -342,6 +343,16 @@ def solve_theta_many(beta, q, R, lo, hi, tol=1e-13, max_iter=200):
 
 # -----------------------------------------------------------------------------
 # inputs: costs, opponents (prompts: read_prompts); every bad value is an error naming the file (and line)
+
+
+def read_model_numbers(path, what):
+    """{model: number >= 0} (cost files, opponent weights); keys starting with '_' document where
+    the numbers come from and are skipped."""
+    vals = {k: v for k, v in read_json_object(path, what).items() if not k.startswith("_")}
+    for k, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{path}: {what} of {k!r} must be a finite number >= 0, got {v!r}")
+    return {k: float(v) for k, v in vals.items()}
 
 
 def read_model_weights(path, model_list, what):

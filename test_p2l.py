@@ -134,7 +134,7 @@ def base_ck(tmp_path_factory, tiny_qwen):  # noqa: F811
         model.head.scale.weight.normal_(0, 0.05)
     marginal = {"model_list": OLD, "beta": [0.0, 0.5, 1.0], "eta": 0.0, "loss": "bt",
                 "train": C.file_ref(d / "train.jsonl", d / "ck"), "val_nll": None}
-    C.save_checkpoint(d / "ck", model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
+    TR.save_checkpoint(d / "ck", model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
     return d
 
 
@@ -182,7 +182,7 @@ def serve_ck(tmp_path_factory, tiny_qwen):
     TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
     torch.nn.init.normal_(model.head.head.weight, std=0.5)
-    C.save_checkpoint(d / "ck", model.state_dict(), model, tok)
+    TR.save_checkpoint(d / "ck", model.state_dict(), model, tok)
     model, tok = C.load_checkpoint(d / "ck")
     os.environ["P2L_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
     yield d, model, tok
@@ -667,7 +667,7 @@ def tiny_checkpoint(tiny_qwen, d, models=("m0", "m1", "m2"), bias=(0.5, -1.0, 2.
                                   "max_len": 64})
     model.init_head(torch.tensor(bias), torch.tensor(0.0))
     marginal = {"model_list": list(models), "beta": list(bias), "eta": 0.0, "loss": "bt", "train": str(train)}
-    C.save_checkpoint(d, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
+    TR.save_checkpoint(d, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
     return d
 
 
@@ -992,7 +992,7 @@ def test_checkpoint_loading_authors_rk_template_max_len_and_damage(tiny_qwen, tm
     ck = tmp_path / "ck"
     (ck / ".partial-old").mkdir(parents=True)  # what a killed save leaves
     (ck / ".config.json.x.tmp").write_text("half")
-    C.save_checkpoint(ck, model.state_dict(), model, tok)
+    TR.save_checkpoint(ck, model.state_dict(), model, tok)
     assert not list(ck.glob(".partial-*")) and not list(ck.glob("*.tmp")) and not list(ck.glob(".*.tmp"))
     modes = {stat.S_IMODE(f.stat().st_mode) for f in ck.iterdir() if f.is_file()}
     assert len(modes) == 1, modes  # model.safetensors was owner-only
@@ -1609,7 +1609,7 @@ def test_known_coefficients_checkpoint(tiny_qwen, tmp_path):
     model.init_head(beta, eta)
     marginal = {"model_list": models, "beta": beta.tolist(), "eta": eta, "loss": "grk", "train": str(train)}
     ck = tmp_path / "ck"
-    C.save_checkpoint(ck, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
+    TR.save_checkpoint(ck, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
 
     out = ok(evaluate("--checkpoint", ck, "--data", data, "--out", tmp_path / "ev", "--batch-size", "3"))
     b, e, ml, prow = C.load_predictions(tmp_path / "ev")
@@ -1694,7 +1694,7 @@ def test_torchrun_two_ranks_predict_as_one(tiny_qwen, tmp_path):
     torch.nn.init.normal_(model.head.head.weight, std=0.5)  # predictions differ by prompt
     marginal = {"model_list": models, "beta": [0.0] * 3, "eta": 0.0, "loss": "bt", "train": str(data)}
     ck = tmp_path / "ck"
-    C.save_checkpoint(ck, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
+    TR.save_checkpoint(ck, model.state_dict(), model, tok, {"marginal.json": json.dumps(marginal)})
     (tmp_path / "costs.json").write_text(json.dumps({"m0": 1, "m1": 2, "m2": 3}))
     trun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     for script, extra in (("evaluate.py", ["--data", data, "--batch-size", "1", "--bootstrap", "10"]),
@@ -3049,7 +3049,7 @@ def test_cli_checkpoint_then_preds_agree(tiny_qwen, preds):
     TR.add_cls_token(tok, backbone)
     model = C.P2LModel(backbone, {"model_list": MODELS, "loss": "bt", "pooling": "last", "max_len": 64, "cls_token": C.CLS_TOKEN})
     torch.nn.init.normal_(model.head.head.weight, std=0.5)
-    C.save_checkpoint(preds / "ck", model.state_dict(), model, tok)
+    TR.save_checkpoint(preds / "ck", model.state_dict(), model, tok)
     args = ["--prompts", preds / "votes.jsonl", "--costs", preds / "costs.json", "--budget", 4, "--sweep"]
     run_route("--checkpoint", preds / "ck", *args, "--out", preds / "r1")
     run_route("--preds", preds / "r1", *args, "--out", preds / "r2")

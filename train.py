@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from aggregate import fit_marginal
 from common import (
-    A, atomic_write, B, batch_nll, BOTHBAD, check_out, CLS_TOKEN, collate, default_pooling, encode_prompts,
-    file_ref, HEAD_OF_LOSS, lock_dir, LOSSES, P2LModel, parse_battle, predict, prompt_key, read_jsonl,
-    save_checkpoint, sha256_file, SOFT_LOSSES, TIE, token_batches, write_json,
+    A, atomic_write, B, batch_nll, BOTHBAD, check_out, clean_leftovers, CLS_TOKEN, collate, default_pooling,
+    encode_prompts, file_ref, HEAD_OF_LOSS, lock_dir, LOSSES, P2LModel, parse_battle, predict, prompt_key,
+    read_jsonl, sha256_file, SOFT_LOSSES, TIE, token_batches, write_json,
 )
 
 # -----------------------------------------------------------------------------
@@ -344,6 +344,41 @@ def token_cache(path, tok, enc, workers=None, rank=0, root=None, chunk=512, log=
     log(f"token cache: {meta['prompts']} prompts, {n_tok} tokens in {secs:.1f} s ({meta['tokens_per_s']} tokens/s, "
         f"{workers} workers) -> {d}")
     return TokenCache(d, len(tok))
+
+# -----------------------------------------------------------------------------
+# checkpoints: only training writes them (train.py and train.py --extend); every stage reads them with
+# common.load_checkpoint
+
+def _umask_mode():
+    """The mode open() gives a new file here (0o644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_checkpoint(out, state_dict, model, tok, extra=None):
+    """A Hugging Face shaped directory: config.json (backbone config + 'p2l' section),
+    model.safetensors, tokenizer files, model_list.json, plus extra {filename: text}. Everything
+    is written into a hidden temp dir first and then renamed in, so no file is ever half-written;
+    leftovers of an earlier interrupted save are removed first."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    os.chmod(tmp / "model.safetensors", _umask_mode())  # safetensors creates it owner-only
+    cfg = model.model.config.to_dict()
+    cfg["p2l"] = model.p2l
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
+    (tmp / "model_list.json").write_text(json.dumps(model.p2l["model_list"], indent=1) + "\n")
+    tok.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
 
 # -----------------------------------------------------------------------------
 # the command line
