@@ -123,6 +123,15 @@ class Prior(NamedTuple):
     prec: torch.Tensor  # [D]
 
 
+def pair_losses(prob, theta, pairs):
+    """w_v·nll_v of each pair with the new rows theta."""
+    new = prob.feats @ theta.T if prob.offset is None else prob.feats @ theta.T + prob.offset
+    beta, r = prob.base.index_copy(1, prob.cols, new), pairs["row"]
+    nll = pair_nll(beta[r, pairs["a"]], beta[r, pairs["b"]], None if prob.eta is None else prob.eta[r], pairs["y"],
+                   pairs["p"].to(beta.dtype), prob.loss)
+    return nll * pairs["w"].to(beta.dtype)
+
+
 def fit_rows(prob, prior, tol=1e-8, rounds=30):
     """θ [n, D] minimising (Σ_v w_v·nll_v + ½·Σ prec·(θ − mu)²) / Σ_v w_v (Problem, Prior). L-BFGS in
     float64 from mu, restarted until the largest gradient entry is <= tol·max(1, max(prec)/Σw): a stiff
@@ -136,7 +145,7 @@ def fit_rows(prob, prior, tol=1e-8, rounds=30):
 
     def closure():
         opt.zero_grad()
-        f = (nll_sum(prob, theta) + 0.5 * (prec * (theta - mu) ** 2).sum()) / W
+        f = (pair_losses(prob, theta, prob.pairs).sum() + 0.5 * (prec * (theta - mu) ** 2).sum()) / W
         f.backward()
         return f
 
@@ -148,22 +157,6 @@ def fit_rows(prob, prior, tol=1e-8, rounds=30):
             break
     info = {"converged": bool(gmax <= tol), "grad_max": gmax, "tol": tol, "rounds": it + 1, "objective": f.item()}
     return theta.detach(), info
-
-
-def nll_sum(prob, theta, pairs=None):
-    """Σ_v w_v·nll_v of pairs (default: the problem's) with the new rows theta."""
-    new = prob.feats @ theta.T if prob.offset is None else prob.feats @ theta.T + prob.offset
-    s, _ = batch_nll(prob.base.index_copy(1, prob.cols, new), prob.eta, prob.pairs if pairs is None else pairs, prob.loss)
-    return s
-
-
-def pair_losses(prob, theta, pairs):
-    """w_v·nll_v of each pair with the new rows theta."""
-    new = prob.feats @ theta.T if prob.offset is None else prob.feats @ theta.T + prob.offset
-    beta, r = prob.base.index_copy(1, prob.cols, new), pairs["row"]
-    nll = pair_nll(beta[r, pairs["a"]], beta[r, pairs["b"]], None if prob.eta is None else prob.eta[r], pairs["y"],
-                   pairs["p"].to(beta.dtype), prob.loss)
-    return nll * pairs["w"].to(beta.dtype)
 
 
 def row_prior(rows, feats):
