@@ -239,34 +239,44 @@ def prompt_key(turns):
     return json.dumps(turns, ensure_ascii=False)
 
 
+def vote_targets_of(outcome, p_a, weight, loss):
+    """(y, p, w) numpy arrays for the loss from raw outcomes, soft labels (NaN: none) and weights:
+    the BT target is the soft label when there is one, else 1/0 for decisive votes and 1/2 for
+    ties; plain bt drops hard-label ties (weight 0) as the paper's BT head does; rk has no
+    both-bad outcome, so it counts as a tie."""
+    y = outcome.astype(np.int64)
+    hard = np.isnan(p_a)
+    p = np.where(hard, np.select([y == A, y == B], [1.0, 0.0], 0.5), p_a)
+    if loss in SOFT_LOSSES:  # the soft label itself; NaN marks a hard vote, scored on its outcome y
+        p = p_a.copy()
+    w = weight.copy()
+    if loss == "bt":
+        w[hard & ((y == TIE) | (y == BOTHBAD))] = 0.0
+    if HEAD_OF_LOSS[loss] == "rk":
+        y[y == BOTHBAD] = TIE
+    return y, p, w
+
+
 def group_by_prompt(battles, model_index, loss):
     """Turn battles into per-prompt groups: one forward pass per prompt serves all its pairs.
     Returns (prompts, pairs): prompts[i] is a list of turns, pairs[i] a dict of tensors
-    a, b (model indices), y (outcome), p (BT target prob.), w (weight) for prompt i.
-    Votes for models outside model_index are skipped; the count is returned last."""
+    a, b (model indices), y (outcome), p (BT target prob.), w (weight) for prompt i, the targets
+    by vote_targets_of. Votes for models outside model_index are skipped; the count is returned last."""
     groups, skipped = {}, 0
     for bt in battles:
         if bt["model_a"] not in model_index or bt["model_b"] not in model_index:
             skipped += 1
             continue
-        y, w = bt["outcome"], bt["weight"]
-        # BT target: the soft label when the file has one, else 1/0 for decisive votes, 1/2 for
-        # ties under bt-tie; plain bt drops ties (weight 0) as the paper's BT head does.
-        p = bt["p_a"] if bt["p_a"] is not None else {A: 1.0, B: 0.0}.get(y, 0.5)
-        if loss in SOFT_LOSSES and bt["p_a"] is None:  # NaN: a hard vote, scored on its outcome y
-            p = math.nan
-        if loss == "bt" and bt["p_a"] is None and y in (TIE, BOTHBAD):
-            w = 0.0
-        if HEAD_OF_LOSS[loss] == "rk" and y == BOTHBAD:  # Rao-Kupper has no both-bad outcome: it is a tie
-            y = TIE
         g = groups.setdefault(prompt_key(bt["prompt"]), (bt["prompt"], []))
-        g[1].append((model_index[bt["model_a"]], model_index[bt["model_b"]], y, p, w))
+        g[1].append((model_index[bt["model_a"]], model_index[bt["model_b"]], bt["outcome"],
+                     math.nan if bt["p_a"] is None else bt["p_a"], bt["weight"]))
     prompts, pairs = [], []
     for turns, rows in groups.values():
-        a, b, y, p, w = zip(*rows)
+        a, b, y, p, w = (np.array(col) for col in zip(*rows))
+        y, p, w = vote_targets_of(y, p.astype(np.float64), w.astype(np.float64), loss)
         prompts.append(turns)
-        pairs.append({"a": torch.tensor(a), "b": torch.tensor(b), "y": torch.tensor(y),
-                      "p": torch.tensor(p, dtype=torch.float64), "w": torch.tensor(w, dtype=torch.float64)})
+        pairs.append({"a": torch.from_numpy(a), "b": torch.from_numpy(b), "y": torch.from_numpy(y),
+                      "p": torch.from_numpy(p), "w": torch.from_numpy(w)})
     return prompts, pairs, skipped
 
 

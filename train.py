@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from aggregate import fit_marginal
 from common import (
-    A, atomic_write, B, batch_nll, BOTHBAD, check_out, clean_leftovers, CLS_TOKEN, collate, default_pooling,
-    encode_prompts, file_ref, HEAD_OF_LOSS, lock_dir, LOSSES, P2LModel, parse_battle, predict, prompt_key,
-    read_jsonl, sha256_file, SOFT_LOSSES, TIE, token_batches, write_json,
+    atomic_write, batch_nll, check_out, clean_leftovers, CLS_TOKEN, collate, default_pooling, encode_prompts,
+    file_ref, lock_dir, LOSSES, P2LModel, parse_battle, predict, prompt_key, read_jsonl, sha256_file, token_batches,
+    vote_targets_of, write_json,
 )
 
 # -----------------------------------------------------------------------------
@@ -50,24 +50,6 @@ from common import (
 def prompt_digest(turns):
     """16 bytes that stand for a prompt: what the vote index keeps instead of its text."""
     return hashlib.blake2b(prompt_key(turns).encode("utf-8"), digest_size=16).digest()
-
-
-def vote_targets_of(outcome, p_a, weight, loss):
-    """(y, p, w) numpy arrays for the loss from raw outcomes, soft labels (NaN: none) and weights:
-    the BT target is the soft label when there is one, else 1/0 for decisive votes and 1/2 for
-    ties; plain bt drops hard-label ties (weight 0) as the paper's BT head does; rk has no
-    both-bad outcome, so it counts as a tie."""
-    y = outcome.astype(np.int64)
-    hard = np.isnan(p_a)
-    p = np.where(hard, np.select([y == A, y == B], [1.0, 0.0], 0.5), p_a)
-    if loss in SOFT_LOSSES:  # the soft label itself; NaN marks a hard vote, scored on its outcome y
-        p = p_a.copy()
-    w = weight.copy()
-    if loss == "bt":
-        w[hard & ((y == TIE) | (y == BOTHBAD))] = 0.0
-    if HEAD_OF_LOSS[loss] == "rk":
-        y[y == BOTHBAD] = TIE
-    return y, p, w
 
 
 def index_votes(path, loss, model_index=None):
